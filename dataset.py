@@ -1,0 +1,479 @@
+"""Datasets, splits, augmentations, and the two small helpers every script shares:
+`configure` (command-line overrides of a script's constants) and the cache files
+(`save_array` / `load_array`: atomic writes with a metadata sidecar that later steps check).
+
+Section 4.1.1 of the paper defines the datasets and splits; SPEC.md restates them.
+"""
+import glob
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# augmentation of the training views v1, v2 (Section 3.3; the paper does not print its
+# recipe, these are the usual SimCLR-style ones)
+AUG_CROP_SCALE = (0.5, 1.0)   # RandomResizedCrop area range
+AUG_FLIP_P = 0.5              # horizontal flip probability
+AUG_JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter brightness, contrast, saturation, hue
+AUG_JITTER_P = 0.8            # probability of applying the colour jitter
+AUG_GRAY_P = 0.2              # RandomGrayscale probability
+AUG_BLUR_P = 0.5              # probability of a Gaussian blur
+AUG_BLUR_SIGMA = (0.1, 2.0)   # blur sigma range
+
+# splits (Section 4.1.1): per dataset, how query / train sets are drawn and MAP's K
+DATASETS = {
+    #              query             train              K for MAP@K   labels
+    'cifar10':   dict(query_per_class=1000, train_per_class=500, topk=1000, multilabel=False),
+    'nuswide':   dict(query_per_class=100, train_per_class=500, topk=5000, multilabel=True),
+    'flickr25k': dict(query=2000, train=5000, topk=5000, multilabel=True),
+    'mscoco':    dict(query=5000, train=10000, topk=5000, multilabel=True),
+    # your own images: DATA_PATH/<class>/<image>; sizes are per-class settings
+    'folder':    dict(query_per_class=10, train_per_class=20, topk=1000, multilabel=False),
+}
+NUSWIDE_CONCEPTS = 21  # NUS-WIDE keeps its 21 most frequent of 81 concepts
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+# -----------------------------------------------------------------------------
+# configuration: `python script.py --key=value` overrides the constant KEY of the script
+def _parse_value(key, text, default):
+    """Turn `text` into a value of the same type as `default`, or raise a clear error."""
+    def fail(kind):
+        raise SystemExit(f"error: --{key.lower()}={text!r} is not {kind} (the default is {default!r})")
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in ('1', 'true', 'yes', 'on'):
+            return True
+        if low in ('0', 'false', 'no', 'off'):
+            return False
+        fail('a boolean (true/false)')
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            fail('an integer')
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            fail('a number')
+    if isinstance(default, (tuple, list)):
+        parts = [p for p in text.split(',') if p != '']
+        if default and not isinstance(default[0], str):
+            return tuple(_parse_value(key, p, default[0]) for p in parts)
+        return tuple(parts)
+    if default is None:  # optional setting: a number, a path or a name
+        if text.lower() == 'none':
+            return None
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return text
+    return text
+
+
+def configure(g, argv=None):
+    """Override the UPPER_CASE constants of a script's globals `g` from `--key=value`
+    arguments (case-insensitive; `--flag` alone sets a boolean to True). Unknown keys and
+    values of the wrong type are errors. Returns the full configuration as a dict."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = {k.lower(): k for k, v in g.items()
+            if k.isupper() and not k.startswith('_') and isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+    for arg in argv:
+        if not arg.startswith('--'):
+            raise SystemExit(f"error: arguments look like --key=value, got {arg!r}")
+        key, eq, text = arg[2:].partition('=')
+        key = key.replace('-', '_').lower()
+        if key not in keys:
+            raise SystemExit(f"error: unknown setting --{key}; settings of this script: "
+                             + ', '.join('--' + k for k in sorted(keys)))
+        name = keys[key]
+        if not eq:
+            if not isinstance(g[name], bool):
+                raise SystemExit(f"error: --{key} needs a value (--{key}=...)")
+            text = 'true'
+        g[name] = _parse_value(name, text, g[name])
+    return {keys[k]: g[keys[k]] for k in sorted(keys)}
+
+
+# -----------------------------------------------------------------------------
+# cache files: an array `x.npy` is trusted only beside its sidecar `x.npy.json`, which
+# holds the settings that made it, its shape, dtype and sha256. Both are written to a
+# temporary file and renamed, the sidecar last, so a killed run leaves nothing trusted.
+class CacheError(RuntimeError):
+    pass
+
+
+def sha256_file(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file beside `path`, fsync, then rename."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=d)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, default=str) + '\n').encode()))
+
+
+def save_text(path, lines):
+    atomic_write(path, lambda f: f.write(''.join(l + '\n' for l in lines).encode()))
+
+
+def save_array(path, arr, settings, producer):
+    """Write `arr` to `path` (.npy) with its sidecar; `settings` is what later steps check."""
+    arr = np.ascontiguousarray(arr)
+    if os.path.exists(path + '.json'):
+        os.remove(path + '.json')  # the old sidecar must not vouch for the new file
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+    meta = dict(producer=producer, settings=settings, shape=list(arr.shape), dtype=str(arr.dtype),
+                sha256=sha256_file(path), written=time.strftime('%Y-%m-%d %H:%M:%S'))
+    save_json(path + '.json', meta)
+    return meta
+
+
+def cache_status(path, settings):
+    """'missing', 'ok', or a sentence saying why the file at `path` cannot be trusted."""
+    if not os.path.exists(path + '.json'):
+        return 'missing' if not os.path.exists(path) else f'{path} has no sidecar {path}.json (a killed run?)'
+    with open(path + '.json') as f:
+        meta = json.load(f)
+    for k, v in settings.items():
+        have = meta['settings'].get(k, '<not recorded>')
+        if json.loads(json.dumps(have, default=str)) != json.loads(json.dumps(v, default=str)):
+            return f"{path} was made with {k}={have!r}, but this run has {k}={v!r}"
+    return 'ok'
+
+
+def load_array(path, settings=None, producer='the step that writes it', verify=True, mmap=False):
+    """Load a cached array after checking its sidecar against `settings`, its shape, dtype,
+    checksum and finiteness. Raises CacheError with what to do."""
+    settings = settings or {}
+    status = cache_status(path, settings)
+    rerun = f"run {producer} (with --force to rebuild)"
+    if status == 'missing':
+        raise CacheError(f"{path} does not exist: {rerun}")
+    if status != 'ok':
+        raise CacheError(f"stale or incomplete cache: {status}. Rerun {producer} with --force, "
+                         f"or change CACHE_DIR")
+    with open(path + '.json') as f:
+        meta = json.load(f)
+    if verify and sha256_file(path) != meta['sha256']:
+        raise CacheError(f"{path} does not match the checksum in {path}.json (changed or truncated): {rerun}")
+    try:
+        arr = np.load(path, mmap_mode='r' if mmap else None, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any read failure means the file is bad
+        raise CacheError(f"{path} cannot be read ({e}): {rerun}")
+    if list(arr.shape) != meta['shape'] or str(arr.dtype) != meta['dtype']:
+        raise CacheError(f"{path} has shape {list(arr.shape)} {arr.dtype}, its sidecar says "
+                         f"{meta['shape']} {meta['dtype']}: {rerun}")
+    if arr.dtype.kind == 'f' and not mmap and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)).all(1)).ravel()
+        raise CacheError(f"{path} holds NaN or infinite values in {len(bad)} rows (first: {bad[:5].tolist()}): {rerun}")
+    return arr
+
+
+# -----------------------------------------------------------------------------
+# image sources: every dataset becomes a list of images (a path or an in-memory array) with
+# a 0/1 label matrix; single-label sets are one-hot. Bad input names the file and line.
+class DataError(ValueError):
+    pass
+
+
+class Images:
+    """The images of a dataset in a fixed order: `len`, `labels` (N x C int8), `names`,
+    and `load(i)` -> RGB PIL image. `root` + `names[i]` is the file, or `arrays[i]` the pixels."""
+
+    def __init__(self, names, labels, root=None, arrays=None, classes=None):
+        self.names, self.labels, self.root, self.arrays = list(names), np.asarray(labels, np.int8), root, arrays
+        self.classes = classes or [str(c) for c in range(self.labels.shape[1])]
+
+    def __len__(self):
+        return len(self.names)
+
+    def load(self, i):
+        from PIL import Image
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[i])
+        with Image.open(os.path.join(self.root, self.names[i])) as im:
+            return im.convert('RGB')  # convert() reads the whole file, so truncation shows here
+
+
+def read_list_file(path, root, n_labels=None):
+    """`relative/path.jpg 0 1 0 ...` per line -> (names, labels). Checks every line and that
+    the images exist (lists the first missing ones and their count)."""
+    if not os.path.isfile(path):
+        raise DataError(f"list file {path} does not exist")
+    names, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                vec = [int(x) for x in parts[1:]]
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: labels must be 0/1 integers after the image path, "
+                                f"got {line.strip()[:120]!r}") from None
+            if not vec or any(v not in (0, 1) for v in vec):
+                raise DataError(f"{path}:{lineno}: expected 'path 0 1 0 ...' (one-hot labels), got {line.strip()[:120]!r}")
+            n_labels = n_labels or len(vec)
+            if len(vec) != n_labels:
+                raise DataError(f"{path}:{lineno}: {len(vec)} labels, but earlier lines have {n_labels}")
+            names.append(parts[0])
+            labels.append(vec)
+    if not names:
+        raise DataError(f"list file {path} holds no images")
+    check_exist(names, root, path)
+    return names, np.array(labels, np.int8)
+
+
+def check_exist(names, root, source):
+    missing = [n for n in names if not os.path.isfile(os.path.join(root, n))]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(names)} images named in {source} do not exist under {root}, "
+                        f"e.g. {', '.join(missing[:5])}")
+
+
+def _cifar10(path, download):
+    import torchvision
+    try:
+        parts = [torchvision.datasets.CIFAR10(path, train=t, download=download) for t in (True, False)]
+    except Exception as e:  # noqa: BLE001 - torchvision raises URLError, RuntimeError, ...
+        raise DataError(f"cannot load CIFAR-10 from {path} ({type(e).__name__}: {e}). With no network, download "
+                        f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz on another machine, unpack it "
+                        f"so that {path}/cifar-10-batches-py exists, and pass --data_path={path}") from e
+    arrays = np.concatenate([p.data for p in parts])          # the 60,000 images, train then test
+    y = np.concatenate([np.array(p.targets) for p in parts])
+    return Images([f'cifar10/{i}' for i in range(len(y))], np.eye(10, dtype=np.int8)[y],
+                  arrays=arrays, classes=list(parts[0].classes))
+
+
+def _folder(path):
+    if not os.path.isdir(path):
+        raise DataError(f"image folder {path} does not exist (expected {path}/<class>/<image>)")
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    names, y = [], []
+    for c, cls in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(path, cls)) if f.lower().endswith(IMAGE_EXTS))
+        names += [f'{cls}/{f}' for f in files]
+        y += [c] * len(files)
+    if not names:
+        raise DataError(f"no images found in {path}/<class>/ (extensions {', '.join(IMAGE_EXTS)})")
+    return Images(names, np.eye(len(classes), dtype=np.int8)[y], root=path, classes=classes)
+
+
+def _mirflickr(path):
+    """MIRFlickr-25k: images mirflickr/im<N>.jpg, annotations/<label>.txt listing image numbers
+    (the 24 potential labels; the *_r1 'relevant' files are not used)."""
+    ann = os.path.join(path, 'annotations')
+    img_dir = os.path.join(path, 'mirflickr')
+    files = sorted(f for f in glob.glob(os.path.join(ann, '*.txt'))
+                   if not f.endswith('_r1.txt') and 'README' not in os.path.basename(f).upper())
+    if not files or not os.path.isdir(img_dir):
+        raise DataError(f"Flickr25k: expected {path}/list.txt, or the MIRFlickr layout {img_dir}/im<N>.jpg with "
+                        f"annotation files {ann}/<label>.txt")
+    labels = np.zeros((25000, len(files)), np.int8)
+    for c, f in enumerate(files):
+        for lineno, line in enumerate(open(f), 1):
+            if line.strip():
+                try:
+                    labels[int(line) - 1, c] = 1
+                except (ValueError, IndexError):
+                    raise DataError(f"{f}:{lineno}: expected an image number 1..25000, got {line.strip()!r}") from None
+    names = [f'mirflickr/im{i + 1}.jpg' for i in range(25000)]
+    check_exist(names, path, img_dir)
+    return Images(names, labels, root=path, classes=[os.path.basename(f)[:-4] for f in files])
+
+
+def load_images(dataset, data_path, download=True):
+    """The Images of `dataset` (a name of DATASETS) found at `data_path`."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == 'cifar10':
+        return _cifar10(data_path, download)
+    if dataset == 'folder':
+        return _folder(data_path)
+    list_file = os.path.join(data_path, 'list.txt')
+    if dataset == 'flickr25k' and not os.path.isfile(list_file):
+        images = _mirflickr(data_path)
+    else:
+        if not os.path.isfile(list_file):
+            raise DataError(f"{dataset}: expected the list file {list_file} ('relative/path.jpg 0 1 0 ...' per "
+                            f"image, paths relative to {data_path}), or your own split lists via --split_dir")
+        images = Images(*read_list_file(list_file, data_path), root=data_path)
+    if dataset == 'nuswide' and images.labels.shape[1] > NUSWIDE_CONCEPTS:  # keep the 21 most frequent concepts
+        top = np.sort(np.argsort(-images.labels.sum(0), kind='stable')[:NUSWIDE_CONCEPTS])
+        images.labels, images.classes = images.labels[:, top], [images.classes[c] for c in top]
+    keep = np.flatnonzero(images.labels.any(1))  # unlabelled images are removed (Section 4.1.1)
+    if len(keep) < len(images):
+        images = Images([images.names[i] for i in keep], images.labels[keep], images.root,
+                        None if images.arrays is None else images.arrays[keep], images.classes)
+    return images
+
+
+# -----------------------------------------------------------------------------
+# splits (Section 4.1.1): query, retrieval = the rest, train drawn from retrieval
+def _per_class(labels, n, rng, pool):
+    """For each class in order, draw n images of that class from `pool`, none drawn twice."""
+    avail = np.zeros(len(labels), bool)
+    avail[np.asarray(pool)] = True
+    out = []
+    for c in range(labels.shape[1]):
+        cand = np.flatnonzero(avail & (labels[:, c] > 0))
+        if len(cand) < n:
+            raise DataError(f"class {c} has {len(cand)} images left to draw {n} from; lower the per-class "
+                            f"query/train setting or use --split_dir")
+        pick = rng.choice(cand, n, replace=False)
+        avail[pick] = False
+        out.append(pick)
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+def make_split(labels, rule, seed):
+    """(query, retrieval, train) index arrays drawn by `rule` (a DATASETS entry) with `seed`."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    if 'query_per_class' in rule:
+        query = _per_class(labels, rule['query_per_class'], rng, np.arange(n))
+        retrieval = np.setdiff1d(np.arange(n), query)
+        train = _per_class(labels, rule['train_per_class'], rng, retrieval)
+    else:
+        if rule['query'] + rule['train'] > n:
+            raise DataError(f"{n} images cannot give {rule['query']} query and {rule['train']} train images")
+        query = np.sort(rng.permutation(n)[:rule['query']])
+        retrieval = np.setdiff1d(np.arange(n), query)
+        train = np.sort(rng.choice(retrieval, rule['train'], replace=False))
+    return query, retrieval, train
+
+
+def read_split_dir(split_dir, images):
+    """A user's own split: query.txt, retrieval.txt, train.txt list files (same format as the
+    list file). Returns index arrays into `images`, whose names must include them."""
+    pos = {n: i for i, n in enumerate(images.names)}
+    out = []
+    for part in ('query', 'retrieval', 'train'):
+        path = os.path.join(split_dir, part + '.txt')
+        names, labels = read_list_file(path, images.root or '', images.labels.shape[1]) if images.root else (
+            [l.split()[0] for l in open(path) if l.strip()], None)
+        unknown = [n for n in names if n not in pos]
+        if unknown:
+            raise DataError(f"{len(unknown)} images of {path} are not in the dataset, e.g. {', '.join(unknown[:5])}")
+        out.append(np.array([pos[n] for n in names], np.int64))
+    return tuple(out)
+
+
+# -----------------------------------------------------------------------------
+# views: the plain view is the backbone's own preprocessing; the augmented views v1, v2 use
+# the AUG_* constants, then the same resize and normalisation as the backbone
+def augment_transform(preprocess):
+    from torchvision import transforms as T
+    from models import preprocess_params
+    size, mean, std, interp = preprocess_params(preprocess)
+    blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=AUG_CROP_SCALE, interpolation=interp),
+        T.RandomHorizontalFlip(AUG_FLIP_P),
+        T.RandomApply([T.ColorJitter(*AUG_JITTER)], p=AUG_JITTER_P),
+        T.RandomGrayscale(AUG_GRAY_P),
+        T.RandomApply([T.GaussianBlur(blur_kernel, AUG_BLUR_SIGMA)], p=AUG_BLUR_P),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def augment_settings():
+    return dict(crop_scale=AUG_CROP_SCALE, flip=AUG_FLIP_P, jitter=AUG_JITTER, jitter_p=AUG_JITTER_P,
+                gray=AUG_GRAY_P, blur_p=AUG_BLUR_P, blur_sigma=AUG_BLUR_SIGMA)
+
+
+class ViewDataset:
+    """torch Dataset of one view of `images[indices]`: item k -> (tensor, k, ok). A random view
+    is seeded by (seed, image index, view), so it is the same in any worker, rank or rerun."""
+
+    def __init__(self, images, indices, transform, seed=None, view=0, bad_images='stop'):
+        self.images, self.indices, self.transform = images, np.asarray(indices), transform
+        self.seed, self.view, self.bad_images = seed, view, bad_images
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        import torch
+        i = int(self.indices[k])
+        try:
+            img = self.images.load(i)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            where = os.path.join(self.images.root or '', self.images.names[i])
+            if self.bad_images == 'stop':
+                raise DataError(f"cannot read image {where} ({type(e).__name__}: {e}); fix or remove it, "
+                                f"or pass --bad_images=skip to skip such images") from e
+            from PIL import Image
+            img, ok = Image.new('RGB', (64, 64)), False
+        if self.seed is None:
+            return self.transform(img), k, ok
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + i) * 101 + self.view)
+            return self.transform(img), k, ok
+
+
+# -----------------------------------------------------------------------------
+# where the steps put their files (one place, so every step agrees)
+def dataset_dir(cache_dir, dataset):
+    return os.path.join(cache_dir, dataset)
+
+
+def feature_dir(cache_dir, dataset, backbone, pretrained):
+    from models import pretrained_tag
+    return os.path.join(cache_dir, dataset, f'{backbone}-{pretrained_tag(pretrained)}')
+
+
+def split_rule(dataset, query=None, train=None):
+    """The DATASETS rule with the query/train sizes overridden where given (per class for
+    per-class sets, in total otherwise)."""
+    rule = dict(DATASETS[dataset])
+    qk, tk = ('query_per_class', 'train_per_class') if 'query_per_class' in rule else ('query', 'train')
+    if query is not None:
+        rule[qk] = query
+    if train is not None:
+        rule[tk] = train
+    return rule
+
+
+def split_tag(seed, split_dir=None):
+    return f'split_{os.path.basename(os.path.normpath(split_dir))}' if split_dir else f'split_s{seed}'
+
+
+def load_split(cache_dir, dataset, tag, producer='dataset_extract.py'):
+    """(labels, query, retrieval, train) saved by dataset_extract.py, checked."""
+    d = dataset_dir(cache_dir, dataset)
+    labels = load_array(os.path.join(d, 'labels.npy'), producer=producer)
+    parts = [load_array(os.path.join(d, tag, p + '.npy'), producer=producer) for p in ('query', 'retrieval', 'train')]
+    return (labels, *parts)

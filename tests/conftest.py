@@ -1,0 +1,42 @@
+"""Shared test fixtures: a small generated image set with known classes."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_image_folder(root, n_classes=10, per_class=40, size=32, seed=0):
+    """DATA_PATH/<class>/<i>.png: each class a base colour and a stripe direction, with noise
+    and a random shift, so classes are told apart by a random-weight encoder too."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    hues = rng.uniform(0, 255, (n_classes, 3))
+    yy, xx = np.mgrid[:size, :size]
+    for c in range(n_classes):
+        os.makedirs(os.path.join(root, f'class{c:02d}'), exist_ok=True)
+        angle = np.pi * c / n_classes
+        for i in range(per_class):
+            phase = rng.uniform(0, 2 * np.pi)
+            stripes = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 0.6 + phase)[..., None]
+            img = hues[c] * (0.6 + 0.3 * stripes) + rng.normal(0, 20, (size, size, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, f'class{c:02d}', f'{i:03d}.png'))
+    return root
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp('images')))
+
+
+def run_script(script, *args, check=True, env=None):
+    """Run one of the pipeline scripts through its command line; returns CompletedProcess."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,135 @@
+"""dataset.py: configuration, cache files, list files, splits, views."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import dataset
+from dataset import CacheError, DataError
+
+
+def test_configure_overrides_types_and_rejects_unknown():
+    g = dict(BITS=(16, 32, 64), T2=0.97, EPOCHS=60, SIM=True, NAME='x', OPT=None, lower='ignored')
+    cfg = dataset.configure(g, ['--bits=16,64', '--t2=0.9', '--epochs=3', '--sim=false', '--name=y', '--opt=1e-3'])
+    assert g['BITS'] == (16, 64) and g['T2'] == 0.9 and g['EPOCHS'] == 3 and g['SIM'] is False
+    assert g['NAME'] == 'y' and g['OPT'] == 1e-3 and cfg['EPOCHS'] == 3 and 'lower' not in cfg
+    dataset.configure(g, ['--sim'])
+    assert g['SIM'] is True
+    with pytest.raises(SystemExit, match='unknown setting --bitz'):
+        dataset.configure(g, ['--bitz=3'])
+    with pytest.raises(SystemExit, match='is not an integer'):
+        dataset.configure(g, ['--epochs=1.5'])
+    with pytest.raises(SystemExit, match='is not a number'):
+        dataset.configure(g, ['--t2=high'])
+    with pytest.raises(SystemExit, match='is not an integer'):
+        dataset.configure(g, ['--bits=16,x'])
+    with pytest.raises(SystemExit, match='needs a value'):
+        dataset.configure(g, ['--epochs'])
+
+
+def test_cache_roundtrip_and_stale_settings(tmp_path):
+    p = str(tmp_path / 'a' / 'x.npy')
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    dataset.save_array(p, x, dict(backbone='ViT-B-16', seed=0), 'test')
+    np.testing.assert_array_equal(dataset.load_array(p, dict(backbone='ViT-B-16')), x)
+    assert dataset.cache_status(p, dict(seed=0)) == 'ok'
+    with pytest.raises(CacheError, match="made with backbone='ViT-B-16', but this run has backbone='vgg16'"):
+        dataset.load_array(p, dict(backbone='vgg16'))
+    assert not [f for f in os.listdir(tmp_path / 'a') if f.endswith('.tmp')]
+
+
+def test_cache_untrusted_without_sidecar_or_with_bad_content(tmp_path):
+    p = str(tmp_path / 'x.npy')
+    np.save(p, np.zeros(3))  # as if killed before the sidecar was written
+    with pytest.raises(CacheError, match='has no sidecar'):
+        dataset.load_array(p)
+    dataset.save_array(p, np.zeros((2, 2), np.float32), {}, 'test')
+    with open(p, 'r+b') as f:  # change a byte of the data
+        f.seek(-1, 2)
+        f.write(b'\x01')
+    with pytest.raises(CacheError, match='checksum'):
+        dataset.load_array(p)
+    dataset.save_array(p, np.array([[1.0, np.nan]], np.float32), {}, 'test')
+    with pytest.raises(CacheError, match='NaN or infinite values in 1 rows'):
+        dataset.load_array(p)
+    dataset.save_array(p, np.zeros((2, 2), np.float32), {}, 'test')
+    meta = json.load(open(p + '.json'))
+    meta['shape'] = [4, 1]
+    json.dump(meta, open(p + '.json', 'w'))
+    with pytest.raises(CacheError, match='has shape'):
+        dataset.load_array(p)
+
+
+def _list(tmp_path, text, images=('a.png', 'b.png')):
+    for name in images:
+        (tmp_path / name).write_bytes(b'x')
+    f = tmp_path / 'list.txt'
+    f.write_text(text)
+    return str(f)
+
+
+def test_read_list_file_and_its_errors(tmp_path):
+    names, labels = dataset.read_list_file(_list(tmp_path, 'a.png 0 1 1\n\nb.png 1 0 0\n'), str(tmp_path))
+    assert names == ['a.png', 'b.png'] and labels.tolist() == [[0, 1, 1], [1, 0, 0]]
+    with pytest.raises(DataError, match=r'list.txt:2: 2 labels, but earlier lines have 3'):
+        dataset.read_list_file(_list(tmp_path, 'a.png 0 1 1\nb.png 1 0\n'), str(tmp_path))
+    with pytest.raises(DataError, match=r'list.txt:1: labels must be 0/1 integers'):
+        dataset.read_list_file(_list(tmp_path, 'a.png 0 x 1\n'), str(tmp_path))
+    with pytest.raises(DataError, match=r'list.txt:1: expected'):
+        dataset.read_list_file(_list(tmp_path, 'a.png 0 2 1\n'), str(tmp_path))
+    with pytest.raises(DataError, match=r'3 of 4 images named in .*list.txt do not exist .* e.g. c.png, d.png, e.png'):
+        dataset.read_list_file(_list(tmp_path, 'a.png 1\nc.png 1\nd.png 1\ne.png 1\n'), str(tmp_path))
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(DataError, match='unknown dataset .*cifar10, nuswide, flickr25k, mscoco, folder'):
+        dataset.load_images('imagenet', '/nonexistent')
+
+
+def test_split_rules():
+    labels = np.eye(4, dtype=np.int8)[np.repeat(np.arange(4), 30)]
+    q, r, t = dataset.make_split(labels, dict(query_per_class=5, train_per_class=10), seed=0)
+    assert len(q) == 20 and len(r) == 100 and len(t) == 40
+    assert (labels[q].sum(0) == 5).all() and (labels[t].sum(0) == 10).all()
+    assert not set(q) & set(r) and set(t) <= set(r) and set(q) | set(r) == set(range(120))
+    q2, _, t2 = dataset.make_split(labels, dict(query_per_class=5, train_per_class=10), seed=0)
+    assert (q == q2).all() and (t == t2).all()  # a fixed seed gives the same split
+    q3, _, _ = dataset.make_split(labels, dict(query_per_class=5, train_per_class=10), seed=1)
+    assert (q != q3).any()
+    q, r, t = dataset.make_split(labels, dict(query=7, train=11), seed=0)
+    assert len(q) == 7 and len(r) == 113 and len(t) == 11 and set(t) <= set(r)
+    with pytest.raises(DataError, match='class 0 has 30 images left to draw 31'):
+        dataset.make_split(labels, dict(query_per_class=31, train_per_class=1), seed=0)
+
+
+def test_multilabel_per_concept_query_has_each_concept():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((500, 6)) < 0.3).astype(np.int8)
+    q, r, t = dataset.make_split(labels, dict(query_per_class=10, train_per_class=20), seed=0)
+    assert len(q) == 60 and len(set(q)) == 60 and len(t) == 120
+    assert (labels[q].sum(0) >= 10).all()
+
+
+def test_folder_dataset_and_views(image_folder):
+    from models import load_clip
+    images = dataset.load_images('folder', image_folder)
+    assert len(images) == 400 and images.labels.shape == (400, 10) and images.classes[0] == 'class00'
+    _, preprocess, _ = load_clip('tiny-test', 'random')
+    aug = dataset.augment_transform(preprocess)
+    a = dataset.ViewDataset(images, [0, 5], aug, seed=3, view=1)
+    x1, x2 = a[1][0], a[1][0]
+    assert x1.shape == (3, 32, 32) and (x1 == x2).all()  # the same seed, index and view give the same view
+    assert not (a[1][0] == dataset.ViewDataset(images, [0, 5], aug, seed=3, view=0)[1][0]).all()
+
+
+def test_unreadable_image_stops_or_is_skipped(tmp_path):
+    from models import load_clip
+    (tmp_path / 'c0').mkdir()
+    (tmp_path / 'c0' / 'bad.png').write_bytes(b'not a png')
+    images = dataset.load_images('folder', str(tmp_path))
+    _, preprocess, _ = load_clip('tiny-test', 'random')
+    with pytest.raises(DataError, match=r'cannot read image .*bad.png.*--bad_images=skip'):
+        dataset.ViewDataset(images, [0], preprocess)[0]
+    x, k, ok = dataset.ViewDataset(images, [0], preprocess, bad_images='skip')[0]
+    assert ok is False and x.shape == (3, 32, 32)

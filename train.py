@@ -1,0 +1,296 @@
+"""Step 3 (Section 3.3, Algorithm 2): train the hashing heads Hv and He with the bidirectional
+contrastive loss, then score binary codes by MAP@K.
+
+Reads what dataset_extract.py and nouns_embed.py left in CACHE_DIR; writes, per code length,
+RUN_DIR/<bits>bits/heads.pt (the trained heads and the config), codes.npz (continuous outputs
+and labels of query and retrieval sets, for eval_hash.py --run) and result.json, and appends
+one JSON line per run to RESULTS.
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import eval_hash
+import dataset
+from dataset import (CacheError, DataError, atomic_write, cache_status, configure, dataset_dir, feature_dir,
+                     load_array, load_split, save_array, save_json, split_tag)
+import models
+from models import HashHead, pretrained_tag, resolve_device
+
+# data (what dataset_extract.py and nouns_embed.py produced)
+DATASET = 'cifar10'         # cifar10 | nuswide | flickr25k | mscoco | folder
+CACHE_DIR = 'cache'
+SPLIT_SEED = 0              # which split (dataset_extract.py --split_seed)
+SPLIT_DIR = ''              # or the name of your own split folder (dataset_extract.py --split_dir)
+BACKBONE = 'ViT-B-16'       # features feeding Hv: ViT-B-16 | ViT-B-32 | vgg16
+BACKBONE_PRETRAINED = ''    # '' -> 'openai' for CLIP, 'imagenet' for vgg16
+CLIP_MODEL = 'ViT-B-16'     # the CLIP space of nouns and images for the external feature
+CLIP_PRETRAINED = 'openai'
+VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet | a word-list file (Table 5)
+N_K = 800                   # clusters of the noun selection (Eq. 3)
+T1 = 0.9                    # distance threshold of representative nouns (Eq. 3)
+# method
+METHOD = 'duheg'            # duheg (this paper)
+BITS = (16, 32, 64)         # code lengths L, one run each
+TAU1 = 0.004                # Eq. 6 temperature (not printed in the paper; the authors' code)
+TAU2 = 0.0                  # Eq. 9 temperature; 0 -> the authors' per-dataset value (TAU2_DEFAULT)
+T2 = 0.97                   # Eq. 8 threshold of positives (Table 1; best per dataset in T2_BEST)
+SIM = True                  # Table 2: in-batch positives from the external feature (off: pos(i) = {i})
+AUG = True                  # Table 2: two augmented views (off: one plain view, only L_b(hv, he))
+EXTERNAL = 'efc'            # Table 3: efc (selected nouns) | ek (all nouns) | imgk (train images as nouns)
+                            #          | imgcls (selection run on train images) | none (IMGAUG: L_b(hv1, hv2) only)
+RELEASED = False            # the authors' released code: one fixed pair of views, saved vocabulary t_rep only
+# optimiser (Section 4.1.2, Eq. 10-11)
+EPOCHS = 60                 # T_max
+WARMUP = 10                 # T_warm
+LR_MIN = 1e-5
+LR_MAX = 1e-4
+BATCH_SIZE = 512
+# system
+SEED = 0
+DEVICE = 'auto'             # auto | cpu | cuda
+RUN_DIR = ''                # '' -> runs/<dataset>/<automatic name from the settings>
+RESULTS = 'runs/results.jsonl'  # every run appends one JSON line here
+TOPK = 0                    # MAP@K; 0 -> the dataset's K (1000 CIFAR-10, 5000 others)
+FORCE = False               # recompute the cached external features
+
+TAU2_DEFAULT = {'mscoco': 0.2}            # the authors' code: 0.8 elsewhere
+T2_BEST = {'cifar10': 0.99, 'nuswide': 0.98, 'flickr25k': 0.97, 'mscoco': 0.95}  # Figure 5b
+
+
+# -----------------------------------------------------------------------------
+def lr_at(epoch, lr_min=1e-5, lr_max=1e-4, warm=10, total=60):
+    """Eq. 10-11: linear warm-up from lr_min to lr_max over `warm` epochs, then half-cosine back."""
+    if epoch < warm:
+        temp = epoch / warm
+    else:
+        temp = 0.5 * (1 + math.cos((epoch - warm) * math.pi / (total - warm)))
+    return lr_min + (lr_max - lr_min) * temp
+
+
+def external_features(i, t, tau1, chunk=2048):
+    """Eq. 5-6: e_i = normalise(sum_w softmax_w(cos(i_i, t_w) / tau1) t_w) for every image."""
+    i = F.normalize(torch.as_tensor(i, dtype=torch.float32), dim=1)
+    t = F.normalize(torch.as_tensor(t, dtype=torch.float32), dim=1)
+    out = [torch.softmax(i[a:a + chunk] @ t.T / tau1, dim=1) @ t for a in range(0, len(i), chunk)]
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def positives(e, t2, sim=True):
+    """Eq. 8: j is a positive of i when cos(e_i, e_j) > T2; i is always its own positive."""
+    eye = torch.eye(len(e), dtype=torch.bool, device=e.device)
+    if not sim:
+        return eye
+    e = F.normalize(e, dim=1)
+    return (e @ e.T > t2) | eye
+
+
+def bcl_term(a, b, pos, tau2):
+    """Eq. 9: L_b(a, b) = -1/N sum_i log( sum_{j in pos(i)} exp(sim(a_i, b_j)/tau2) / sum_k exp(sim(a_i, b_k)/tau2) ),
+    sim the cosine of the relaxed codes."""
+    logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau2
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~pos, float('-inf')), 1)).mean()
+
+
+def bcl_loss(hv1, hv2, he, pos, tau2):
+    """Eq. 1: L_BCL = L_b(hv1, hv2) + L_b(hv1, he) + L_b(hv2, he); missing views are left out
+    (AUG off: L_b(hv, he); IMGAUG: L_b(hv1, hv2))."""
+    pairs = [(hv1, hv2), (hv1, he), (hv2, he)]
+    return sum(bcl_term(a, b, pos, tau2) for a, b in pairs if a is not None and b is not None)
+
+
+# -----------------------------------------------------------------------------
+def load_features(cfg):
+    """Image features of query / retrieval / train (plain view), the augmented train views,
+    the training images' CLIP features, labels and split."""
+    tag = split_tag(SPLIT_SEED, SPLIT_DIR)
+    labels, query, retrieval, train = load_split(CACHE_DIR, DATASET, tag)
+    fdir = feature_dir(CACHE_DIR, DATASET, BACKBONE, BACKBONE_PRETRAINED)
+    feats = load_array(os.path.join(fdir, 'images.npy'), producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE}')
+    if len(feats) != len(labels):
+        raise CacheError(f"{fdir}/images.npy has {len(feats)} rows but {dataset_dir(CACHE_DIR, DATASET)}/labels.npy "
+                         f"{len(labels)}: the two come from different datasets; rerun dataset_extract.py --force")
+    aug = None
+    if AUG and METHOD == 'duheg':
+        aug = load_array(os.path.join(fdir, f'train_aug_{tag}.npy'),
+                         producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE} (AUG_VIEWS >= 1)')
+        if aug.shape[1] < 1 or aug.shape[0] != len(train):
+            raise CacheError(f"{fdir}/train_aug_{tag}.npy has shape {aug.shape}, expected ({len(train)}, views, F)")
+    clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED)
+    clip = feats if clip_dir == fdir else load_array(os.path.join(clip_dir, 'images.npy'),
+                                                     producer=f'dataset_extract.py --backbone={BACKBONE}')
+    bad = json.load(open(os.path.join(fdir, 'images.npy.json')))['settings'].get('bad', [])
+    if bad:  # images dataset_extract.py --bad_images=skip could not read
+        query, retrieval, train_keep = (np.setdiff1d(p, bad) for p in (query, retrieval, train))
+        keep = np.isin(train, train_keep)
+        train, aug = train[keep], (aug[keep] if aug is not None else None)
+        print(f"left out {len(bad)} unreadable images listed in {fdir}/bad_images.txt")
+    return feats, aug, clip[train], labels, query, retrieval, train
+
+
+def vocabulary(clip_train):
+    """The word features the external feature is built from (Table 3 / Table 5)."""
+    if EXTERNAL == 'imgk':
+        return clip_train
+    from nouns_embed import select_vocabulary, selection_dir, vocab_dir
+    producer = f'nouns_embed.py --vocab={VOCAB} --clip_model={CLIP_MODEL} --n_k={N_K} --t1={T1}'
+    if EXTERNAL == 'efc':
+        d = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED)
+        return load_array(os.path.join(d, 'selected_feats.npy'), producer=producer)
+    if EXTERNAL == 'ek':
+        d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED)
+        return load_array(os.path.join(d, 'noun_feats.npy'), producer=producer)
+    # imgcls: Algorithm 1's selection on the training images, same ratio of clusters to points as for nouns
+    d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED)
+    n_nouns = len(load_array(os.path.join(d, 'noun_feats.npy'), producer=producer, mmap=True))
+    n_k = max(2, round(N_K * len(clip_train) / n_nouns))
+    t = F.normalize(torch.as_tensor(clip_train, dtype=torch.float32), dim=1).numpy()
+    rep, cen = select_vocabulary(t, n_k, T1, iters=100, restarts=1, seed=SEED)
+    return t[np.union1d(rep, cen)]
+
+
+def external_cache(clip_train, train):
+    """e_i of every training image (Eq. 5-6), cached beside the features."""
+    settings = dict(dataset=DATASET, split=split_tag(SPLIT_SEED, SPLIT_DIR), clip=CLIP_MODEL,
+                    pretrained=pretrained_tag(CLIP_PRETRAINED), vocab=VOCAB, n_k=N_K, t1=T1, tau1=TAU1,
+                    external=EXTERNAL, released=RELEASED, n_train=len(train))
+    name = f"external_{EXTERNAL}_{os.path.basename(str(VOCAB))}_k{N_K}_t{T1}_tau{TAU1}{'_released' if RELEASED else ''}_{settings['split']}.npy"
+    path = os.path.join(feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED), name)
+    if not FORCE and cache_status(path, settings) == 'ok':
+        return load_array(path, settings, 'train.py --force')
+    e = external_features(clip_train, vocabulary(clip_train), TAU1).numpy()
+    save_array(path, e, settings, 'train.py')
+    return e
+
+
+def train_heads(bits, x_train, aug, e, device, tau2, t2):
+    """Algorithm 2: Adam on Hv and He, per-epoch learning rate of Eq. 10-11, in-batch positives."""
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    hv = HashHead(x_train.shape[1], bits).to(device)
+    he = HashHead(e.shape[1], bits).to(device) if EXTERNAL != 'none' else None
+    params = list(hv.parameters()) + (list(he.parameters()) if he is not None else [])
+    opt = torch.optim.Adam(params, lr=LR_MIN)
+    x_train, e = torch.as_tensor(x_train).to(device), torch.as_tensor(e).to(device)
+    aug = torch.as_tensor(aug).to(device) if aug is not None else None
+    n = len(x_train)
+    bar = tqdm(range(EPOCHS), desc=f'train {bits} bits', unit='epoch')
+    for epoch in bar:
+        lr = lr_at(epoch, LR_MIN, LR_MAX, WARMUP, EPOCHS)
+        for g in opt.param_groups:
+            g['lr'] = lr
+        hv.train()
+        he is not None and he.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        views = pick_views(n, aug.shape[1] if aug is not None else 0, gen)
+        total = 0.0
+        for a in range(0, n, BATCH_SIZE):
+            idx = perm[a:a + BATCH_SIZE]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            eb = e[idx]
+            pos = positives(eb, t2, SIM and EXTERNAL != 'none')
+            he_b = he(eb) if he is not None else None
+            if aug is not None:
+                hv1 = hv(aug[idx, views[0][idx]])
+                hv2 = hv(aug[idx, views[1][idx]])
+            else:
+                hv1, hv2 = hv(x_train[idx]), None
+            loss = bcl_loss(hv1, hv2, he_b, pos, tau2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        bar.set_postfix(loss=f'{total / n:.4f}', lr=f'{lr:.2e}')
+    return hv, he, opt
+
+
+def pick_views(n, n_views, gen):
+    """Which two augmented views of each image form (v1, v2) this epoch: a fresh random pair
+    when more than two are stored; the fixed pair (0, 1) of the authors' code when RELEASED."""
+    if n_views < 2 or RELEASED:
+        z = torch.zeros(n, dtype=torch.long)
+        return z, (z + 1 if n_views >= 2 else z)
+    first = torch.randint(n_views, (n,), generator=gen)
+    second = (first + 1 + torch.randint(n_views - 1, (n,), generator=gen)) % n_views
+    return first, second
+
+
+@torch.no_grad()
+def encode(hv, x, device, batch=4096):
+    hv.eval()
+    return torch.cat([hv(torch.as_tensor(x[a:a + batch]).to(device)).cpu() for a in range(0, len(x), batch)]).numpy()
+
+
+def run_name():
+    parts = [METHOD, BACKBONE, EXTERNAL if EXTERNAL != 'efc' else None, f'vocab-{os.path.basename(str(VOCAB))}'
+             if VOCAB != 'wordnet' else None, f't2-{T2}', None if SIM else 'nosim', None if AUG else 'noaug',
+             'released' if RELEASED else None, f'seed{SEED}']
+    return '_'.join(p for p in parts if p)
+
+
+def main():
+    global BACKBONE_PRETRAINED, RUN_DIR
+    cfg = configure(globals())
+    if DATASET not in dataset.DATASETS:
+        raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
+    if not BITS or any(not 1 <= b <= 1024 for b in BITS):
+        raise SystemExit(f"error: --bits={','.join(map(str, BITS))}: code lengths must be between 1 and 1024")
+    if BATCH_SIZE < 2 or EPOCHS < 1 or WARMUP < 0 or WARMUP >= EPOCHS:
+        raise SystemExit("error: --batch_size must be >= 2, --epochs >= 1 and 0 <= --warmup < --epochs")
+    if EXTERNAL not in ('efc', 'ek', 'imgk', 'imgcls', 'none'):
+        raise SystemExit(f"error: --external={EXTERNAL!r}: choose efc, ek, imgk, imgcls or none")
+    if CLIP_MODEL not in models.CLIP_MODELS:
+        raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
+    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or ('imagenet' if BACKBONE == 'vgg16' else 'openai')
+    cfg.update(BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
+    tau2 = TAU2 or TAU2_DEFAULT.get(DATASET, 0.8)
+    topk = TOPK or dataset.DATASETS[DATASET]['topk']
+    RUN_DIR = RUN_DIR or os.path.join('runs', DATASET, run_name())
+    device = resolve_device(DEVICE)
+    torch.use_deterministic_algorithms(device == 'cpu')
+
+    feats, aug, clip_train, labels, query, retrieval, train = load_features(cfg)
+    e = external_cache(clip_train, train)  # Eq. 5-6
+    n_pos = positives(torch.as_tensor(e[:BATCH_SIZE]), T2).sum(1).float().mean().item()
+    print(f"{DATASET}: {len(query)} query, {len(retrieval)} retrieval, {len(train)} train images; features "
+          f"{feats.shape[1]}-d; mean in-batch positives at T2={T2}: {n_pos:.1f}")
+    for bits in BITS:
+        t0 = time.time()
+        hv, he, opt = train_heads(bits, feats[train], aug, e, device, tau2, T2)
+        h_q, h_r = encode(hv, feats[query], device), encode(hv, feats[retrieval], device)
+        q_codes, r_codes = eval_hash.to_codes(h_q), eval_hash.to_codes(h_r)
+        mAP = eval_hash.mean_average_precision(q_codes, r_codes, labels[query], labels[retrieval], topk)
+        mAP_cont = eval_hash.map_continuous(h_q, h_r, labels[query], labels[retrieval], topk)
+        out = os.path.join(RUN_DIR, f'{bits}bits')
+        os.makedirs(out, exist_ok=True)
+        result = dict(dataset=DATASET, method=METHOD, bits=bits, topk=topk, map=round(float(mAP), 6),
+                      map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
+                      run_dir=out, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR))
+        ckpt = dict(hv=hv.state_dict(), he=he.state_dict() if he is not None else None, bits=bits,
+                    in_dim=feats.shape[1], e_dim=e.shape[1], optimizer=opt.state_dict(), epoch=EPOCHS,
+                    config=result['config'])
+        atomic_write(os.path.join(out, 'heads.pt'), lambda f: torch.save(ckpt, f))
+        atomic_write(os.path.join(out, 'codes.npz'), lambda f: np.savez(
+            f, query_h=h_q, retrieval_h=h_r, query_labels=labels[query], retrieval_labels=labels[retrieval],
+            query_index=query, retrieval_index=retrieval, topk=topk))
+        save_json(os.path.join(out, 'result.json'), result)
+        os.makedirs(os.path.dirname(os.path.abspath(RESULTS)), exist_ok=True)
+        with open(RESULTS, 'a') as f:
+            f.write(json.dumps(result, default=str) + '\n')
+        print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "
+              f"map_continuous@{topk}={mAP_cont:.4f} (released-code ranking, not binary) seconds={result['seconds']} "
+              f"run={out}")
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (DataError, CacheError) as e:
+        raise SystemExit(f"error: {e}")
