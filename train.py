@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import baselines
 import eval_hash
 import dataset
 from dataset import (CacheError, DataError, atomic_write, cache_status, configure, dataset_dir, feature_dir,
@@ -36,7 +37,8 @@ VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet |
 N_K = 800                   # clusters of the noun selection (Eq. 3)
 T1 = 0.9                    # distance threshold of representative nouns (Eq. 3)
 # method
-METHOD = 'duheg'            # duheg (this paper)
+METHOD = 'duheg'            # duheg (this paper) | ssdh (unsupervised) | dhn, dch (SUPERVISED: read labels)
+                            # | lsh, itq (no training); baselines train Hv alone on the plain view (baselines.py)
 BITS = (16, 32, 64)         # code lengths L, one run each
 TAU1 = 0.004                # Eq. 6 temperature (not printed in the paper; the authors' code)
 TAU2 = 0.0                  # Eq. 9 temperature; 0 -> the authors' per-dataset value (TAU2_DEFAULT)
@@ -117,7 +119,7 @@ def load_features(cfg):
         raise CacheError(f"{fdir}/images.npy has {len(feats)} rows but {dataset_dir(CACHE_DIR, DATASET)}/labels.npy "
                          f"{len(labels)}: the two come from different datasets; rerun dataset_extract.py --force")
     aug = None
-    if AUG and METHOD == 'duheg':
+    if METHOD == 'duheg' and (AUG or EXTERNAL == 'none'):
         aug = load_array(os.path.join(fdir, f'train_aug_{tag}.npy'),
                          producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE} (AUG_VIEWS >= 1)')
         if aug.shape[1] < 1 or aug.shape[0] != len(train):
@@ -169,16 +171,20 @@ def external_cache(clip_train, train):
     return e
 
 
-def train_heads(bits, x_train, aug, e, device, tau2, t2):
-    """Algorithm 2: Adam on Hv and He, per-epoch learning rate of Eq. 10-11, in-batch positives."""
+PAIR_LOSSES = {'ssdh': baselines.ssdh_loss, 'dhn': baselines.dhn_loss, 'dch': baselines.dch_loss}
+
+
+def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
+    """Algorithm 2: Adam on Hv and He, per-epoch learning rate of Eq. 10-11, in-batch positives.
+    With a pairwise similarity `s` (N x N), a baseline's loss on Hv alone replaces L_BCL."""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
     hv = HashHead(x_train.shape[1], bits).to(device)
-    he = HashHead(e.shape[1], bits).to(device) if EXTERNAL != 'none' else None
+    he = HashHead(e.shape[1], bits).to(device) if e is not None else None
     params = list(hv.parameters()) + (list(he.parameters()) if he is not None else [])
     opt = torch.optim.Adam(params, lr=LR_MIN)
-    x_train, e = torch.as_tensor(x_train).to(device), torch.as_tensor(e).to(device)
-    aug = torch.as_tensor(aug).to(device) if aug is not None else None
+    x_train = torch.as_tensor(x_train).to(device)
+    e, aug, s = (torch.as_tensor(a).to(device) if a is not None else None for a in (e, aug, s))
     n = len(x_train)
     bar = tqdm(range(EPOCHS), desc=f'train {bits} bits', unit='epoch')
     for epoch in bar:
@@ -188,21 +194,24 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2):
         hv.train()
         he is not None and he.train()
         perm = torch.randperm(n, generator=gen).to(device)
-        views = pick_views(n, aug.shape[1] if aug is not None else 0, gen)
+        views = [v.to(device) for v in pick_views(n, aug.shape[1] if aug is not None else 0, gen)]
         total = 0.0
         for a in range(0, n, BATCH_SIZE):
             idx = perm[a:a + BATCH_SIZE]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            eb = e[idx]
-            pos = positives(eb, t2, SIM and EXTERNAL != 'none')
-            he_b = he(eb) if he is not None else None
-            if aug is not None:
-                hv1 = hv(aug[idx, views[0][idx]])
-                hv2 = hv(aug[idx, views[1][idx]])
+            if s is not None:  # a pairwise baseline on Hv alone
+                loss = PAIR_LOSSES[METHOD](hv(x_train[idx]), s[idx][:, idx])
             else:
-                hv1, hv2 = hv(x_train[idx]), None
-            loss = bcl_loss(hv1, hv2, he_b, pos, tau2)
+                if e is not None:
+                    pos, he_b = positives(e[idx], t2, SIM), he(e[idx])  # Eq. 8, He(e)
+                else:  # IMGAUG: no external feature, only the two views
+                    pos, he_b = torch.eye(len(idx), dtype=torch.bool, device=device), None
+                if aug is not None:
+                    hv1, hv2 = hv(aug[idx, views[0][idx]]), hv(aug[idx, views[1][idx]])
+                else:  # AUG off: one plain view
+                    hv1, hv2 = hv(x_train[idx]), None
+                loss = bcl_loss(hv1, hv2, he_b, pos, tau2)  # Eq. 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -246,6 +255,10 @@ def main():
         raise SystemExit("error: --batch_size must be >= 2, --epochs >= 1 and 0 <= --warmup < --epochs")
     if EXTERNAL not in ('efc', 'ek', 'imgk', 'imgcls', 'none'):
         raise SystemExit(f"error: --external={EXTERNAL!r}: choose efc, ek, imgk, imgcls or none")
+    if EXTERNAL == 'none' and not AUG:
+        raise SystemExit("error: --external=none (IMGAUG) trains on two augmented views: it needs --aug=true")
+    if METHOD not in ('duheg', 'ssdh', 'dhn', 'dch', 'lsh', 'itq'):
+        raise SystemExit(f"error: --method={METHOD!r}: choose duheg, ssdh, dhn, dch, lsh or itq")
     if CLIP_MODEL not in models.CLIP_MODELS:
         raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or ('imagenet' if BACKBONE == 'vgg16' else 'openai')
@@ -257,24 +270,36 @@ def main():
     torch.use_deterministic_algorithms(device == 'cpu')
 
     feats, aug, clip_train, labels, query, retrieval, train = load_features(cfg)
-    e = external_cache(clip_train, train)  # Eq. 5-6
-    n_pos = positives(torch.as_tensor(e[:BATCH_SIZE]), T2).sum(1).float().mean().item()
     print(f"{DATASET}: {len(query)} query, {len(retrieval)} retrieval, {len(train)} train images; features "
-          f"{feats.shape[1]}-d; mean in-batch positives at T2={T2}: {n_pos:.1f}")
+          f"{feats.shape[1]}-d; method {METHOD}{' (supervised: reads the training labels)' if METHOD in ('dhn', 'dch') else ''}")
+    e = s = None
+    if METHOD == 'duheg' and EXTERNAL != 'none':
+        e = external_cache(clip_train, train)  # Eq. 5-6
+        n_pos = positives(torch.as_tensor(e[:BATCH_SIZE]), T2).sum(1).float().mean().item()
+        print(f"mean in-batch positives at T2={T2}: {n_pos:.1f} of {min(BATCH_SIZE, len(e))}")
+    elif METHOD == 'ssdh':
+        s = baselines.ssdh_similarity(feats[train])
+    elif METHOD in ('dhn', 'dch'):
+        s = baselines.label_similarity(labels[train])
     for bits in BITS:
         t0 = time.time()
-        hv, he, opt = train_heads(bits, feats[train], aug, e, device, tau2, T2)
-        h_q, h_r = encode(hv, feats[query], device), encode(hv, feats[retrieval], device)
+        if METHOD in ('lsh', 'itq'):  # no training: a projection fitted on the training features
+            fit = baselines.lsh_codes if METHOD == 'lsh' else baselines.itq_codes
+            h_q, h_r = (fit(feats[train], feats[p], bits, seed=SEED) for p in (query, retrieval))
+            hv = he = opt = None
+        else:
+            hv, he, opt = train_heads(bits, feats[train], aug, e, device, tau2, T2, s)
+            h_q, h_r = encode(hv, feats[query], device), encode(hv, feats[retrieval], device)
         q_codes, r_codes = eval_hash.to_codes(h_q), eval_hash.to_codes(h_r)
         mAP = eval_hash.mean_average_precision(q_codes, r_codes, labels[query], labels[retrieval], topk)
         mAP_cont = eval_hash.map_continuous(h_q, h_r, labels[query], labels[retrieval], topk)
         out = os.path.join(RUN_DIR, f'{bits}bits')
         os.makedirs(out, exist_ok=True)
-        result = dict(dataset=DATASET, method=METHOD, bits=bits, topk=topk, map=round(float(mAP), 6),
+        result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in ('dhn', 'dch'), bits=bits, topk=topk, map=round(float(mAP), 6),
                       map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
                       run_dir=out, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR))
-        ckpt = dict(hv=hv.state_dict(), he=he.state_dict() if he is not None else None, bits=bits,
-                    in_dim=feats.shape[1], e_dim=e.shape[1], optimizer=opt.state_dict(), epoch=EPOCHS,
+        ckpt = dict(hv=hv and hv.state_dict(), he=he and he.state_dict(), bits=bits, in_dim=feats.shape[1],
+                    e_dim=e.shape[1] if e is not None else None, optimizer=opt and opt.state_dict(), epoch=EPOCHS,
                     config=result['config'])
         atomic_write(os.path.join(out, 'heads.pt'), lambda f: torch.save(ckpt, f))
         atomic_write(os.path.join(out, 'codes.npz'), lambda f: np.savez(

@@ -133,3 +133,67 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path):
         dataset.ViewDataset(images, [0], preprocess)[0]
     x, k, ok = dataset.ViewDataset(images, [0], preprocess, bad_images='skip')[0]
     assert ok is False and x.shape == (3, 32, 32)
+
+
+def _png(path):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new('RGB', (8, 8), (10, 20, 30)).save(path)
+
+
+def test_mirflickr_layout(tmp_path):
+    # 25,000 image names; annotation files list image numbers; *_r1 files are not labels; unlabelled images dropped
+    for i in range(1, 25001):
+        (tmp_path / 'mirflickr').mkdir(exist_ok=True)
+        (tmp_path / 'mirflickr' / f'im{i}.jpg').touch()
+    ann = tmp_path / 'annotations'
+    ann.mkdir()
+    (ann / 'dog.txt').write_text('1\n3\n')
+    (ann / 'sky.txt').write_text('3\n25000\n')
+    (ann / 'sky_r1.txt').write_text('2\n')
+    (ann / 'README.txt').write_text('not labels\n')
+    images = dataset.load_images('flickr25k', str(tmp_path))
+    assert images.names == ['mirflickr/im1.jpg', 'mirflickr/im3.jpg', 'mirflickr/im25000.jpg']
+    assert images.labels.tolist() == [[1, 0], [1, 1], [0, 1]] and images.classes == ['dog', 'sky']
+    (ann / 'dog.txt').write_text('1\nthree\n')
+    with pytest.raises(DataError, match=r'dog.txt:2: expected an image number'):
+        dataset.load_images('flickr25k', str(tmp_path))
+
+
+def test_nuswide_keeps_21_most_frequent_concepts(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = (rng.random((60, 81)) < np.linspace(0.5, 0.01, 81)).astype(int)
+    labels[0] = 0
+    labels[0, 80] = 1  # only a rare concept: dropped with it
+    lines = []
+    for i, row in enumerate(labels):
+        _png(str(tmp_path / 'img' / f'{i}.jpg'))
+        lines.append(f'img/{i}.jpg ' + ' '.join(map(str, row)))
+    (tmp_path / 'list.txt').write_text('\n'.join(lines) + '\n')
+    images = dataset.load_images('nuswide', str(tmp_path))
+    top = np.sort(np.argsort(-labels.sum(0), kind='stable')[:21])
+    assert images.labels.shape[1] == 21 and 'img/0.jpg' not in images.names
+    keep = labels[:, top].any(1)
+    assert (images.labels == labels[keep][:, top]).all()
+
+
+def test_user_split_dir(tmp_path):
+    for i in range(4):
+        _png(str(tmp_path / f'{i}.png'))
+    (tmp_path / 'list.txt').write_text(''.join(f'{i}.png {i % 2} {1 - i % 2}\n' for i in range(4)))
+    images = dataset.load_images('mscoco', str(tmp_path))
+    s = tmp_path / 'split'
+    s.mkdir()
+    (s / 'query.txt').write_text('3.png 1 0\n')
+    (s / 'retrieval.txt').write_text('0.png 0 1\n1.png 1 0\n2.png 0 1\n')
+    (s / 'train.txt').write_text('2.png 0 1\n')
+    q, r, t = dataset.read_split_dir(str(s), images)
+    assert q.tolist() == [3] and r.tolist() == [0, 1, 2] and t.tolist() == [2]
+    (s / 'train.txt').write_text('9.png 0 1\n')
+    with pytest.raises(DataError, match='do not exist'):
+        dataset.read_split_dir(str(s), images)
+
+
+def test_cifar10_offline_error_says_what_to_fetch(tmp_path):
+    with pytest.raises(DataError, match=r'cifar-10-python.tar.gz .* --data_path='):
+        dataset.load_images('cifar10', str(tmp_path), download=False)  # as offline: nothing there

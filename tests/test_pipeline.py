@@ -1,0 +1,88 @@
+"""The three scripts end to end through their command lines, on a generated image set with
+known classes, the tiny random CLIP of the same open_clip code path, and the real WordNet."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
+
+
+def chance_map(labels, query, retrieval):
+    """MAP of a random ranking: for each query, the fraction of the retrieval set relevant to it."""
+    rel = (labels[query] @ labels[retrieval].T) > 0
+    return rel.mean(1).mean()
+
+
+@pytest.fixture(scope='module')
+def pipeline(image_folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('pipeline')
+    cache = str(tmp / 'cache')
+    extract = run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', '--backbone=tiny-test',
+                         '--backbone_pretrained=random', *TINY, f'--cache_dir={cache}', '--num_workers=0')
+    nouns = run_script('nouns_embed.py', *TINY, f'--cache_dir={cache}')  # the whole of WordNet 3.0
+    train = run_script('train.py', '--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', *TINY,
+                       f'--cache_dir={cache}', '--bits=16,64', '--epochs=20', '--warmup=3', '--batch_size=100',
+                       f'--results={tmp}/results.jsonl', f'--run_dir={tmp}/run')
+    return tmp, cache, extract, nouns, train
+
+
+def test_each_step_hands_on_its_files(pipeline):
+    tmp, cache, extract, nouns, train = pipeline
+    d = os.path.join(cache, 'folder')
+    for f in ('labels.npy', 'split_s0/train.npy', 'tiny-test-random/images.npy', 'tiny-test-random/train_aug_split_s0.npy'):
+        assert os.path.isfile(os.path.join(d, f)) and os.path.isfile(os.path.join(d, f + '.json')), f
+    from nouns_embed import selection_dir, vocab_dir
+    vdir = vocab_dir(cache, 'wordnet', 'tiny-test', 'random')
+    sdir = selection_dir(cache, 'wordnet', 'tiny-test', 'random', 800, 0.9, False)
+    words = open(os.path.join(vdir, 'noun_words.txt')).read().split('\n')
+    assert 'dog' in words and 'tabby cat' not in words  # real WordNet nouns, de-duplicated features
+    feats = np.load(os.path.join(sdir, 'selected_feats.npy'))
+    selected = [l.split('\t') for l in open(os.path.join(sdir, 'selected_words.txt')).read().splitlines()]
+    assert len(selected) == len(feats) > 0 and {k for _, k in selected} <= {'rep', 'cen'}
+    counts = json.load(open(os.path.join(sdir, 'selection.json')))
+    assert counts['read'] == 117798  # distinct lower-case noun lemmas of WordNet 3.0
+    last = nouns.stdout.strip().splitlines()[-1]
+    assert last.startswith('nouns vocab=wordnet read=117798'), last
+    for bits in (16, 64):
+        run = os.path.join(tmp, 'run', f'{bits}bits')
+        for f in ('heads.pt', 'codes.npz', 'result.json'):
+            assert os.path.isfile(os.path.join(run, f)), f
+        codes = np.load(os.path.join(run, 'codes.npz'))
+        assert codes['query_h'].shape == (100, bits) and codes['retrieval_h'].shape == (300, bits)
+    lines = [json.loads(l) for l in open(os.path.join(tmp, 'results.jsonl'))]
+    assert [l['bits'] for l in lines] == [16, 64] and lines[0]['config']['EPOCHS'] == 20
+
+
+def test_map_clearly_above_chance(pipeline, image_folder):
+    tmp, cache, _, _, train = pipeline
+    d = os.path.join(cache, 'folder')
+    labels = np.load(os.path.join(d, 'labels.npy'))
+    query, retrieval = (np.load(os.path.join(d, 'split_s0', f'{p}.npy')) for p in ('query', 'retrieval'))
+    chance = chance_map(labels, query, retrieval)
+    assert chance == pytest.approx(0.1)
+    found = re.findall(r'^result dataset=folder method=duheg bits=(\d+) map@1000=([\d.]+)', train.stdout, re.M)
+    assert [b for b, _ in found] == ['16', '64']
+    for bits, m in found:
+        assert float(m) > chance + 0.3, (bits, m, chance)
+
+
+def test_heads_give_the_saved_codes_again(pipeline):
+    """The saved heads reproduce the saved codes without retraining."""
+    import torch
+    from models import HashHead
+    tmp, cache, _, _, _ = pipeline
+    run = os.path.join(tmp, 'run', '64bits')
+    ckpt = torch.load(os.path.join(run, 'heads.pt'), weights_only=False)
+    hv = HashHead(ckpt['in_dim'], ckpt['bits'])
+    hv.load_state_dict(ckpt['hv'])
+    hv.eval()
+    feats = np.load(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'))
+    codes = np.load(os.path.join(run, 'codes.npz'))
+    with torch.no_grad():
+        h = hv(torch.as_tensor(feats[codes['query_index']])).numpy()
+    np.testing.assert_allclose(h, codes['query_h'], atol=1e-5)
