@@ -124,16 +124,18 @@ def load_features(cfg):
                          producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE} (AUG_VIEWS >= 1)')
         if aug.shape[1] < 1 or aug.shape[0] != len(train):
             raise CacheError(f"{fdir}/train_aug_{tag}.npy has shape {aug.shape}, expected ({len(train)}, views, F)")
-    clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED)
-    clip = feats if clip_dir == fdir else load_array(os.path.join(clip_dir, 'images.npy'),
-                                                     producer=f'dataset_extract.py --backbone={BACKBONE}')
+    clip = None  # the training images in CLIP's space, for the external feature
+    if METHOD == 'duheg' and EXTERNAL != 'none':
+        clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED)
+        clip = feats if clip_dir == fdir else load_array(
+            os.path.join(clip_dir, 'images.npy'), producer=f'dataset_extract.py --backbone={BACKBONE} --clip_model={CLIP_MODEL}')
     bad = json.load(open(os.path.join(fdir, 'images.npy.json')))['settings'].get('bad', [])
     if bad:  # images dataset_extract.py --bad_images=skip could not read
         query, retrieval, train_keep = (np.setdiff1d(p, bad) for p in (query, retrieval, train))
         keep = np.isin(train, train_keep)
         train, aug = train[keep], (aug[keep] if aug is not None else None)
         print(f"left out {len(bad)} unreadable images listed in {fdir}/bad_images.txt")
-    return feats, aug, clip[train], labels, query, retrieval, train
+    return feats, aug, None if clip is None else clip[train], labels, query, retrieval, train
 
 
 def vocabulary(clip_train):

@@ -40,3 +40,24 @@ def run_script(script, *args, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, seed=0):
+    """A feature cache as dataset_extract.py leaves it (labels, split, images.npy of the 'folder'
+    dataset with backbone tiny-test/random) whose classes live in 16 of `dim` dimensions and
+    a nuisance of the given strength fills the rest: raw similarity only half knows the class."""
+    import dataset
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = np.zeros((len(y), dim), np.float32)
+    x[:, :16] = rng.normal(0, 1, (n_classes, 16))[y]
+    x[:, 16:] = nuisance * rng.normal(0, 1, (len(y), dim - 16)) * np.linspace(1.5, 0.5, dim - 16)
+    x += rng.normal(0, 0.3, x.shape)
+    labels = np.eye(n_classes, dtype=np.int8)[y]
+    d = os.path.join(cache, 'folder')
+    dataset.save_array(os.path.join(d, 'labels.npy'), labels, {}, 'test')
+    split = dataset.make_split(labels, dict(query_per_class=10, train_per_class=30), 0)
+    for name, idx in zip(('query', 'retrieval', 'train'), split):
+        dataset.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
+    dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, {}, 'test')
+    return labels, split
