@@ -65,7 +65,12 @@ def _parse_value(key, text, default):
     if isinstance(default, (tuple, list)):
         parts = [p for p in text.split(',') if p != '']
         if default and not isinstance(default[0], str):
-            return tuple(_parse_value(key, p, default[0]) for p in parts)
+            try:
+                return tuple(_parse_value(key, p, default[0]) for p in parts)
+            except SystemExit as e:
+                why = str(e).split('=', 1)[1].rsplit(' (the default', 1)[0]
+                raise SystemExit(f"error: --{key.lower()}={text!r}: {why} (the default is "
+                                 f"{','.join(map(str, default))})") from None
         return tuple(parts)
     if default is None:  # optional setting: a number, a path or a name
         if text.lower() == 'none':

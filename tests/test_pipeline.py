@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_script, write_feature_set
 
 TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
 
@@ -86,3 +86,42 @@ def test_heads_give_the_saved_codes_again(pipeline):
     with torch.no_grad():
         h = hv(torch.as_tensor(feats[codes['query_index']])).numpy()
     np.testing.assert_allclose(h, codes['query_h'], atol=1e-5)
+
+
+def test_same_seed_same_codes(pipeline):
+    """A rerun with the same seed gives the same codes and MAP on the CPU."""
+    tmp, cache, _, _, first = pipeline
+    again = run_script('train.py', '--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', *TINY,
+                       f'--cache_dir={cache}', '--bits=16', '--epochs=20', '--warmup=3', '--batch_size=100',
+                       f'--results={tmp}/results2.jsonl', f'--run_dir={tmp}/run2')
+    a, b = (np.load(os.path.join(tmp, r, '16bits', 'codes.npz')) for r in ('run', 'run2'))
+    assert np.array_equal(a['query_h'], b['query_h']) and np.array_equal(a['retrieval_h'], b['retrieval_h'])
+    m = [re.search(r'bits=16 map@1000=([\d.]+)', p.stdout).group(1) for p in (first, again)]
+    assert m[0] == m[1]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--bits=0'], 'code lengths must be between 1 and 1024'),
+    (['--bits=16,2048'], 'code lengths must be between 1 and 1024'),
+    (['--batch_size=1'], '--batch_size must be >= 2'),
+    (['--dataset=imagenet'], "unknown --dataset='imagenet'; choose one of cifar10, nuswide, flickr25k, mscoco, folder"),
+    (['--method=foo'], "--method='foo': choose duheg, ssdh, dhn, dch, lsh or itq"),
+    (['--external=none', '--aug=false'], 'IMGAUG'),
+    (['--bits=16,x'], "--bits='16,x': 'x' is not an integer"),
+    (['--epoch=3'], 'unknown setting --epoch;'),
+])
+def test_train_rejects_bad_settings(args, message, tmp_path):
+    proc = run_script('train.py', f'--cache_dir={tmp_path}', *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-800:]
+
+
+def test_train_names_missing_and_mismatched_caches(tmp_path):
+    proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--method=lsh', check=False)
+    assert proc.returncode != 0 and 'labels.npy does not exist: run dataset_extract.py' in proc.stderr
+    write_feature_set(str(tmp_path))
+    import dataset
+    path = os.path.join(tmp_path, 'folder', 'tiny-test-random', 'images.npy')
+    dataset.save_array(path, np.zeros((5, 64), np.float32), {}, 'test')  # rows do not match the labels
+    proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--backbone=tiny-test',
+                      '--backbone_pretrained=random', '--method=lsh', '--bits=8', check=False)
+    assert proc.returncode != 0 and 'has 5 rows but' in proc.stderr, proc.stderr[-800:]
