@@ -1,0 +1,780 @@
+"""Step 4: the paper's tables and figures, one command each, with the paper's numbers beside ours.
+
+    python reproduce.py --table=1                     # Table 1: VGG-16 / CLIP rows, T2 = 0.97 and best T2
+    python reproduce.py --table=2 --datasets=cifar10,mscoco --seeds=0,1,2
+    python reproduce.py --table=3                     # IMGAUG, IMGK, EK, IMGCLS, EFC
+    python reproduce.py --table=5 --vocab_files=conceptnet=words/conceptnet.txt,glove=words/glove.txt
+    python reproduce.py --table=6                     # CLIP ViT-B/32 against ViT-B/16
+    python reproduce.py --table=fig5                  # Figure 5a (T1) and 5b (T2) at 64 bits, a PNG
+    python reproduce.py --table=4                     # pre-processing time of each vocabulary
+    python reproduce.py --table=baselines             # DUH-EG, SSDH, DHN, DCH, LSH, ITQ on one protocol
+
+Every cell (row x dataset x code length x seed) is one `python train.py ...` run of its own
+process (one process per row, dataset and seed trains its missing code lengths), so no setting
+leaks from one cell into the next and a kill loses at most the cell in progress. train.py appends
+each finished cell to RESULTS; a cell whose settings match a line there is not trained again.
+Cells print one line each as they finish (`cell table=... map=... paper=... diff=...`); the table
+is printed as Markdown and written to OUT_DIR/table<N>.md. Features must be extracted first
+(dataset_extract.py); the noun selection (nouns_embed.py) is run here where a cell needs it.
+"""
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections import OrderedDict, namedtuple
+
+import numpy as np
+
+import dataset
+import train  # train.py's settings: their defaults and types, and T2_BEST (Figure 5b)
+from dataset import configure, feature_dir, save_text
+from models import pretrained_tag
+
+# what to reproduce
+TABLE = '1'                 # 1 | 2 | 3 | 4 | 5 | 6 | fig5a | fig5b | fig5 (both) | baselines
+ROWS = ()                   # only these rows of the table (row ids: see the ROW column); () = all
+DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
+BITS = (16, 32, 64)         # code lengths
+SEEDS = (0,)                # train.py --seed; several: each cell is mean +- std over them
+# features and models (what dataset_extract.py wrote to CACHE_DIR)
+CACHE_DIR = 'cache'
+CLIP_MODEL = 'ViT-B-16'     # the CLIP of every CLIP row: the image backbone and the space of the nouns
+CLIP_PRETRAINED = 'openai'
+CNN_BACKBONE = 'vgg16'      # Table 1's CNN row (its external features still come from CLIP_MODEL)
+CNN_PRETRAINED = 'imagenet'
+ALT_CLIP = 'ViT-B-32'       # Table 6's other CLIP: backbone and space of the nouns both
+ALT_CLIP_PRETRAINED = 'openai'
+# the method's settings where a table's rows do not vary them
+EXTERNAL = 'efc'            # efc = the paper; imgk needs no nouns_embed.py (quick checks)
+VOCAB = 'wordnet'           # nouns_embed.py vocabulary
+VOCAB_FILES = ()            # Tables 4-5 word lists, name=path: conceptnet=a.txt,glove=b.txt (one word a line)
+N_K = 800                   # clusters of the noun selection (Eq. 3)
+T1 = 0.9                    # distance threshold of representative nouns (Eq. 3)
+EPOCHS = 60                 # T_max
+TRAIN_ARGS = ''             # more train.py settings for every cell, e.g. "--batch_size=64 --warmup=2"
+NOUNS_ARGS = ''             # more nouns_embed.py settings, where it has to run
+# Figure 5 (the paper's grids are only drawn, not printed: these are ours)
+T1_VALUES = (0.7, 0.8, 0.9, 1.0, 1.1)                                              # 5a, at each dataset's best T2
+T2_VALUES = (0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.00)     # 5b (paper: 0.90 to 1.00)
+FIG5_BITS = 64
+# baselines
+METHODS = ('duheg', 'ssdh', 'dhn', 'dch', 'lsh', 'itq')
+SUPERVISED = ('dhn', 'dch')  # methods that read the training labels
+# output
+OUT_DIR = 'runs/reproduce'  # table<N>.md, figure5*.png, logs/, runs/
+RESULTS = ''                # '' -> OUT_DIR/results.jsonl; shared by all tables, so a shared cell trains once
+PAPER_AS = ()               # compare dataset A with dataset B's paper numbers (and best T2): A=B (quick checks)
+DRY_RUN = False             # list the cells, their state and train.py commands; train nothing
+TABLE4_CACHE_DIR = ''       # Table 4: '' reads CACHE_DIR's selection.json; an empty folder times every step anew
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+IGNORED = ('DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE')  # train.py settings that do not change a result
+BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the dataset (train.T2_BEST)
+T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
+
+# -----------------------------------------------------------------------------
+# the paper's numbers (SPEC.md "What the paper reports"): MAP at 16, 32, 64 bits
+PAPER_DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
+_PAPER_ROWS = {  # row: CIFAR-10, NUS-WIDE, Flickr25k, MS-COCO
+    'table1 vgg16':     ((.887, .888, .885), (.852, .854, .856), (.856, .858, .856), (.833, .840, .842)),
+    'table1 clip':      ((.931, .934, .933), (.849, .855, .855), (.874, .887, .892), (.854, .878, .887)),
+    'table1 best':      ((.939, .940, .940), (.849, .856, .856), (.874, .887, .892), (.862, .881, .888)),  # = T2 #4, T3 EFC, T5 WordNet, T6 ViT-B/16
+    'table2 #1':        ((.922, .926, .925), (.827, .833, .835), (.845, .860, .871), (.812, .849, .864)),
+    'table2 #2':        ((.922, .925, .925), (.832, .838, .839), (.859, .870, .878), (.855, .874, .883)),
+    'table2 #3':        ((.939, .940, .940), (.848, .854, .855), (.864, .880, .886), (.831, .862, .874)),
+    'table3 imgaug':    ((.922, .923, .929), (.828, .839, .844), (.839, .856, .866), (.733, .785, .819)),
+    'table3 imgk':      ((.924, .927, .929), (.836, .846, .846), (.840, .857, .864), (.739, .794, .820)),
+    'table3 ek':        ((.935, .936, .937), (.845, .850, .851), (.844, .852, .858), (.858, .877, .883)),
+    'table3 imgcls':    ((.934, .937, .936), (.838, .848, .849), (.842, .859, .867), (.748, .798, .823)),
+    'table5 imagenet':  ((.940, .942, .941), (.849, .854, .855), (.871, .885, .888), (.864, .885, .892)),
+    'table5 conceptnet': ((.938, .940, .940), (.850, .853, .855), (.875, .885, .890), (.865, .886, .893)),
+    'table5 glove':     ((.932, .936, .935), (.846, .852, .852), (.870, .882, .887), (.842, .863, .869)),
+    'table6 vit-b-32':  ((.920, .929, .920), (.855, .856, .860), (.869, .887, .888), (.848, .868, .887)),
+}
+PAPER = {(row, d): v for row, values in _PAPER_ROWS.items() for d, v in zip(PAPER_DATASETS, values)}
+PAPER_BITS = (16, 32, 64)
+# Table 4: words and pre-processing seconds (the paper names no hardware)
+PAPER_TABLE4 = {'imagenet': (21843, 99.53), 'wordnet': (117797, 476.79), 'conceptnet': (134364, 531.12),
+                'glove': (317756, 1182.11)}
+# a --vocab_files name compared with the paper's row of that vocabulary (imagenet21k: the paper's 21,843 names)
+VOCAB_PAPER_ROWS = {'conceptnet': 'table5 conceptnet', 'glove': 'table5 glove', 'imagenet21k': 'table5 imagenet'}
+NAMES = {'cifar10': 'CIFAR-10', 'nuswide': 'NUS-WIDE', 'flickr25k': 'Flickr25k', 'mscoco': 'MS-COCO'}
+
+# -----------------------------------------------------------------------------
+# the tables: rows of (id, label, paper row, train.py settings). BACKBONE 'clip' | 'cnn' | 'alt'
+# stands for CLIP_MODEL, CNN_BACKBONE, ALT_CLIP; T2 'best' for the dataset's T2_BEST.
+Row = namedtuple('Row', 'id label paper settings')
+TABLES = {
+    '1': ('Table 1: DUH-EG with a CNN and a CLIP backbone', [
+        Row('vgg16', 'VGG-16, T2 = 0.97', 'table1 vgg16', dict(BACKBONE='cnn', T2=T2_COMMON)),
+        Row('clip', 'CLIP ViT-B/16, T2 = 0.97', 'table1 clip', dict(T2=T2_COMMON)),
+        Row('best', 'CLIP ViT-B/16, best T2 (Fig. 5b)', 'table1 best', dict(T2=BEST))]),
+    '2': ('Table 2: ablation of SIM (in-batch positives) and AUG (two augmented views), best T2', [
+        Row('1', '#1 no SIM, no AUG', 'table2 #1', dict(SIM=False, AUG=False, T2=BEST)),
+        Row('2', '#2 SIM only', 'table2 #2', dict(SIM=True, AUG=False, T2=BEST)),
+        Row('3', '#3 AUG only', 'table2 #3', dict(SIM=False, AUG=True, T2=BEST)),
+        Row('4', '#4 SIM and AUG (full)', 'table1 best', dict(SIM=True, AUG=True, T2=BEST))]),
+    '3': ('Table 3: where the external feature comes from, best T2', [
+        Row('imgaug', 'IMGAUG (no external feature)', 'table3 imgaug', dict(EXTERNAL='none', T2=BEST)),
+        Row('imgk', 'IMGK (train images as nouns)', 'table3 imgk', dict(EXTERNAL='imgk', T2=BEST)),
+        Row('ek', 'EK (all nouns)', 'table3 ek', dict(EXTERNAL='ek', T2=BEST)),
+        Row('imgcls', 'IMGCLS (selection on train images)', 'table3 imgcls', dict(EXTERNAL='imgcls', T2=BEST)),
+        Row('efc', 'EFC (selected nouns, full)', 'table1 best', dict(EXTERNAL='efc', T2=BEST))]),
+    '5': ('Table 5: the vocabulary of the nouns, best T2', None),      # rows: vocab_rows()
+    '6': ('Table 6: the pre-trained CLIP, best T2', [
+        Row('vit-b-16', 'CLIP ViT-B/16', 'table1 best', dict(T2=BEST)),
+        Row('vit-b-32', 'CLIP ViT-B/32', 'table6 vit-b-32', dict(BACKBONE='alt', T2=BEST))]),
+    'fig5a': ('Figure 5a: MAP as the distance threshold T1 of Eq. 3 varies, best T2', None),
+    'fig5b': ('Figure 5b: MAP as the similarity threshold T2 of Eq. 8 varies', None),
+    'baselines': ('Baselines on one protocol (same features, split and MAP@K)', None),
+}
+
+
+def vocab_rows():
+    """Table 4-5 rows: ImageNet-1k class names, WordNet, then each VOCAB_FILES word list."""
+    rows = [Row('imagenet', 'ImageNet-1k class names (paper: 21,843 names)', 'table5 imagenet',
+                dict(VOCAB='imagenet', EXTERNAL='efc', T2=BEST)),
+            Row('wordnet', 'WordNet nouns', 'table1 best', dict(VOCAB='wordnet', EXTERNAL='efc', T2=BEST))]
+    for name, path in vocab_files().items():
+        paper = VOCAB_PAPER_ROWS.get(name.lower())
+        rows.append(Row(name, f'{name} ({os.path.basename(path)})', paper, dict(VOCAB=path, EXTERNAL='efc', T2=BEST)))
+    return rows
+
+
+def table_rows(table):
+    """The rows of `table`, restricted to ROWS when given."""
+    if table == '5':
+        rows = vocab_rows()
+    elif table == 'fig5a':  # the paper's curve passes through Table 1's best-T2 row at T1 = 0.9
+        rows = [Row(f'{t:g}', f'T1 = {t:g}', 'table1 best' if math.isclose(t, 0.9) else None,
+                    dict(T1=t, EXTERNAL='efc', T2=BEST)) for t in T1_VALUES]
+    elif table == 'fig5b':  # ... and 5b through Table 1's rows at T2 = 0.97 and at the best T2
+        rows = [Row(f'{t:g}', f'T2 = {t:g}', {d: ('table1 best' if math.isclose(t, train.T2_BEST[d]) else
+                                                  'table1 clip' if math.isclose(t, T2_COMMON) else None)
+                                              for d in PAPER_DATASETS}, dict(T2=t)) for t in T2_VALUES]
+    elif table == 'baselines':
+        rows = [Row(m, m.upper() if m != 'duheg' else 'DUH-EG (T2 = 0.97)', 'table1 clip' if m == 'duheg' else None,
+                    dict(METHOD=m, T2=T2_COMMON)) for m in METHODS]
+        rows = [r._replace(label=r.label + ' (supervised: reads labels)') if r.id in SUPERVISED else r for r in rows]
+    else:
+        rows = TABLES[table][1]
+    if ROWS:
+        unknown = [r for r in ROWS if r not in [row.id for row in rows]]
+        if unknown:
+            raise SystemExit(f"error: --rows: table {table} has no row {', '.join(unknown)}; its rows: "
+                             f"{', '.join(r.id for r in rows)}")
+        rows = [r for r in rows if r.id in ROWS]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# cells: the train.py settings of each, and the config train.py records for it
+def paper_dataset(d):
+    return dict(p.split('=', 1) for p in PAPER_AS).get(d, d)
+
+
+def vocab_files():
+    out = OrderedDict()
+    for item in VOCAB_FILES:
+        name, eq, path = item.partition('=')
+        if not eq or not name or not path:
+            raise SystemExit(f"error: --vocab_files takes name=path pairs, got {item!r}")
+        out[name] = os.path.abspath(path)
+    return out
+
+
+def paper_value(row, d, bits):
+    key = row.paper.get(paper_dataset(d)) if isinstance(row.paper, dict) else row.paper
+    values = PAPER.get((key, paper_dataset(d)))
+    return values[PAPER_BITS.index(bits)] if values and bits in PAPER_BITS else None
+
+
+def train_defaults():
+    """train.py's settings and their defaults, as its `configure` sees them."""
+    g = {k: v for k, v in vars(train).items()}
+    return configure(g, [])
+
+
+def train_args():
+    """TRAIN_ARGS as typed train.py settings (checked against train.py's own settings)."""
+    argv = shlex.split(TRAIN_ARGS)
+    g = {k: v for k, v in vars(train).items()}
+    try:
+        configure(g, argv)
+    except SystemExit as e:
+        raise SystemExit(f"error in --train_args={TRAIN_ARGS!r}: {str(e.code).removeprefix('error: ')}") from None
+    keys = [a[2:].partition('=')[0].replace('-', '_').upper() for a in argv]
+    return {k: g[k] for k in keys}
+
+
+def cell_settings(row, d, seed, extra):
+    """train.py settings (UPPER_CASE names, typed values) of `row` on dataset `d` with `seed`."""
+    s = dict(METHOD='duheg', DATASET=d, SEED=seed, CACHE_DIR=os.path.abspath(CACHE_DIR), EPOCHS=EPOCHS,
+             EXTERNAL=EXTERNAL, VOCAB=VOCAB, N_K=N_K, T1=T1, T2=T2_COMMON)
+    s.update(extra)
+    s.update(row.settings)
+    backbone = s.pop('BACKBONE', 'clip')
+    clip = (ALT_CLIP, ALT_CLIP_PRETRAINED) if backbone == 'alt' else (CLIP_MODEL, CLIP_PRETRAINED)
+    s['BACKBONE'], s['BACKBONE_PRETRAINED'] = (CNN_BACKBONE, CNN_PRETRAINED) if backbone == 'cnn' else clip
+    s['CLIP_MODEL'], s['CLIP_PRETRAINED'] = clip
+    if s['T2'] == BEST:
+        s['T2'] = train.T2_BEST.get(paper_dataset(d), T2_COMMON)
+    if s['VOCAB'] not in ('wordnet', 'imagenet'):
+        s['VOCAB'] = os.path.abspath(s['VOCAB'])
+    return s
+
+
+def expected_config(settings, bits, defaults):
+    """The config train.py records for these settings: its defaults, the settings, and what
+    train.main resolves (BACKBONE_PRETRAINED '' and TAU2 0 mean 'the default for this case')."""
+    cfg = dict(defaults, **settings, BITS=bits)
+    cfg['BACKBONE_PRETRAINED'] = cfg['BACKBONE_PRETRAINED'] or ('imagenet' if cfg['BACKBONE'] == 'vgg16' else 'openai')
+    cfg['TAU2'] = cfg['TAU2'] or train.TAU2_DEFAULT.get(cfg['DATASET'], 0.8)
+    return cfg
+
+
+def _same(a, b):
+    a, b = json.loads(json.dumps(a, default=str)), json.loads(json.dumps(b, default=str))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def matches(result, cfg, defaults):
+    """Does the results line `result` hold the cell whose config is `cfg`? Every setting but
+    IGNORED must agree; a setting the line does not record (an older train.py) must be at its default."""
+    got = result.get('config') or {}
+    if result.get('dataset') != cfg['DATASET'] or result.get('bits') != cfg['BITS'] \
+            or result.get('method', 'duheg') != cfg['METHOD'] or not isinstance(result.get('map'), (int, float)):
+        return False
+    for k, v in cfg.items():
+        if k in IGNORED:
+            continue
+        if k not in got:
+            if k not in defaults or not _same(v, defaults[k]):
+                return False
+        elif not _same(got[k], v):
+            return False
+    return True
+
+
+def read_results(path):
+    """The JSON lines of `path` (a line cut short by a kill is left out, with a note)."""
+    if not os.path.exists(path):
+        return []
+    out, bad = [], 0
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad += 1
+    if bad:
+        print(f"note: {bad} unreadable line(s) in {path} left out (a run killed while writing?)")
+    return out
+
+
+def find_result(cell, results, defaults):
+    for r in reversed(results):  # the latest matching line
+        if matches(r, cell.cfg, defaults):
+            return r
+    return None
+
+
+class Cell:
+    def __init__(self, table, row, d, bits, seed, settings, defaults):
+        self.table, self.row, self.dataset, self.bits, self.seed = table, row, d, bits, seed
+        self.settings = settings
+        self.cfg = expected_config(settings, bits, defaults)
+        self.result, self.status, self.why = None, 'pending', ''
+
+    @property
+    def paper(self):
+        return paper_value(self.row, self.dataset, self.bits)
+
+    def line(self):
+        m = self.result['map'] if self.result else None
+        p = self.paper
+        fmt = lambda x, f: 'none' if x is None else format(x, f)
+        diff = m - p if m is not None and p is not None else None
+        text = (f"cell table={self.table} row={self.row.id} dataset={self.dataset} bits={self.bits} seed={self.seed} "
+                f"map={fmt(m, '.4f')} paper={fmt(p, '.3f')} diff={fmt(diff, '+.4f')} status={self.status}")
+        return text + (f" why={self.why!r}" if self.why else '')
+
+
+def make_cells(table, defaults, extra):
+    return [Cell(table, row, d, bits, seed, cell_settings(row, d, seed, extra), defaults)
+            for row in table_rows(table) for d in DATASETS for bits in (BITS if not table.startswith('fig5') else (FIG5_BITS,))
+            for seed in SEEDS]
+
+
+# -----------------------------------------------------------------------------
+# inputs a cell needs: features (dataset_extract.py, checked) and nouns (nouns_embed.py, run here)
+def missing_features(s):
+    need = [(s['BACKBONE'], s['BACKBONE_PRETRAINED']), (s['CLIP_MODEL'], s['CLIP_PRETRAINED'])]
+    for backbone, weights in OrderedDict.fromkeys(need):
+        path = os.path.join(feature_dir(s['CACHE_DIR'], s['DATASET'], backbone, weights), 'images.npy.json')
+        if not os.path.exists(path):
+            extra = f" --clip_model={s['CLIP_MODEL']} --clip_pretrained={s['CLIP_PRETRAINED']}" \
+                if backbone not in ('ViT-B-16', 'ViT-B-32', 'tiny-test') else ''
+            return (f"no {backbone} features of {s['DATASET']} ({path} is missing): run python dataset_extract.py "
+                    f"--dataset={s['DATASET']} --backbone={backbone} --backbone_pretrained={weights}{extra} "
+                    f"--cache_dir={s['CACHE_DIR']}")
+    return ''
+
+
+def nouns_command(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False):
+    cmd = [sys.executable, os.path.join(ROOT, 'nouns_embed.py'), f'--vocab={vocab}', f'--clip_model={clip_model}',
+           f'--clip_pretrained={clip_pretrained}', f'--cache_dir={cache_dir}', f'--n_k={n_k}', f'--t1={t1}']
+    return cmd + (['--released=true'] if released else []) + shlex.split(NOUNS_ARGS)
+
+
+def run_nouns(cmd, log_path):
+    """Run nouns_embed.py; returns (its last output line, '') or ('', why it failed)."""
+    print('nouns: ' + shlex.join(['python'] + cmd[1:]), flush=True)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, 'a') as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent)
+        log.write(proc.stdout)
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    if proc.returncode != 0:
+        return '', f"nouns_embed.py failed ({proc.returncode}): {_tail(log_path)} (log: {log_path})"
+    return (lines[-1] if lines else ''), ''
+
+
+def prepare_nouns(s, done):
+    """Make the noun features / selection a duheg cell with EXTERNAL efc, ek or imgcls reads.
+    Returns '' or why it cannot be made."""
+    if s['METHOD'] != 'duheg' or s['EXTERNAL'] in ('imgk', 'none'):
+        return ''
+    if not os.path.exists(os.path.join(ROOT, 'nouns_embed.py')):
+        return f"EXTERNAL={s['EXTERNAL']} needs nouns_embed.py, which this checkout does not have"
+    from nouns_embed import selection_dir, vocab_dir
+    released = bool(s.get('RELEASED', train.RELEASED))
+    args = (s['CACHE_DIR'], s['VOCAB'], s['CLIP_MODEL'], s['CLIP_PRETRAINED'])
+    if s['EXTERNAL'] == 'efc':
+        path = os.path.join(selection_dir(*args, s['N_K'], s['T1'], released), 'selected_feats.npy.json')
+    else:
+        path = os.path.join(vocab_dir(*args), 'noun_feats.npy.json')
+    if os.path.exists(path):
+        return ''
+    cmd = nouns_command(*args, s['N_K'], s['T1'], released)
+    if tuple(cmd) not in done:
+        done[tuple(cmd)] = run_nouns(cmd, os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
+    return done[tuple(cmd)] or ('' if os.path.exists(path) else f"nouns_embed.py ran but {path} is missing")
+
+
+# -----------------------------------------------------------------------------
+# training: one train.py process per (row, dataset, seed), for the code lengths not yet in RESULTS
+def _die_with_parent():
+    """In the child: receive SIGTERM when reproduce.py dies (Linux), so a killed run leaves no trainer behind."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the child outlives a killed parent, nothing worse
+        pass
+
+
+def _tail(path, n=4):
+    try:
+        with open(path, errors='replace') as f:
+            lines = [l.strip() for l in f.read().replace('\r', '\n').splitlines() if l.strip()]
+    except OSError:
+        return ''
+    errors = [l for l in lines if l.startswith('error') or 'Error' in l]
+    return ' | '.join((errors or lines)[-n:])[-600:]
+
+
+def _arg(k, v):
+    if isinstance(v, bool):
+        v = 'true' if v else 'false'
+    elif isinstance(v, (tuple, list)):
+        v = ','.join(str(x) for x in v)
+    return f'--{k.lower()}={v}'
+
+
+def run_name(s):
+    import hashlib
+    key = json.dumps({k: v for k, v in sorted(s.items()) if k not in IGNORED}, default=str)
+    return f"{s['DATASET']}/{s['METHOD']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-seed{s['SEED']}"
+
+
+def train_command(cells, results_path):
+    s = cells[0].settings
+    run_dir = os.path.join(os.path.abspath(OUT_DIR), 'runs', run_name(s))
+    return [sys.executable, os.path.join(ROOT, 'train.py'), *(_arg(k, v) for k, v in s.items()),
+            '--bits=' + ','.join(str(b) for b in sorted({c.bits for c in cells})), f'--results={results_path}',
+            f'--run_dir={run_dir}']
+
+
+def run_cells(cells, results_path, defaults):
+    """Skip the cells RESULTS holds, train the others; every cell ends trained, skipped or failed."""
+    results = read_results(results_path)
+    groups = OrderedDict()
+    for c in cells:
+        c.result = find_result(c, results, defaults)
+        if c.result:
+            c.status = 'skipped'
+            print(c.line(), flush=True)
+        else:
+            groups.setdefault(json.dumps(c.settings, sort_keys=True, default=str), []).append(c)
+    n_todo = sum(len(g) for g in groups.values())
+    print(f"{len(cells) - n_todo} of {len(cells)} cells already in {results_path}; {n_todo} to train in "
+          f"{len(groups)} train.py runs", flush=True)
+    nouns_done = {}
+    for group in groups.values():
+        results = read_results(results_path)  # a cell two rows share may have been trained meanwhile
+        for c in group:
+            c.result = find_result(c, results, defaults)
+            if c.result:
+                c.status = 'skipped'
+                print(c.line(), flush=True)
+        group = [c for c in group if not c.result]
+        if not group:
+            continue
+        cmd = train_command(group, results_path)
+        if DRY_RUN:
+            print('would run: ' + shlex.join(['python'] + cmd[1:]))
+            continue
+        why = missing_features(group[0].settings) or prepare_nouns(group[0].settings, nouns_done)
+        if why:
+            for c in group:
+                c.status, c.why = 'failed', why
+                print(c.line(), flush=True)
+            continue
+        train_group(group, cmd, results_path, defaults)
+
+
+def train_group(group, cmd, results_path, defaults):
+    log_path = os.path.join(OUT_DIR, 'logs', run_name(group[0].settings).replace('/', '_') + '.log')
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    print('train: ' + shlex.join(['python'] + cmd[1:]), flush=True)
+
+    def collect():
+        results = read_results(results_path)
+        for c in group:
+            if not c.result:
+                c.result = find_result(c, results, defaults)
+                if c.result:
+                    c.status = 'trained'
+                    print(c.line(), flush=True)
+
+    with open(log_path, 'a') as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+                                preexec_fn=_die_with_parent)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if line.startswith('result '):
+                collect()
+            else:
+                print('  | ' + line.rstrip(), flush=True)
+        rc = proc.wait()
+    collect()
+    for c in group:
+        if not c.result:
+            c.status, c.why = 'failed', f"train.py exited with {rc}: {_tail(log_path)} (log: {log_path})"
+            print(c.line(), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the Markdown table: measured (mean +- std over seeds) / paper / measured - paper
+def summary(values):
+    """(mean, std) of MAP over seeds; std is the sample std (n - 1), None for one seed."""
+    if not values:
+        return None, None
+    v = np.asarray(values, float)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def cell_text(values, paper, n_seeds=1, status=''):
+    """'0.925 ± 0.003 / 0.931 / -0.006': measured, paper, difference; '–' where there is none."""
+    mean, std = summary(values)
+    if mean is None:
+        measured = status or '–'
+    else:
+        measured = f'{mean:.3f}' + (f' ± {std:.3f}' if std is not None else '')
+        if len(values) < n_seeds:
+            measured += f' (n={len(values)})'
+    paper_s = f'{paper:.3f}' if paper is not None else '–'
+    diff = f'{mean - paper:+.3f}' if mean is not None and paper is not None else '–'
+    return f'{measured} / {paper_s} / {diff}'
+
+
+def dataset_label(d):
+    pd = paper_dataset(d)
+    name = NAMES.get(d, d)
+    return name if pd == d else f'{name} (paper: {NAMES.get(pd, pd)})'
+
+
+def markdown_table(title, header, rows, datasets, bits, cells, n_seeds, notes=()):
+    """Lines of the Markdown table: one line per row and dataset, a column per code length."""
+    by_key = OrderedDict()
+    for c in cells:
+        by_key.setdefault((c.row.id, c.dataset, c.bits), []).append(c)
+    lines = [f'## {title}', '', header, '',
+             '| row | id | dataset | ' + ' | '.join(f'{b} bits' for b in bits) + ' |',
+             '|---|---|---|' + '---|' * len(bits)]
+    for row in rows:
+        for d in datasets:
+            texts = []
+            for b in bits:
+                group = by_key.get((row.id, d, b), [])
+                values = [c.result['map'] for c in group if c.result]
+                status = 'failed' if any(c.status == 'failed' for c in group) else 'not run'
+                texts.append(cell_text(values, paper_value(row, d, b), n_seeds, status))
+            lines.append(f'| {row.label} | {row.id} | {dataset_label(d)} | ' + ' | '.join(texts) + ' |')
+    return lines + [''] + [f'- {n}' for n in notes]
+
+
+def hardware():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
+    except OSError:
+        pass
+    gpu = 'no GPU'
+    try:
+        import torch
+        if torch.cuda.is_available():
+            gpu = ', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception:  # noqa: BLE001
+        pass
+    return f'{cpu} ({os.cpu_count()} CPU threads), {gpu}'
+
+
+def git_commit():
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + (' (with uncommitted changes)' if dirty else '') if out.returncode == 0 else 'unknown'
+    except OSError:
+        return 'unknown'
+
+
+def measured_on(cells, extra):
+    """The header line: on what data and with which settings the table was measured."""
+    mapped = [f'{d} against {paper_dataset(d)}' for d in DATASETS if paper_dataset(d) != d]
+    times = [c.result.get('seconds', 0) for c in cells if c.result]
+    done = sum(1 for c in cells if c.result)
+    return (f"Measured on {', '.join(DATASETS)} (features in {os.path.abspath(CACHE_DIR)}; CLIP {CLIP_MODEL}/"
+            f"{pretrained_tag(CLIP_PRETRAINED)}), {EPOCHS} epochs, seeds {', '.join(map(str, SEEDS))}, external "
+            f"{EXTERNAL} / vocabulary {VOCAB} unless a row says otherwise, best T2 (Fig. 5b) "
+            + ', '.join(f"{d} {train.T2_BEST.get(paper_dataset(d), T2_COMMON)}" for d in DATASETS)
+            + (f", train.py {' '.join(_arg(k, v) for k, v in extra.items())}" if extra else '')
+            + f"; {done} of {len(cells)} cells measured ({sum(times):.0f} s of training and evaluation) on "
+            f"{hardware()}, commit {git_commit()}, {time.strftime('%Y-%m-%d')}. MAP@K of binary codes "
+            f"(K = 1000 CIFAR-10, 5000 others). Each cell: measured (mean ± std over seeds) / paper / "
+            f"measured − paper; paper numbers are SPEC.md's copy of the paper's tables"
+            + (f" (paper numbers of another dataset: {', '.join(mapped)})" if mapped else '') + '.')
+
+
+IMAGENET_NOTE = ("The paper's ImageNet vocabulary has 21,843 words (Table 4), the ImageNet-21k class names; "
+                 "--vocab=imagenet is the 1,000 ImageNet-1k class names, a smaller vocabulary than the paper's. "
+                 "A word list of the 21k names passed as --vocab_files=imagenet21k=FILE is compared with the "
+                 "paper's ImageNet row.")
+
+
+def table_notes(table):
+    notes = [IMAGENET_NOTE] if table == '5' else []
+    if table == '5' and not {'conceptnet', 'glove'} <= {n.lower() for n in vocab_files()}:
+        notes.append('ConceptNet and GloVe rows: pass --vocab_files=conceptnet=FILE,glove=FILE (one word a line); '
+                     'any name=FILE adds a row, compared with the paper where the name is conceptnet or glove.')
+    if table == 'fig5a':
+        notes.append('T1 is varied at each dataset\'s best T2; the paper gives the curve only as a plot, so its value '
+                     'is shown only at T1 = 0.9, where it is Table 1\'s best-T2 row.')
+    if table == 'fig5b':
+        notes.append('The paper gives the curve only as a plot: its value is shown at T2 = 0.97 (Table 1, CLIP row) '
+                     'and at each dataset\'s best T2 (Table 1, best-T2 row).')
+    if table == 'baselines':
+        notes.append(f"Supervised methods ({', '.join(SUPERVISED)}) read the training labels; the others do not. "
+                     "The paper's baseline numbers are not in SPEC.md; the SSDH README's CIFAR-10 MAP@5000 "
+                     "(0.2511 / 0.2414 at 16 / 32 bits, VGG-16, its own split) is another protocol and is not compared.")
+    return notes
+
+
+# -----------------------------------------------------------------------------
+# Figure 5: MAP at FIG5_BITS bits as T1 (a) and T2 (b) vary, best measured value starred
+STYLE = {'cifar10': ('tab:red', 'o'), 'nuswide': ('tab:blue', 's'), 'flickr25k': ('tab:orange', '^'),
+         'mscoco': ('tab:green', 'v')}
+
+
+def plot_figure5(parts, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4), squeeze=False)
+    for ax, (table, cells) in zip(axes[0], parts):
+        rows = table_rows(table)
+        for k, d in enumerate(DATASETS):
+            colour, marker = STYLE.get(paper_dataset(d), (f'C{k + 4}', 'D'))
+            xs, ys, es, ps = [], [], [], []
+            for row in rows:
+                values = [c.result['map'] for c in cells if c.row.id == row.id and c.dataset == d and c.result]
+                mean, std = summary(values)
+                if mean is not None:
+                    xs.append(float(row.id)), ys.append(mean), es.append(std or 0.0)
+                p = paper_value(row, d, FIG5_BITS)
+                if p is not None:
+                    ps.append((float(row.id), p))
+            if xs:
+                ax.errorbar(xs, ys, yerr=es if any(es) else None, color=colour, marker=marker, ms=5, capsize=2,
+                            label=dataset_label(d))
+                best = int(np.argmax(ys))
+                ax.plot(xs[best], ys[best], marker='*', ms=16, color=colour, markeredgecolor='k', zorder=5)
+            if ps:
+                ax.plot(*zip(*ps), linestyle='none', marker=marker, ms=8, markerfacecolor='none', color=colour,
+                        label=f'paper, {NAMES.get(paper_dataset(d), paper_dataset(d))}')
+        if table == 'fig5b':
+            ax.axvline(T2_COMMON, color='red', lw=1)
+        ticks = [float(r.id) for r in rows]
+        if len(ticks) <= 12:
+            ax.set_xticks(ticks, [r.id for r in rows], fontsize=8)
+        ax.set_xlabel('distance threshold T1 (Eq. 3)' if table == 'fig5a' else 'similarity threshold T2 (Eq. 8)')
+        ax.set_ylabel(f'MAP ({FIG5_BITS} bits)')
+        ax.set_title(f"({table[-1]}) measured; star: best measured, hollow: paper", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Table 4: pre-processing time of each vocabulary (nouns_embed.py's selection.json)
+def selection_numbers(sel):
+    """From nouns_embed.py's selection.json: words read, unique, selected (t_com), and the seconds of
+    embedding, clustering, selection and their total (None where absent)."""
+    counts, secs = sel.get('counts') or sel, sel.get('seconds')  # counts nested or at the top level
+    secs = secs if isinstance(secs, dict) else dict(total=secs)
+    return ([counts.get(k) for k in ('read', 'unique', 't_com')],
+            [secs.get(k) for k in ('embedding', 'clustering', 'selection', 'total')])
+
+
+def table4():
+    cache = TABLE4_CACHE_DIR or CACHE_DIR
+    rows = [('imagenet', 'imagenet'), ('wordnet', 'wordnet')] + list(vocab_files().items())
+    if ROWS:
+        rows = [r for r in rows if r[0] in ROWS]
+    lines = ['## Table 4: pre-processing time of the vocabulary (embedding every word with CLIP, K-means, selection)',
+             '', f"Measured with CLIP {CLIP_MODEL}/{pretrained_tag(CLIP_PRETRAINED)}, N_k = {N_K}, T1 = {T1}, from "
+             f"selection.json under {os.path.abspath(cache)}; commit {git_commit()}. The paper names no hardware.", '',
+             '| vocabulary | words read / unique | selected t_com | seconds: embed / cluster / select / total | '
+             'paper words | paper seconds | measured − paper (s) | hardware |', '|---|---|---|---|---|---|---|---|']
+    failed = False
+    for name, vocab in rows:
+        sel, why, where = None, '', ''
+        if not os.path.exists(os.path.join(ROOT, 'nouns_embed.py')):
+            why = 'nouns_embed.py is not in this checkout'
+        else:
+            from nouns_embed import selection_dir
+            path = os.path.join(selection_dir(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, False),
+                                'selection.json')
+            if not os.path.exists(path) and not DRY_RUN:
+                why = run_nouns(nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1),
+                                os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
+                where = hardware()  # measured just now, here
+            elif DRY_RUN and not os.path.exists(path):
+                print('would run: ' + shlex.join(['python'] + nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL,
+                                                                            CLIP_PRETRAINED, N_K, T1)[1:]))
+            if os.path.exists(path):
+                with open(path) as f:
+                    sel = json.load(f)
+        paper_words, paper_s = PAPER_TABLE4.get(name.lower().replace('imagenet21k', 'imagenet'), (None, None))
+        if sel is None:
+            failed = failed or not DRY_RUN
+            lines.append(f"| {name} | {why or 'not run'} | – | – | {paper_words or '–'} | {paper_s or '–'} | – | – |")
+            continue
+        (read, unique, com), (emb, clu, sec, total) = selection_numbers(sel)
+        hw = sel.get('hardware') or where or f'{hardware()} (this machine; selection.json does not say)'
+        f = lambda x: '–' if x is None else f'{x:.2f}'
+        diff = f'{total - paper_s:+.2f}' if total is not None and paper_s is not None else '–'
+        lines.append(f"| {name} | {read or '–'} / {unique or '–'} | {com or '–'} | {f(emb)} / {f(clu)} / {f(sec)} / "
+                     f"{f(total)} | {paper_words or '–'} | {paper_s or '–'} | {diff} | {hw} |")
+        print(f"vocab table=4 row={name} seconds={f(total)} paper={paper_s or 'none'} diff={diff}", flush=True)
+    lines += ['', '- ' + IMAGENET_NOTE]
+    if not {'conceptnet', 'glove'} <= {n.lower() for n, _ in rows}:
+        lines += ['- ConceptNet and GloVe rows: pass --vocab_files=conceptnet=FILE,glove=FILE (one word a line).']
+    return lines, failed
+
+
+# -----------------------------------------------------------------------------
+def main():
+    configure(globals())
+    tables = ('fig5a', 'fig5b') if TABLE == 'fig5' else (TABLE,)
+    if any(t not in TABLES and t != '4' for t in tables):
+        raise SystemExit(f"error: --table={TABLE!r}: choose 1, 2, 3, 4, 5, 6, fig5a, fig5b, fig5 or baselines")
+    unknown = [d for d in DATASETS if d not in dataset.DATASETS]
+    if unknown or not DATASETS or not SEEDS or not BITS:
+        raise SystemExit(f"error: --datasets={','.join(DATASETS)}: choose from {', '.join(dataset.DATASETS)}; "
+                         f"--seeds and --bits must not be empty")
+    if any('=' not in p for p in PAPER_AS):
+        raise SystemExit(f"error: --paper_as takes dataset=paper_dataset pairs, e.g. folder=cifar10")
+    for name, path in vocab_files().items():
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --vocab_files: {name}={path} is not a file")
+    os.makedirs(OUT_DIR, exist_ok=True)
+    if TABLE == '4':
+        lines, failed = table4()
+        save_text(os.path.join(OUT_DIR, 'table4.md'), lines)
+        print('\n'.join(lines))
+        raise SystemExit(1 if failed else 0)
+
+    extra = train_args()
+    owned = {'DATASET', 'SEED', 'BITS', 'CACHE_DIR', 'BACKBONE', 'BACKBONE_PRETRAINED', 'CLIP_MODEL',
+             'CLIP_PRETRAINED', 'EPOCHS', 'EXTERNAL', 'VOCAB', 'N_K', 'T1', 'T2', 'METHOD', 'RESULTS', 'RUN_DIR'}
+    owned |= {k for t in tables for row in table_rows(t) for k in row.settings}
+    clash = sorted(owned & set(extra))
+    if clash:
+        raise SystemExit(f"error: --train_args sets {', '.join('--' + k.lower() for k in clash)}, which reproduce.py "
+                         f"sets itself (its own --datasets, --seeds, --bits, --epochs, --cache_dir, --clip_model, "
+                         f"--external, --vocab, --t1, --n_k settings, or the rows of this table)")
+    warmup = extra.get('WARMUP', train.WARMUP)
+    if EPOCHS <= warmup:
+        raise SystemExit(f"error: --epochs={EPOCHS} must exceed train.py's warm-up ({warmup} epochs): pass "
+                         f"--train_args=--warmup=N with N < {EPOCHS}")
+    defaults = train_defaults()
+    results_path = os.path.abspath(RESULTS or os.path.join(OUT_DIR, 'results.jsonl'))
+    print(f"reproduce table={TABLE} datasets={','.join(DATASETS)} seeds={','.join(map(str, SEEDS))} "
+          f"results={results_path}", flush=True)
+
+    cells = {t: make_cells(t, defaults, extra) for t in tables}
+    run_cells([c for t in tables for c in cells[t]], results_path, defaults)
+    if DRY_RUN:
+        return
+    for t in tables:
+        title = TABLES[t][0]
+        lines = markdown_table(title, measured_on(cells[t], extra), table_rows(t), DATASETS,
+                               (FIG5_BITS,) if t.startswith('fig5') else BITS, cells[t], len(SEEDS), table_notes(t))
+        out = os.path.join(OUT_DIR, (f'table{t}' if t[0].isdigit() else t.replace('fig', 'figure')) + '.md')
+        save_text(out, lines)
+        print('\n' + '\n'.join(lines) + f'\n(written to {out})', flush=True)
+    if tables[0].startswith('fig5'):
+        png = os.path.join(OUT_DIR, f"figure{TABLE.removeprefix('fig')}.png")
+        plot_figure5([(t, cells[t]) for t in tables], png)
+        print(f'figure written to {png}')
+    failed = [c for t in tables for c in cells[t] if c.status == 'failed']
+    if failed:
+        raise SystemExit(f"{len(failed)} cells failed (see the 'why' of their cell lines); rerun to retry them")
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit('interrupted: the cells finished so far are in the results file; rerun the same command to go on')
