@@ -13,6 +13,7 @@ The authors' released code ranks by the continuous tanh outputs instead, without
     python eval_hash.py --runs=runs/a,runs/b --bits=64  # one line per run in the same plot
 """
 import glob
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,9 @@ TOPK = 0                 # K of MAP@K; 0 = the `topk` stored in codes.npz (1000 
 P_AT_N = (1,) + tuple(range(100, 1001, 100))  # N of precision@N / recall@N (Figure 4)
 PR_POINTS = 100          # rank positions of the precision-recall curve, evenly spread over the retrieval set
 RADIUS = 2               # Hamming radius of "precision within radius" (empty set: precision 0)
+# pictures (Figures 6-7), drawn by --run when the run's images can be read
+EXAMPLES = 3             # queries drawn with their top-10 (Figure 6) and their top-5 nouns (Figure 7); 0: none
+DATA_PATH = ''           # the dataset's images; '' -> data/<dataset> of the run's config
 # system
 CHUNK = 32               # most queries ranked at once (32 is the fastest on a 2-core CPU)
 MEM_MB = 512             # memory one chunk of one worker may use: chunks shrink as the retrieval set grows
@@ -401,6 +405,55 @@ def plot_top_nouns(img, words, weights, path, words_all=None, weights_all=None):
     return path
 
 
+def draw_examples(run, bits, z, n):
+    """Figures 6 and 7 for the first n queries of a run, at `bits`: each query with its top-10
+    retrievals, and its top-5 nouns of Eq. 6 with and without the noun selection."""
+    import dataset
+    with open(os.path.join(run, f'{bits}bits', 'result.json')) as f:
+        cfg = json.load(f)['config']
+    name = cfg['DATASET']
+    try:
+        images = dataset.load_images(name, DATA_PATH or os.path.join('data', name), download=False)
+    except Exception as e:  # noqa: BLE001 - pictures are optional: say why there are none
+        print(f'no Figure 6-7 pictures: the images of {name} cannot be read ({str(e)[:200]})')
+        return []
+    q_idx, r_idx = z['query_index'][:n], z['retrieval_index']
+    top, _ = hamming_rank_topk(to_codes(z['query_h'][:n]), to_codes(z['retrieval_h']), min(10, len(r_idx)))
+    paths = []
+    for j, q in enumerate(q_idx):
+        ret = r_idx[top[j]]
+        correct = images.labels[ret] @ images.labels[q] > 0
+        paths.append(plot_top10(np.asarray(images.load(q)), [np.asarray(images.load(r)) for r in ret], correct,
+                                os.path.join(run, f'top10_query{j}.png')))
+    if cfg.get('METHOD', 'duheg') != 'duheg' or cfg.get('EXTERNAL', 'efc') == 'none':
+        return paths
+    try:  # Figure 7: s_{i,w} = softmax_w(cos(i_i, t_w) / tau1) over t_com, and over every noun
+        from nouns_embed import load_nouns, load_selection
+        i_feats = dataset.load_array(os.path.join(dataset.feature_dir(cfg['CACHE_DIR'], name, cfg['CLIP_MODEL'],
+                                                                      cfg['CLIP_PRETRAINED']), 'images.npy'), mmap=True)
+        t_com, words_com, _ = load_selection(cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
+                                             cfg['N_K'], cfg['T1'], cfg['RELEASED'])
+        t_all, words_all = load_nouns(cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
+                                      cfg['RELEASED'])
+    except (Exception, SystemExit) as e:  # noqa: BLE001
+        print(f'no Figure 7 pictures: the nouns or CLIP features of the run cannot be read ({str(e)[:200]})')
+        return paths
+
+    def top5(i, t, words):
+        logits = (t @ (i / np.linalg.norm(i))) / cfg['TAU1']
+        s = np.exp(logits - logits.max())
+        s /= s.sum()
+        best = np.argsort(-s, kind='stable')[:5]
+        return [words[w] for w in best], s[best]
+
+    for j, q in enumerate(q_idx):
+        i = np.asarray(i_feats[q], np.float64)
+        (w1, s1), (w2, s2) = top5(i, t_com, words_com), top5(i, t_all, words_all)
+        paths.append(plot_top_nouns(np.asarray(images.load(q)), w1, s1, os.path.join(run, f'nouns_query{j}.png'),
+                                    w2, s2))
+    return paths
+
+
 # -----------------------------------------------------------------------------
 def _load_codes(path):
     """The arrays of one codes.npz (query_h, retrieval_h, query_labels, retrieval_labels, topk)."""
@@ -442,6 +495,12 @@ def main():
         plot_curves({f'{b} bits': m['p_at_n'] for b, m in metrics.items()},
                     os.path.join(RUN, 'p_at_n.png'), 'pn', f'Precision@N, {os.path.basename(os.path.normpath(RUN))}')
         print(f'wrote {RUN}/metrics.json, pr_curve.png, p_at_n.png')
+        bits, path = found[-1]
+        z = _load_codes(path)
+        if EXAMPLES and 'query_index' in z and os.path.exists(os.path.join(RUN, f'{bits}bits', 'result.json')):
+            drawn = draw_examples(RUN, bits, z, EXAMPLES)
+            if drawn:
+                print(f'wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {", ".join(map(os.path.basename, drawn))}')
     if RUNS:  # one line per run at BITS (Figures 3-4 compare methods at 64 bits)
         os.makedirs(OUT, exist_ok=True)
         metrics = {}

@@ -125,3 +125,18 @@ def test_train_names_missing_and_mismatched_caches(tmp_path):
     proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--backbone=tiny-test',
                       '--backbone_pretrained=random', '--method=lsh', '--bits=8', check=False)
     assert proc.returncode != 0 and 'has 5 rows but' in proc.stderr, proc.stderr[-800:]
+
+
+def test_eval_hash_rescores_the_run_and_draws_figures_6_7(pipeline, image_folder):
+    tmp, cache, _, _, train = pipeline
+    run = os.path.join(tmp, 'run')
+    proc = run_script('eval_hash.py', f'--run={run}', f'--data_path={image_folder}', '--examples=2')
+    trained = dict(re.findall(r'bits=(\d+) map@1000=([\d.]+)', train.stdout))
+    rescored = dict(re.findall(r'^eval bits=(\d+) map@\d+=([\d.]+)', proc.stdout, re.M))
+    assert rescored == trained  # the same binary MAP from the saved codes (K capped at the 300 retrieval items)
+    metrics = json.load(open(os.path.join(run, 'metrics.json')))
+    assert set(metrics['bits']) == {'16', '64'}
+    from PIL import Image
+    for name in ('pr_curve.png', 'p_at_n.png', 'top10_query0.png', 'top10_query1.png', 'nouns_query0.png', 'nouns_query1.png'):
+        with Image.open(os.path.join(run, name)) as im:
+            assert im.size[0] > 300 and im.size[1] > 100, name
