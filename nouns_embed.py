@@ -1,0 +1,546 @@
+"""Step 2: the external knowledge of Section 3.2 (Algorithm 1, lines 1-13; Eq. 2-4).
+
+Every noun of a vocabulary (all WordNet noun lemmas by default) is embedded by CLIP's text
+tower as the normalised mean of seven prompt features (Eq. 2); exact-duplicate features are
+dropped; spherical K-means groups the nouns into N_k clusters; the nouns far from their
+centre (Eq. 3) and, per cluster, the normal noun most probably in it (Eq. 4) form t_com,
+from which train.py builds each image's external feature e_i (Eq. 5-6).
+
+    python nouns_embed.py                     # WordNet, CLIP ViT-B/16, N_k = 800, T1 = 0.9
+    python nouns_embed.py --vocab=imagenet    # ImageNet class names (Table 5)
+    python nouns_embed.py --t1=0.8            # reuses the cached features and K-means (Figure 5a)
+    python nouns_embed.py --released          # the authors' released code (SPEC, last section)
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from itertools import chain
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import CacheError, cache_status, configure, load_array, save_array, save_json, save_text, sha256_file
+from models import encode_text_cut, load_clip, pretrained_tag, resolve_device
+
+# -----------------------------------------------------------------------------
+# vocabulary
+VOCAB = 'wordnet'                  # 'wordnet' (all noun lemmas), 'imagenet' (1k class names) or a word-list file
+WORDNET_DIR = '/usr/share/wordnet'  # WordNet 3.0 dict folder, used when nltk's own wordnet data is absent
+PROMPTS = ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.',
+           'a {} in a video game.', 'art of the {}.', 'a photo of the small {}.')  # Eq. 2: CLIP's 7 ImageNet templates
+# text encoder (Eq. 2)
+CLIP_MODEL = 'ViT-B-16'            # open_clip name: ViT-B-16, ViT-B-32 (Table 6), tiny-test
+CLIP_PRETRAINED = 'openai'         # open_clip tag, a local checkpoint file, or 'random' (tests)
+BATCH_SIZE = 128                   # prompts per text-encoder batch (fastest on a CPU; a GPU likes 1024)
+PRECISION = 'fp32'                 # 'fp32', 'fp16' (GPU) or 'bf16' autocast
+# clustering (Eq. 3-4)
+N_K = 800                          # N_k, number of K-means clusters
+T1 = 0.9                           # Eq. 3: t_w is representative when dis(t_w, c_k) = 2 - 2cos > T1
+KMEANS_ITERS = None                # most Lloyd iterations per restart; None: 40, or the authors' 300 with --released
+KMEANS_RESTARTS = None             # restarts, the best objective is kept; None: 1, or the authors' 10 with --released
+KMEANS_TOL = 1e-5                  # a restart stops when an iteration raises the objective by less than this fraction
+KMEANS_SEED = 0                    # seed of the k-means++ seeding (restart r uses KMEANS_SEED + r)
+KMEANS_INIT = 'k-means++'          # greedy 'k-means++' seeding on a sample of 20 N_k points, or 'random' points
+# the authors' released code (SPEC, last section)
+RELEASED = False                   # prompts keep underscores, 300 x 10 K-means, Eq. 4 over all nouns, t_com = t_rep
+# system
+CACHE_DIR = 'cache'                # nouns/<vocab>_<model>_<weights>/ is written here
+DEVICE = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+THREADS = 0                        # torch CPU threads; 0 leaves torch's default (1 is faster on a busy CPU)
+FORCE = False                      # rebuild the cached features, K-means and selection
+# -----------------------------------------------------------------------------
+_CACHE_VERSION = 1                 # bump when the meaning of a cached file changes
+_KMEANS_DEFAULT = (40, 1)          # (iterations, restarts) when KMEANS_ITERS / KMEANS_RESTARTS are None
+_KMEANS_RELEASED = (300, 10)       # the same in the authors' code
+_KPP_SAMPLE = 20                   # k-means++ seeds from a random sample of this many points per cluster
+
+
+# -----------------------------------------------------------------------------
+# vocabulary
+_LEXNAMES = (['adj.all', 'adj.pert', 'adv.all', 'noun.Tops']  # WordNet 3.0's lexicographer files, in order
+             + ['noun.' + s for s in 'act animal artifact attribute body cognition communication event feeling food '
+                'group location motive object person phenomenon plant possession process quantity relation shape '
+                'state substance time'.split()]
+             + ['verb.' + s for s in 'body change cognition communication competition consumption contact creation '
+                'emotion motion perception possession social stative weather'.split()] + ['adj.ppl'])
+
+
+def _wordnet_reader(cache_dir, wordnet_dir):
+    """(nltk's WordNet reader, where from): nltk's own data if installed, else a copy of the dict
+    folder `wordnet_dir` under cache_dir/nltk_data (nltk reads only below its data roots, and
+    wants a `lexnames` file that Debian's wordnet-base lacks). The copy is made once, in a
+    temporary folder renamed into place, so a killed copy is never used."""
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    root = os.path.abspath(os.path.join(cache_dir, 'nltk_data'))
+    dest = os.path.join(root, 'corpora', 'wordnet')
+    try:
+        from nltk.corpus import wordnet
+        wordnet.ensure_loaded()
+        return wordnet, wordnet_dir if str(wordnet.root).startswith(root) else 'nltk data'
+    except (LookupError, OSError):
+        pass
+    if not os.path.isdir(dest):
+        if not os.path.isfile(os.path.join(wordnet_dir, 'data.noun')):
+            raise SystemExit(f"error: no WordNet: nltk has no wordnet data and {wordnet_dir}/data.noun does not exist. "
+                             f"Install it: apt-get install wordnet-base (or point --wordnet_dir at a WordNet 3.0 "
+                             f"dict folder), or python -m nltk.downloader wordnet")
+        tmp = f'{dest}.tmp-{os.getpid()}'
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name in os.listdir(wordnet_dir):
+            if name.startswith(('data.', 'index.')) or name.endswith('.exc') or name in ('lexnames', 'cntlist.rev'):
+                shutil.copyfile(os.path.join(wordnet_dir, name), os.path.join(tmp, name))
+        if not os.path.exists(os.path.join(tmp, 'lexnames')):
+            pos = dict(noun=1, verb=2, adj=3, adv=4)
+            save_text(os.path.join(tmp, 'lexnames'),
+                      [f"{i:02d}\t{n}\t{pos[n.split('.')[0]]}" for i, n in enumerate(_LEXNAMES)])
+        if not os.path.exists(os.path.join(tmp, 'index.sense')):
+            save_text(os.path.join(tmp, 'index.sense'), [])  # only nltk's multilingual mapping reads it
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another run put its copy there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if root not in nltk.data.path:
+        nltk.data.path.insert(0, root)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='The multilingual functions are not available')
+        return WordNetCorpusReader(nltk.data.find('corpora/wordnet'), None), wordnet_dir
+
+
+def read_words(vocab, cache_dir='cache', wordnet_dir=WORDNET_DIR):
+    """(words, tag, source): the vocabulary's words, de-duplicated, in a fixed order.
+    wordnet: every noun lemma name, lower-cased, sorted; imagenet: open_clip's 1k class names;
+    otherwise a text file with one word per line (blank lines skipped, first occurrence kept)."""
+    if vocab == 'wordnet':
+        reader, where = _wordnet_reader(cache_dir, wordnet_dir)
+        words = sorted({w.lower() for w in reader.all_lemma_names('n')})
+        return words, 'wordnet', f'WordNet {reader.get_version()} ({where})'
+    if vocab == 'imagenet':
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+        return list(dict.fromkeys(IMAGENET_CLASSNAMES)), 'imagenet', 'open_clip IMAGENET_CLASSNAMES'
+    if not os.path.isfile(vocab):
+        raise SystemExit(f"error: --vocab={vocab!r} is neither 'wordnet', 'imagenet' nor an existing word-list file")
+    try:
+        with open(vocab, encoding='utf-8') as f:
+            words = list(dict.fromkeys(w for w in (' '.join(line.split()) for line in f) if w))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read the word-list file {vocab}: {e}")
+    if not words:
+        raise SystemExit(f"error: the word-list file {vocab} holds no words (one word per line expected)")
+    return words, 'file-' + os.path.splitext(os.path.basename(vocab))[0], os.path.abspath(vocab)
+
+
+# -----------------------------------------------------------------------------
+# Eq. 2: t_w = normalised mean of the normalised features of the noun's prompts
+_SAFE_WORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 '_.,/()+:-]*[A-Za-z0-9])?")
+
+
+def _prompt_tokens(words, prompts, tokenizer):
+    """Token ids (with start/end tokens) of every prompt p.format(w), word-major: prompt p of word i is
+    entry i * len(prompts) + p. With open_clip's CLIP tokenizer, a plain ASCII word (letters or
+    digits at both ends) after a space and before a space or punctuation gives the same tokens
+    alone as inside its prompt, so each template's tokens are reused (WordNet: 5x faster than
+    tokenizing its 824k prompts, and identical); other words and templates go the full way."""
+    import open_clip.tokenizer as octok
+    n_ctx, sot, eot = tokenizer.context_length, tokenizer.sot_token_id, tokenizer.eot_token_id
+    fast = isinstance(tokenizer, octok.SimpleTokenizer) and tokenizer.reduction_fn is None \
+        and getattr(tokenizer, 'clean_fn', None) is getattr(octok, '_clean_lower', object())
+    parts = []
+    for p in prompts:
+        pre, _, post = p.partition('{}')
+        ok = p.isascii() and (pre == '' or pre[-1] == ' ') and (post == '' or post[0] in ' .,;:!?')
+        parts.append((tokenizer.encode(pre), tokenizer.encode(post)) if ok else None)
+    out = []
+    for w in words:
+        texts = [p.format(w) for p in prompts]
+        if fast and _SAFE_WORD.fullmatch(w) and '&' not in w:
+            wt = tokenizer.encode(w)
+            toks = [[sot] + part[0] + wt + part[1] + [eot] if part else [sot] + tokenizer.encode(t) + [eot]
+                    for part, t in zip(parts, texts)]
+        else:
+            toks = [[sot] + tokenizer.encode(t) + [eot] for t in texts]
+        for t in toks:
+            if len(t) > n_ctx:  # the tokenizer's truncation
+                t[n_ctx - 1:] = [eot]
+        out.extend(toks)
+    return out
+
+
+def prompt_texts(words, prompts=PROMPTS, keep_underscores=False):
+    """The prompts of Eq. 2, word-major; WordNet's underscores become spaces (paper) unless kept."""
+    return [p.format(w if keep_underscores else w.replace('_', ' ')) for w in words for p in prompts]
+
+
+@torch.no_grad()
+def embed_words(words, model, tokenizer, batch_size=BATCH_SIZE, device='cpu', prompts=PROMPTS,
+                precision='fp32', keep_underscores=False):
+    """Eq. 2: t_w (len(words) x D float32, unit rows), the L2-normalised mean of the
+    L2-normalised CLIP features of the word's prompts (as in CLIP's prompt-engineering
+    notebook). Prompts are encoded once per distinct token sequence, in length-sorted batches
+    cut after their longest end-of-text token (models.encode_text_cut), then put back in order."""
+    dev = torch.device(device)
+    if precision == 'fp32':
+        autocast = nullcontext()
+    elif precision in ('fp16', 'bf16'):
+        if dev.type == 'cpu' and precision == 'fp16':
+            raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
+        autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
+    else:
+        raise SystemExit(f"error: --precision={precision!r}: choose fp32, fp16 or bf16")
+    n_p = len(prompts)
+    toks = _prompt_tokens([w if keep_underscores else w.replace('_', ' ') for w in words], prompts, tokenizer)
+    uniq = {}
+    uid = np.fromiter((uniq.setdefault(tuple(t), len(uniq)) for t in toks), dtype=np.int64, count=len(toks))
+    lengths = np.fromiter(map(len, uniq), dtype=np.int64, count=len(uniq))
+    flat = np.fromiter(chain.from_iterable(uniq), dtype=np.int64, count=int(lengths.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    del uniq, toks
+    order = np.argsort(lengths, kind='stable')              # processing order of the distinct prompts
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    occ = np.argsort(rank[uid], kind='stable')              # every (word, prompt) entry, in processing order
+    occ_rank, occ_word = rank[uid[occ]], occ // n_p
+    t_w = None
+    starts = range(0, len(order), batch_size)
+    lo = 0
+    for s in tqdm(starts, desc=f'Eq. 2: {len(words)} words, {len(lengths)} prompts', unit='batch', mininterval=2):
+        idx = order[s:s + batch_size]
+        pos = np.arange(lengths[idx].max())
+        real = pos < lengths[idx, None]                      # cut after the batch's longest prompt
+        batch = torch.from_numpy(np.where(real, flat[np.where(real, offsets[idx, None] + pos, 0)], 0))
+        with autocast:
+            f = encode_text_cut(model, batch.to(dev))
+        f = F.normalize(f.float(), dim=-1).cpu().numpy()
+        t_w = np.zeros((len(words), f.shape[1]), dtype=np.float32) if t_w is None else t_w
+        hi = np.searchsorted(occ_rank, s + len(idx), side='left')
+        np.add.at(t_w, occ_word[lo:hi], f[occ_rank[lo:hi] - s])  # sequential, so equal prompts give equal sums
+        lo = hi
+    return t_w / np.linalg.norm(t_w, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def drop_duplicates(t):
+    """Indices of the first occurrence of each distinct row (exact equality of the float32
+    bytes, found by hashing the rows), in order."""
+    t = np.ascontiguousarray(t, dtype=np.float32)
+    first = {}
+    for i, row in enumerate(t):
+        first.setdefault(row.tobytes(), i)
+    return np.fromiter(first.values(), dtype=np.int64, count=len(first))
+
+
+# -----------------------------------------------------------------------------
+# spherical K-means (Algorithm 1, line 4): unit-norm centres, assignment by cosine
+def _assign(x, c, chunk=16384):
+    """(nearest centre by cosine, that cosine) for each row of x; ties go to the lower index."""
+    a = torch.empty(len(x), dtype=torch.long)
+    s = torch.empty(len(x), dtype=torch.float32)
+    for i in range(0, len(x), chunk):
+        s[i:i + chunk], a[i:i + chunk] = (x[i:i + chunk] @ c.T).max(dim=1)
+    return a, s
+
+
+def _seed_centres(x, k, init, g):
+    """k initial centres: greedy k-means++ (as scikit-learn's: of 2 + ln k candidates drawn with
+    D^2 sampling, D^2 = 2 - 2cos, keep the one that lowers the total D^2 most) on a random sample
+    of _KPP_SAMPLE * k points, or k distinct random points."""
+    if init == 'random':
+        return x[torch.randperm(len(x), generator=g)[:k]].clone()
+    if init != 'k-means++':
+        raise ValueError(f"KMEANS_INIT={init!r}: choose 'k-means++' or 'random'")
+    xs = x[torch.randperm(len(x), generator=g)[:_KPP_SAMPLE * k]] if len(x) > _KPP_SAMPLE * k else x
+    trials = 2 + int(np.log(k))
+    idx = [int(torch.randint(len(xs), (1,), generator=g))]
+    d2 = (2 - 2 * (xs @ xs[idx[0]])).clamp_(min=0)
+    for _ in tqdm(range(k - 1), desc=f'k-means++ seeding on {len(xs)} points', mininterval=2, leave=False):
+        if d2.sum() <= 0:  # fewer distinct points than k: any point
+            idx.append(int(torch.randint(len(xs), (1,), generator=g)))
+            continue
+        cand = torch.multinomial(d2, trials, replacement=True, generator=g)
+        new = torch.minimum(d2[:, None], (2 - 2 * (xs @ xs[cand].T)).clamp_(min=0))
+        best = int(new.sum(0).argmin())
+        idx.append(int(cand[best]))
+        d2 = new[:, best].contiguous()
+    return xs[idx].clone()
+
+
+def spherical_kmeans(x, k, iters, restarts, seed, tol=KMEANS_TOL, init=KMEANS_INIT, verbose=True):
+    """Spherical K-means on the unit rows of x: (centres k x D float32 unit rows, assign N int64),
+    the best of `restarts` runs by the objective sum_w cos(t_w, c_assign(w)). Each run seeds with
+    `init`, then alternates centre update and assignment for at most `iters` iterations, stopping
+    when the objective rises by less than tol x objective; `assign` is the nearest centre of the
+    final centres. An empty cluster is re-seeded with the point farthest from its own centre."""
+    x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    n, k = len(x), int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"K-means needs 1 <= N_K <= number of points, got N_K={k} for {n} points")
+    best = None
+    for r in range(restarts):
+        g = torch.Generator().manual_seed(seed + r)
+        c = _seed_centres(x, k, init, g)
+        a, s = _assign(x, c)
+        obj = float(s.double().sum())
+        bar = tqdm(range(iters), desc=f'K-means {n} x {x.shape[1]}, k={k}, restart {r + 1}/{restarts}',
+                   disable=not verbose, mininterval=2)
+        for it in bar:
+            c = torch.zeros_like(c).index_add_(0, a, x)  # c_k: normalised sum of its points
+            empty = (torch.bincount(a, minlength=k) == 0).nonzero().ravel()
+            if len(empty):
+                c[empty] = x[torch.argsort(s, stable=True)[:len(empty)]]
+            c = F.normalize(c, dim=1)
+            a, s = _assign(x, c)
+            new = float(s.double().sum())
+            done = new - obj <= tol * abs(new)
+            obj = new
+            bar.set_postfix(mean_cos=f'{obj / n:.5f}', refresh=False)
+            if done:
+                break
+        bar.close()
+        if verbose:
+            print(f"K-means restart {r + 1}/{restarts}: {it + 1 if iters else 0} iterations, mean cos {obj / n:.6f}")
+        if best is None or obj > best[0]:
+            best = (obj, c, a)
+    return best[1].numpy(), best[2].numpy()
+
+
+# -----------------------------------------------------------------------------
+# Eq. 3-4: the representative nouns t_rep and the centre nouns t_cen
+def select_from_clusters(t, centres, assign, t1, released=False, chunk=16384):
+    """(idx_rep, idx_cen) for unit rows t, unit centres c_k and each row's cluster `assign`.
+    Eq. 3: t_rep = {w : dis(t_w, c_assign(w)) = 2 - 2cos > t1}, the rest are t_nor.
+    Eq. 4: p_{w,k} = softmax_k cos(t_w, c_k) over all centres; for each cluster k, of the normal
+    nouns whose most probable cluster is k, the one with the highest p_{w,k} joins t_cen.
+    released: the authors' code, where the Eq. 4 step runs over all nouns. Both sorted."""
+    t = torch.as_tensor(np.ascontiguousarray(t, dtype=np.float32))
+    c = torch.as_tensor(np.ascontiguousarray(centres, dtype=np.float32))
+    a = torch.as_tensor(np.asarray(assign, dtype=np.int64))
+    dis = 2 - 2 * (t * c[a]).sum(1)                                  # Eq. 3
+    rep = dis > t1
+    cand = torch.arange(len(t)) if released else (~rep).nonzero().ravel()
+    pk = torch.empty(len(cand), dtype=torch.float64)
+    kk = torch.empty(len(cand), dtype=torch.long)
+    for i in range(0, len(cand), chunk):                            # Eq. 4
+        pk[i:i + chunk], kk[i:i + chunk] = torch.softmax((t[cand[i:i + chunk]] @ c.T).double(), dim=1).max(dim=1)
+    top = torch.full((len(c),), -1.0, dtype=torch.float64).scatter_reduce(0, kk, pk, 'amax')
+    hit = (pk == top[kk]).numpy()                                   # the highest p_{w,k} of cluster k = argmax_k p
+    _, first = np.unique(kk.numpy()[hit], return_index=True)        # one per cluster: the lowest index on a tie
+    idx_cen = np.sort(cand.numpy()[hit][first])
+    return rep.nonzero().ravel().numpy(), idx_cen
+
+
+def select_vocabulary(t, n_k, t1, iters, restarts, seed, tol=KMEANS_TOL, released=False, init=KMEANS_INIT,
+                      verbose=True):
+    """Algorithm 1, lines 4-13 on any unit-row feature matrix t: spherical K-means with n_k
+    clusters, then Eq. 3-4. Returns (idx_rep, idx_cen); t_com = union (t_rep alone if released).
+    train.py also runs it on image features (the IMGCLS ablation of Table 3)."""
+    centres, assign = spherical_kmeans(t, n_k, iters, restarts, seed, tol, init, verbose)
+    idx_rep, idx_cen = select_from_clusters(t, centres, assign, t1, released)
+    _check_selection(idx_rep if released else np.union1d(idx_rep, idx_cen), n_k, t1, released)
+    return idx_rep, idx_cen
+
+
+def _check_selection(idx_com, n_k, t1, released):
+    if len(idx_com) == 0:
+        raise ValueError(f"no noun selected with N_K={n_k}, T1={t1}" + (
+            " (released: t_com = t_rep only; no noun is farther than T1 from its centre; lower --t1)" if released
+            else "; lower --t1 or raise --n_k"))
+
+
+# -----------------------------------------------------------------------------
+# cache layout: train.py reads the nouns (EK of Table 3) and the selection t_com from here
+def vocab_tag(vocab):
+    """'wordnet', 'imagenet', or 'file-<name>' for a word-list file."""
+    return vocab if vocab in ('wordnet', 'imagenet') else 'file-' + os.path.splitext(os.path.basename(vocab))[0]
+
+
+def vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released=False):
+    """Holds noun_feats.npy (unique nouns x D, unit rows) and noun_words.txt (same order)."""
+    tag = f'{vocab_tag(vocab)}_{clip_model}_{pretrained_tag(clip_pretrained)}' + ('_released' if released else '')
+    return os.path.join(cache_dir, 'nouns', tag)
+
+
+def kmeans_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, iters, restarts, seed, init, tol, released=False):
+    """Holds centres.npy and assign.npy of one K-means run, shared by every T1."""
+    name = f"kmeans_k{n_k}_{'kpp' if init == 'k-means++' else init}_i{iters}_r{restarts}_s{seed}_tol{tol:g}"
+    return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released), name)
+
+
+def selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False):
+    """Holds selected_feats.npy (t_com rows), selected_words.txt (word<TAB>rep|cen, same order) and
+    selection.json: read, unique, duplicates, t_rep, t_cen, t_com, and seconds of embedding,
+    clustering, selection and their total (the pre-processing time of Table 4)."""
+    return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released),
+                        f'select_k{n_k}_t{t1}' + ('_released' if released else ''))
+
+
+def _sha256_lines(lines):
+    return hashlib.sha256(''.join(w + '\n' for w in lines).encode()).hexdigest()
+
+
+def _read_lines(path):
+    with open(path, encoding='utf-8') as f:
+        return f.read().split('\n')[:-1]
+
+
+def _load_checked(path, settings, companions=()):
+    """A cached array after load_array's checks, and its sidecar's settings; each companion
+    text file must still have the sha256 that the sidecar recorded when the array was written."""
+    try:
+        arr = load_array(path, settings, 'nouns_embed.py')
+    except CacheError as e:
+        raise SystemExit(f"error: {e}")
+    with open(path + '.json') as f:
+        meta = json.load(f)
+    for name in companions:
+        other = os.path.join(os.path.dirname(path), name)
+        if not os.path.isfile(other) or sha256_file(other) != meta['settings'].get(name + '_sha256'):
+            raise SystemExit(f"error: {other} is missing or does not belong to {path} (a killed run, or an edited "
+                             f"file): rerun nouns_embed.py with --force")
+    return arr, meta
+
+
+def _reusable(path, settings, force):
+    """True: `path` was made with these settings, reuse it. False: (re)build it (missing,
+    half-written, or --force). Made with other settings: an error saying what to do."""
+    if force or not os.path.exists(path + '.json'):
+        if os.path.exists(path + '.json'):
+            os.remove(path + '.json')  # nothing here is trusted until it is rewritten
+        return False
+    status = cache_status(path, settings)
+    if status != 'ok':
+        raise SystemExit(f"error: stale cache: {status}. Delete {os.path.dirname(path)} to rebuild it (or rerun "
+                         f"with --force, which rebuilds every step), or use another --cache_dir")
+    return True
+
+
+def load_nouns(cache_dir, vocab, clip_model, clip_pretrained, released=False):
+    """(t_w, words) of every kept noun, as written by nouns_embed.py."""
+    d = vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released)
+    want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
+                released=released)
+    t, _ = _load_checked(os.path.join(d, 'noun_feats.npy'), want, ['noun_words.txt'])
+    return t, _read_lines(os.path.join(d, 'noun_words.txt'))
+
+
+def load_selection(cache_dir, vocab, clip_model, clip_pretrained, n_k=N_K, t1=T1, released=False):
+    """(t_com, words, tags) of the selected nouns as written by nouns_embed.py; tags 'rep' or 'cen'."""
+    d = selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released)
+    want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
+                n_k=n_k, t1=t1, released=released)
+    t, _ = _load_checked(os.path.join(d, 'selected_feats.npy'), want, ['selected_words.txt', 'selection.json'])
+    rows = [line.split('\t') for line in _read_lines(os.path.join(d, 'selected_words.txt'))]
+    return t, [r[0] for r in rows], [r[1] for r in rows]
+
+
+# -----------------------------------------------------------------------------
+def main():
+    cfg = configure(globals())
+    t_start = time.time()
+    iters, restarts = [d if v is None else v for v, d in
+                       zip((KMEANS_ITERS, KMEANS_RESTARTS), _KMEANS_RELEASED if RELEASED else _KMEANS_DEFAULT)]
+    if any(p.count('{}') != 1 for p in PROMPTS):
+        raise SystemExit(f"error: every prompt needs exactly one '{{}}' for the noun, got {PROMPTS}")
+    device = resolve_device(DEVICE)
+    if THREADS:
+        torch.set_num_threads(THREADS)
+
+    # Algorithm 1, input: the external nouns
+    words, vtag, source = read_words(VOCAB, CACHE_DIR, WORDNET_DIR)
+    print(f"nouns read: {len(words)} from {source}")
+    embed_set = dict(producer='nouns_embed.py', cache_version=_CACHE_VERSION, clip_model=CLIP_MODEL,
+                     clip_pretrained=pretrained_tag(CLIP_PRETRAINED), vocab=vtag, released=RELEASED,
+                     words_read=len(words), words_sha256=_sha256_lines(words), prompts=list(PROMPTS),
+                     underscores='keep' if RELEASED else 'space', precision=PRECISION)
+
+    # Algorithm 1, lines 1-3 (Eq. 2), and the exact duplicates
+    vdir = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
+    feats_path = os.path.join(vdir, 'noun_feats.npy')
+    if _reusable(feats_path, embed_set, FORCE):
+        t, feats_meta = _load_checked(feats_path, embed_set, ['noun_words.txt'])
+        kept = _read_lines(os.path.join(vdir, 'noun_words.txt'))
+        print(f"reusing {feats_path}: {len(t)} noun features (embedded in {feats_meta['settings']['seconds']:.1f} s)")
+    else:
+        model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
+        t0 = time.time()
+        t_all = embed_words(words, model, tokenizer, BATCH_SIZE, device, PROMPTS, PRECISION, RELEASED)
+        keep = drop_duplicates(t_all)
+        t, kept = t_all[keep], [words[i] for i in keep]
+        dropped = np.setdiff1d(np.arange(len(words)), keep)
+        if len(dropped):
+            first = {t_all[i].tobytes(): i for i in keep}
+            print(f"dropped {len(dropped)} nouns whose t_w equals an earlier noun's, e.g. "
+                  + ', '.join(f"{words[i]!r} = {words[first[t_all[i].tobytes()]]!r}" for i in dropped[:5]))
+        del t_all
+        save_text(os.path.join(vdir, 'noun_words.txt'), kept)
+        feats_meta = save_array(feats_path, t, dict(
+            embed_set, seconds=time.time() - t0, vocab_source=source, duplicates=len(dropped),
+            **{'noun_words.txt_sha256': sha256_file(os.path.join(vdir, 'noun_words.txt'))}), 'nouns_embed.py')
+    print(f"kept after de-duplication: {len(t)} ({len(words) - len(t)} exact duplicates dropped)")
+    if not 1 <= N_K <= len(t):
+        raise SystemExit(f"error: N_K={N_K} clusters for {len(t)} nouns; choose 1 <= --n_k <= {len(t)}")
+
+    # Algorithm 1, line 4: spherical K-means, cached apart from T1
+    kdir = kmeans_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, iters, restarts, KMEANS_SEED, KMEANS_INIT,
+                      KMEANS_TOL, RELEASED)
+    km_set = dict(embed_set, n_k=N_K, kmeans_iters=iters, kmeans_restarts=restarts, kmeans_seed=KMEANS_SEED,
+                  kmeans_tol=KMEANS_TOL, kmeans_init=KMEANS_INIT, noun_feats_sha256=feats_meta['sha256'])
+    c_path, a_path = os.path.join(kdir, 'centres.npy'), os.path.join(kdir, 'assign.npy')
+    if _reusable(c_path, km_set, FORCE) and os.path.exists(a_path + '.json'):
+        centres, c_meta = _load_checked(c_path, km_set)
+        assign, _ = _load_checked(a_path, dict(km_set, centres_sha256=c_meta['sha256']))
+        print(f"reusing {kdir}: {N_K} clusters (clustered in {c_meta['settings']['seconds']:.1f} s)")
+    else:
+        t0 = time.time()
+        centres, assign = spherical_kmeans(t, N_K, iters, restarts, KMEANS_SEED, KMEANS_TOL, KMEANS_INIT)
+        c_meta = save_array(c_path, centres, dict(km_set, seconds=time.time() - t0), 'nouns_embed.py')
+        save_array(a_path, assign, dict(km_set, centres_sha256=c_meta['sha256']), 'nouns_embed.py')
+
+    # Algorithm 1, lines 5-13: Eq. 3-4, t_com = t_rep ∪ t_cen
+    sdir = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED)
+    sel_path = os.path.join(sdir, 'selected_feats.npy')
+    sel_set = dict(km_set, t1=T1, centres_sha256=c_meta['sha256'])
+    if _reusable(sel_path, sel_set, FORCE):
+        _load_checked(sel_path, sel_set, ['selected_words.txt', 'selection.json'])
+        with open(os.path.join(sdir, 'selection.json')) as f:
+            counts = json.load(f)
+        print(f"reusing {sdir}")
+    else:
+        t0 = time.time()
+        idx_rep, idx_cen = select_from_clusters(t, centres, assign, T1, RELEASED)
+        idx_com = idx_rep if RELEASED else np.union1d(idx_rep, idx_cen)  # released code: t_cen is dropped
+        try:
+            _check_selection(idx_com, N_K, T1, RELEASED)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        is_rep = np.isin(idx_com, idx_rep)
+        select_seconds = time.time() - t0
+        counts = dict(read=len(words), unique=len(t), duplicates=len(words) - len(t), t_rep=len(idx_rep),
+                      t_cen=len(idx_cen), t_com=len(idx_com))
+        seconds = dict(embedding=feats_meta['settings']['seconds'], clustering=c_meta['settings']['seconds'],
+                       selection=select_seconds)
+        seconds['total'] = sum(seconds.values())  # the pre-processing time of Table 4
+        summary = dict(counts, seconds=seconds, vocab_source=feats_meta['settings']['vocab_source'],
+                       kmeans=dict(iters=iters, restarts=restarts, mean_cos=float((t * centres[assign]).sum(1).mean())),
+                       config=cfg)
+        save_text(os.path.join(sdir, 'selected_words.txt'),
+                  [f"{kept[i]}\t{'rep' if r else 'cen'}" for i, r in zip(idx_com, is_rep)])
+        save_json(os.path.join(sdir, 'selection.json'), summary)
+        save_array(sel_path, t[idx_com], dict(sel_set, **{n + '_sha256': sha256_file(os.path.join(sdir, n))
+                                                           for n in ('selected_words.txt', 'selection.json')}),
+                   'nouns_embed.py')
+    print(f"t_rep (Eq. 3, dis > T1={T1}): {counts['t_rep']}")
+    print(f"t_cen (Eq. 4, one per cluster{', over all nouns' if RELEASED else ''}): {counts['t_cen']}")
+    print(f"t_com = {'t_rep (released)' if RELEASED else 't_rep ∪ t_cen'}: {counts['t_com']} -> {sdir}")
+    print(f"nouns vocab={vtag} read={len(words)} unique={len(t)} t_rep={counts['t_rep']} t_cen={counts['t_cen']} "
+          f"t_com={counts['t_com']} seconds={time.time() - t_start:.1f}")
+
+
+if __name__ == '__main__':
+    main()
