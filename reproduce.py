@@ -64,7 +64,6 @@ T2_VALUES = (0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.00)  
 FIG5_BITS = 64
 # baselines
 METHODS = ('duheg', 'ssdh', 'dhn', 'dch', 'lsh', 'itq')
-SUPERVISED = ('dhn', 'dch')  # methods that read the training labels
 # output
 OUT_DIR = 'runs/reproduce'  # table<N>.md, figure5*.png, logs/, runs/
 RESULTS = ''                # '' -> OUT_DIR/results.jsonl; shared by all tables, so a shared cell trains once
@@ -160,7 +159,7 @@ def table_rows(table):
     elif table == 'baselines':
         rows = [Row(m, m.upper() if m != 'duheg' else 'DUH-EG (T2 = 0.97)', 'table1 clip' if m == 'duheg' else None,
                     dict(METHOD=m, T2=T2_COMMON)) for m in METHODS]
-        rows = [r._replace(label=r.label + ' (supervised: reads labels)') if r.id in SUPERVISED else r for r in rows]
+        rows = [r._replace(label=r.label + ' (supervised: reads labels)') if r.id in train.SUPERVISED else r for r in rows]
     else:
         rows = TABLES[table][1]
     if ROWS:
@@ -601,7 +600,7 @@ def table_notes(table):
         notes.append('The paper gives the curve only as a plot: its value is shown at T2 = 0.97 (Table 1, CLIP row) '
                      'and at each dataset\'s best T2 (Table 1, best-T2 row).')
     if table == 'baselines':
-        notes.append(f"Supervised methods ({', '.join(SUPERVISED)}) read the training labels; the others do not. "
+        notes.append(f"Supervised methods ({', '.join(sorted(train.SUPERVISED))}) read the training labels; the others do not. "
                      "The paper's baseline numbers are not in SPEC.md; the SSDH README's CIFAR-10 MAP@5000 "
                      "(0.2511 / 0.2414 at 16 / 32 bits, VGG-16, its own split) is another protocol and is not compared.")
     return notes

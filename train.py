@@ -148,10 +148,10 @@ def vocabulary(clip_train):
         d = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED)
         return load_array(os.path.join(d, 'selected_feats.npy'), producer=producer)
     if EXTERNAL == 'ek':
-        d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED)
+        d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
         return load_array(os.path.join(d, 'noun_feats.npy'), producer=producer)
     # imgcls: Algorithm 1's selection on the training images, same ratio of clusters to points as for nouns
-    d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED)
+    d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
     n_nouns = len(load_array(os.path.join(d, 'noun_feats.npy'), producer=producer, mmap=True))
     n_k = max(2, round(N_K * len(clip_train) / n_nouns))
     t = F.normalize(torch.as_tensor(clip_train, dtype=torch.float32), dim=1).numpy()
@@ -173,6 +173,9 @@ def external_cache(clip_train, train):
     return e
 
 
+METHODS = {'duheg': 'this paper', 'ssdh': 'SSDH, unsupervised', 'dhn': 'DHN, supervised', 'dch': 'DCH, supervised',
+           'lsh': 'random projection, no training', 'itq': 'PCA-ITQ, no training'}
+SUPERVISED = frozenset({'dhn', 'dch'})  # baselines that read the training labels
 PAIR_LOSSES = {'ssdh': baselines.ssdh_loss, 'dhn': baselines.dhn_loss, 'dch': baselines.dch_loss}
 
 
@@ -259,8 +262,8 @@ def main():
         raise SystemExit(f"error: --external={EXTERNAL!r}: choose efc, ek, imgk, imgcls or none")
     if EXTERNAL == 'none' and not AUG:
         raise SystemExit("error: --external=none (IMGAUG) trains on two augmented views: it needs --aug=true")
-    if METHOD not in ('duheg', 'ssdh', 'dhn', 'dch', 'lsh', 'itq'):
-        raise SystemExit(f"error: --method={METHOD!r}: choose duheg, ssdh, dhn, dch, lsh or itq")
+    if METHOD not in METHODS:
+        raise SystemExit(f"error: --method={METHOD!r}: choose one of {', '.join(METHODS)}")
     if CLIP_MODEL not in models.CLIP_MODELS:
         raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or ('imagenet' if BACKBONE == 'vgg16' else 'openai')
@@ -273,7 +276,7 @@ def main():
 
     feats, aug, clip_train, labels, query, retrieval, train = load_features(cfg)
     print(f"{DATASET}: {len(query)} query, {len(retrieval)} retrieval, {len(train)} train images; features "
-          f"{feats.shape[1]}-d; method {METHOD}{' (supervised: reads the training labels)' if METHOD in ('dhn', 'dch') else ''}")
+          f"{feats.shape[1]}-d; method {METHOD}{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
     e = s = None
     if METHOD == 'duheg' and EXTERNAL != 'none':
         e = external_cache(clip_train, train)  # Eq. 5-6
@@ -297,7 +300,7 @@ def main():
         mAP_cont = eval_hash.map_continuous(h_q, h_r, labels[query], labels[retrieval], topk)
         out = os.path.join(RUN_DIR, f'{bits}bits')
         os.makedirs(out, exist_ok=True)
-        result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in ('dhn', 'dch'), bits=bits, topk=topk, map=round(float(mAP), 6),
+        result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in SUPERVISED, bits=bits, topk=topk, map=round(float(mAP), 6),
                       map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
                       run_dir=out, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR))
         ckpt = dict(hv=hv and hv.state_dict(), he=he and he.state_dict(), bits=bits, in_dim=feats.shape[1],

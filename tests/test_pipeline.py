@@ -105,7 +105,7 @@ def test_same_seed_same_codes(pipeline):
     (['--bits=16,2048'], 'code lengths must be between 1 and 1024'),
     (['--batch_size=1'], '--batch_size must be >= 2'),
     (['--dataset=imagenet'], "unknown --dataset='imagenet'; choose one of cifar10, nuswide, flickr25k, mscoco, folder"),
-    (['--method=foo'], "--method='foo': choose duheg, ssdh, dhn, dch, lsh or itq"),
+    (['--method=foo'], "--method='foo': choose one of duheg, ssdh, dhn, dch, lsh, itq"),
     (['--external=none', '--aug=false'], 'IMGAUG'),
     (['--bits=16,x'], "--bits='16,x': 'x' is not an integer"),
     (['--epoch=3'], 'unknown setting --epoch;'),
