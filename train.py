@@ -322,5 +322,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (DataError, CacheError) as e:
+    except (DataError, CacheError, ValueError) as e:
         raise SystemExit(f"error: {e}")

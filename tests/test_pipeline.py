@@ -24,7 +24,7 @@ def pipeline(image_folder, tmp_path_factory):
     cache = str(tmp / 'cache')
     extract = run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', '--backbone=tiny-test',
                          '--backbone_pretrained=random', *TINY, f'--cache_dir={cache}', '--num_workers=0')
-    nouns = run_script('nouns_embed.py', *TINY, f'--cache_dir={cache}')  # the whole of WordNet 3.0
+    nouns = run_script('nouns_embed.py', *TINY, f'--cache_dir={cache}', '--threads=1')  # the whole of WordNet 3.0
     train = run_script('train.py', '--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', *TINY,
                        f'--cache_dir={cache}', '--bits=16,64', '--epochs=20', '--warmup=3', '--batch_size=100',
                        f'--results={tmp}/results.jsonl', f'--run_dir={tmp}/run')
