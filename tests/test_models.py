@@ -1,0 +1,57 @@
+"""models.py: backbones with their preprocessing, offline errors that say what to fetch, Hv / He."""
+import urllib.error
+
+import pytest
+import torch
+
+import models
+
+
+def test_hash_head_shapes_and_range():
+    head = models.HashHead(40, 16)
+    h = head(torch.randn(8, 40) * 100)
+    assert h.shape == (8, 16) and h.abs().max() <= 1
+    layers = [type(m).__name__ for m in head.net]
+    assert layers == ['Linear', 'BatchNorm1d', 'ReLU', 'Linear'] and head.net[0].out_features == 512
+
+
+def test_random_clip_is_the_same_in_every_step():
+    a, pre, _ = models.load_clip('tiny-test', 'random')
+    b, _, _ = models.load_clip('tiny-test', 'random')
+    assert torch.equal(a.visual.conv1.weight, b.visual.conv1.weight)
+    assert models.preprocess_params(pre)[:3] == (32, (0.48145466, 0.4578275, 0.40821073),
+                                                 (0.26862954, 0.26130258, 0.27577711))
+
+
+def test_clip_offline_fails_fast_naming_the_file_and_the_setting(monkeypatch):
+    import time
+    monkeypatch.setattr(models, '_online', lambda *a, **k: False)  # as with no network
+    t = time.time()
+    with pytest.raises(models.WeightsUnavailable, match=r'openaipublic.*ViT-B-32\.pt.*--clip_pretrained=/path/to/ViT-B-32\.pt'):
+        models.load_clip('ViT-B-32', 'openai')
+    assert time.time() - t < 30
+    with pytest.raises(models.WeightsUnavailable, match='does not exist'):
+        models.load_clip('tiny-test', '/nonexistent/ViT-B-16.pt')
+
+
+def test_vgg_offline_error_and_fc7_output(monkeypatch):
+    import torchvision.models._api as api
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(api.WeightsEnum, 'get_state_dict', lambda self, *a, **k: no_network())
+    with pytest.raises(models.WeightsUnavailable, match=r'vgg16-397923af\.pth.*--backbone_pretrained='):
+        models.load_vgg16('imagenet')
+    encode, preprocess, dim = models.load_backbone('vgg16', 'random')
+    assert dim == 4096 and models.preprocess_params(preprocess)[0] == 224
+    with torch.no_grad():
+        f = encode(torch.randn(1, 3, 64, 64))  # any size works: VGG pools adaptively to 7 x 7
+    assert f.shape == (1, 4096) and (f >= 0).all()  # fc7 after its ReLU
+
+
+def test_resolve_device():
+    assert models.resolve_device('cpu') == 'cpu'
+    assert models.resolve_device('auto') in ('cpu', 'cuda')
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='no CUDA GPU'):
+            models.resolve_device('cuda')
