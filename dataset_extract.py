@@ -48,7 +48,7 @@ CACHE_DIR = 'cache'        # where the three steps hand each other files
 DEVICE = 'auto'            # auto | cpu | cuda | cuda:1 ...
 PRECISION = 'fp32'         # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only)
 BATCH_SIZE = 128           # images per forward pass
-NUM_WORKERS = 4            # data-loading processes
+NUM_WORKERS = -1           # data-loading processes; -1: one per usable CPU core
 CHUNK_BATCHES = 8          # batches per saved chunk (the unit of resuming and of sharding across ranks)
 BAD_IMAGES = 'stop'        # stop | skip: an unreadable image stops the run, or is listed in bad_images.txt and dropped later
 FORCE = False              # rebuild caches even when they exist
@@ -147,12 +147,14 @@ def encode_all(name, images, indices, transform, encode, out_path, settings, ran
 
 
 def main():
-    global BACKBONE_PRETRAINED, DATA_PATH
+    global BACKBONE_PRETRAINED, DATA_PATH, NUM_WORKERS
     cfg = configure(globals())
     if DATASET not in dataset.DATASETS:
         raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
-    if BATCH_SIZE < 1 or CHUNK_BATCHES < 1 or AUG_VIEWS < 0 or NUM_WORKERS < 0:
-        raise SystemExit(f"error: --batch_size, --chunk_batches must be >= 1 and --aug_views, --num_workers >= 0")
+    if BATCH_SIZE < 1 or CHUNK_BATCHES < 1 or AUG_VIEWS < 0 or NUM_WORKERS < -1:
+        raise SystemExit("error: --batch_size, --chunk_batches must be >= 1, --aug_views >= 0 and --num_workers >= -1")
+    if NUM_WORKERS < 0:
+        NUM_WORKERS = len(os.sched_getaffinity(0))
     if PRECISION not in ('fp32', 'bf16', 'fp16') or BAD_IMAGES not in ('stop', 'skip'):
         raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or ('imagenet' if BACKBONE == 'vgg16' else 'openai')

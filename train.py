@@ -57,6 +57,7 @@ BATCH_SIZE = 512
 # system
 SEED = 0
 DEVICE = 'auto'             # auto | cpu | cuda
+THREADS = 0                 # torch CPU threads; 0: torch's default (every core); 1 when other jobs share the cores
 RUN_DIR = ''                # '' -> runs/<dataset>/<automatic name from the settings>
 RESULTS = 'runs/results.jsonl'  # every run appends one JSON line here
 TOPK = 0                    # MAP@K; 0 -> the dataset's K (1000 CIFAR-10, 5000 others)
@@ -272,6 +273,8 @@ def main():
     topk = TOPK or dataset.DATASETS[DATASET]['topk']
     RUN_DIR = RUN_DIR or os.path.join('runs', DATASET, run_name())
     device = resolve_device(DEVICE)
+    if THREADS:
+        torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(device == 'cpu')
 
     feats, aug, clip_train, labels, query, retrieval, train = load_features(cfg)
