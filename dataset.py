@@ -176,6 +176,23 @@ def cache_status(path, settings):
     return 'ok'
 
 
+def reusable(path, settings, force=False, producer='this step'):
+    """True: `path` is a trusted cache made with `settings`, reuse it. False: build it (missing,
+    left without its sidecar by a killed run, or `force`, which first removes the sidecar so that
+    nothing vouches for the file until it is rewritten). Made with other settings: CacheError."""
+    if force:
+        try:
+            os.remove(path + '.json')
+        except FileNotFoundError:  # none, or another rank removed it first
+            pass
+    status = cache_status(path, settings)
+    if status == 'ok':
+        return True
+    if status == 'missing' or not os.path.exists(path + '.json'):
+        return False
+    raise CacheError(f"stale cache: {status}. Rerun {producer} with --force to rebuild it, or use another --cache_dir")
+
+
 def load_array(path, settings=None, producer='the step that writes it', verify=True, mmap=False):
     """Load a cached array after checking its sidecar against `settings`, its shape, dtype,
     checksum and finiteness. Raises CacheError with what to do."""

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import dataset
 from dataset import (CacheError, DataError, ViewDataset, augment_settings, augment_transform,
-                     cache_status, configure, dataset_dir, feature_dir, load_array, load_images, make_split,
-                     read_split_dir, save_array, save_text, split_rule, split_tag)
+                     configure, dataset_dir, feature_dir, load_array, load_images, make_split,
+                     read_split_dir, reusable, save_array, save_json, save_text, split_rule, split_tag)
 import models
 from models import load_backbone, pretrained_tag, resolve_device
 
@@ -84,13 +84,10 @@ def barrier(world):
 
 
 def check_reuse(path, settings):
-    """True if `path` is a trusted cache of `settings`; raise if it is stale and FORCE is off."""
-    status = cache_status(path, settings)
-    if status == 'ok' and not FORCE:
+    """True if `path` is a trusted cache of `settings` (and FORCE is off); stale: CacheError."""
+    if reusable(path, settings, FORCE, 'dataset_extract.py'):
         print(f"reusing {path}")
         return True
-    if status not in ('ok', 'missing') and not FORCE:
-        raise CacheError(f"stale or incomplete cache: {status}. Rerun with --force to rebuild it.")
     return False
 
 
@@ -108,14 +105,8 @@ def encode_all(name, images, indices, transform, encode, out_path, settings, ran
     barrier(world)
     n_chunks = math.ceil(len(indices) / chunk)
     paths = [os.path.join(chunk_dir, f'{c:05d}.npy') for c in range(n_chunks)]
-    todo = []
-    for c in range(rank, n_chunks, world):
-        status = cache_status(paths[c], chunk_settings)
-        if status not in ('ok', 'missing', ) and 'no sidecar' not in status:
-            raise CacheError(f"a saved chunk of an earlier run does not match this one: {status}. "
-                             f"Rerun with --force to start over.")
-        if status != 'ok':
-            todo.append(c)
+    todo = [c for c in range(rank, n_chunks, world)  # this rank's chunks not saved by an earlier run
+            if not reusable(paths[c], chunk_settings, False, 'dataset_extract.py')]
     if todo:
         pos = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, len(indices))) for c in todo])
         data = ViewDataset(images, np.asarray(indices)[pos], transform, seed, view, BAD_IMAGES)
@@ -219,6 +210,7 @@ def main():
                 save_text(os.path.join(fdir, 'bad_images.txt'), [images.names[i] for i in bad])
                 print(f"skipped {len(bad)} unreadable images, listed in {fdir}/bad_images.txt")
     if rank == 0:
+        save_json(os.path.join(ddir, f'extract_{BACKBONE}-{pretrained_tag(BACKBONE_PRETRAINED)}_config.json'), cfg)
         print(f"extract dataset={DATASET} backbone={BACKBONE} images={len(images)} query={len(query)} "
               f"retrieval={len(retrieval)} train={len(train)} views={AUG_VIEWS} dim={dims[BACKBONE]} "
               f"world={world} seconds={time.time() - t0:.1f}")

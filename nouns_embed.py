@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import CacheError, cache_status, configure, load_array, save_array, save_json, save_text, sha256_file
+from dataset import CacheError, configure, reusable, load_array, save_array, save_json, save_text, sha256_file
 from models import encode_text_cut, load_clip, pretrained_tag, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -406,20 +406,6 @@ def _load_checked(path, settings, companions=()):
     return arr, meta
 
 
-def _reusable(path, settings, force):
-    """True: `path` was made with these settings, reuse it. False: (re)build it (missing,
-    half-written, or --force). Made with other settings: an error saying what to do."""
-    if force or not os.path.exists(path + '.json'):
-        if os.path.exists(path + '.json'):
-            os.remove(path + '.json')  # nothing here is trusted until it is rewritten
-        return False
-    status = cache_status(path, settings)
-    if status != 'ok':
-        raise SystemExit(f"error: stale cache: {status}. Delete {os.path.dirname(path)} to rebuild it (or rerun "
-                         f"with --force, which rebuilds every step), or use another --cache_dir")
-    return True
-
-
 def load_nouns(cache_dir, vocab, clip_model, clip_pretrained, released=False):
     """(t_w, words) of every kept noun, as written by nouns_embed.py."""
     d = vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released)
@@ -462,7 +448,7 @@ def main():
     # Algorithm 1, lines 1-3 (Eq. 2), and the exact duplicates
     vdir = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
     feats_path = os.path.join(vdir, 'noun_feats.npy')
-    if _reusable(feats_path, embed_set, FORCE):
+    if reusable(feats_path, embed_set, FORCE, 'nouns_embed.py'):
         t, feats_meta = _load_checked(feats_path, embed_set, ['noun_words.txt'])
         kept = _read_lines(os.path.join(vdir, 'noun_words.txt'))
         print(f"reusing {feats_path}: {len(t)} noun features (embedded in {feats_meta['settings']['seconds']:.1f} s)")
@@ -492,7 +478,7 @@ def main():
     km_set = dict(embed_set, n_k=N_K, kmeans_iters=iters, kmeans_restarts=restarts, kmeans_seed=KMEANS_SEED,
                   kmeans_tol=KMEANS_TOL, kmeans_init=KMEANS_INIT, noun_feats_sha256=feats_meta['sha256'])
     c_path, a_path = os.path.join(kdir, 'centres.npy'), os.path.join(kdir, 'assign.npy')
-    if _reusable(c_path, km_set, FORCE) and os.path.exists(a_path + '.json'):
+    if reusable(c_path, km_set, FORCE, 'nouns_embed.py') and os.path.exists(a_path + '.json'):
         centres, c_meta = _load_checked(c_path, km_set)
         assign, _ = _load_checked(a_path, dict(km_set, centres_sha256=c_meta['sha256']))
         print(f"reusing {kdir}: {N_K} clusters (clustered in {c_meta['settings']['seconds']:.1f} s)")
@@ -506,7 +492,7 @@ def main():
     sdir = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED)
     sel_path = os.path.join(sdir, 'selected_feats.npy')
     sel_set = dict(km_set, t1=T1, centres_sha256=c_meta['sha256'])
-    if _reusable(sel_path, sel_set, FORCE):
+    if reusable(sel_path, sel_set, FORCE, 'nouns_embed.py'):
         _load_checked(sel_path, sel_set, ['selected_words.txt', 'selection.json'])
         with open(os.path.join(sdir, 'selection.json')) as f:
             counts = json.load(f)
@@ -543,4 +529,7 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except CacheError as e:
+        raise SystemExit(f"error: {e}")

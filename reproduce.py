@@ -723,7 +723,7 @@ def main():
         raise SystemExit(f"error: --datasets={','.join(DATASETS)}: choose from {', '.join(dataset.DATASETS)}; "
                          f"--seeds and --bits must not be empty")
     if any('=' not in p for p in PAPER_AS):
-        raise SystemExit(f"error: --paper_as takes dataset=paper_dataset pairs, e.g. folder=cifar10")
+        raise SystemExit("error: --paper_as takes dataset=paper_dataset pairs, e.g. folder=cifar10")
     for name, path in vocab_files().items():
         if not os.path.isfile(path):
             raise SystemExit(f"error: --vocab_files: {name}={path} is not a file")

@@ -19,8 +19,8 @@ from tqdm import tqdm
 import baselines
 import eval_hash
 import dataset
-from dataset import (CacheError, DataError, atomic_write, cache_status, configure, dataset_dir, feature_dir,
-                     load_array, load_split, save_array, save_json, split_tag)
+from dataset import (CacheError, DataError, atomic_write, configure, dataset_dir, feature_dir, load_array, load_split,
+                     reusable, save_array, save_json, split_tag)
 import models
 from models import HashHead, pretrained_tag, resolve_device
 
@@ -167,7 +167,7 @@ def external_cache(clip_train, train):
                     external=EXTERNAL, released=RELEASED, n_train=len(train))
     name = f"external_{EXTERNAL}_{os.path.basename(str(VOCAB))}_k{N_K}_t{T1}_tau{TAU1}{'_released' if RELEASED else ''}_{settings['split']}.npy"
     path = os.path.join(feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED), name)
-    if not FORCE and cache_status(path, settings) == 'ok':
+    if reusable(path, settings, FORCE, 'train.py'):
         return load_array(path, settings, 'train.py --force')
     e = external_features(clip_train, vocabulary(clip_train), TAU1).numpy()
     save_array(path, e, settings, 'train.py')
