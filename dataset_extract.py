@@ -148,7 +148,7 @@ def main():
         NUM_WORKERS = len(os.sched_getaffinity(0))
     if PRECISION not in ('fp32', 'bf16', 'fp16') or BAD_IMAGES not in ('stop', 'skip'):
         raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
-    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or ('imagenet' if BACKBONE == 'vgg16' else 'openai')
+    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
     DATA_PATH = DATA_PATH or os.path.join('data', DATASET)
     t0 = time.time()
     rank, world, device = setup_distributed()

@@ -39,6 +39,11 @@ def resolve_device(name='auto'):
     return name
 
 
+def default_weights(backbone):
+    """The weights a backbone gets when none are named: ImageNet for VGG-16, OpenAI's for CLIP."""
+    return 'imagenet' if backbone in VGG_MODELS else 'openai'
+
+
 def pretrained_tag(pretrained):
     """A short name for a weights setting, used in cache paths: 'openai', 'random', or
     'file-<name>' for a local checkpoint."""

@@ -31,6 +31,7 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 
 import dataset
+import models
 import train  # train.py's settings: their defaults and types, and T2_BEST (Figure 5b)
 from dataset import configure, feature_dir, save_text
 from models import pretrained_tag
@@ -232,8 +233,8 @@ def expected_config(settings, bits, defaults):
     """The config train.py records for these settings: its defaults, the settings, and what
     train.main resolves (BACKBONE_PRETRAINED '' and TAU2 0 mean 'the default for this case')."""
     cfg = dict(defaults, **settings, BITS=bits)
-    cfg['BACKBONE_PRETRAINED'] = cfg['BACKBONE_PRETRAINED'] or ('imagenet' if cfg['BACKBONE'] == 'vgg16' else 'openai')
-    cfg['TAU2'] = cfg['TAU2'] or train.TAU2_DEFAULT.get(cfg['DATASET'], 0.8)
+    cfg['BACKBONE_PRETRAINED'] = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
+    cfg['TAU2'] = train.tau2_for(cfg['DATASET'], cfg['TAU2'])
     return cfg
 
 

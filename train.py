@@ -77,6 +77,11 @@ def lr_at(epoch, lr_min=1e-5, lr_max=1e-4, warm=10, total=60):
     return lr_min + (lr_max - lr_min) * temp
 
 
+def tau2_for(dataset, tau2=0.0):
+    """Eq. 9's temperature: `tau2`, or the authors' per-dataset value when it is 0."""
+    return tau2 or TAU2_DEFAULT.get(dataset, 0.8)
+
+
 def external_features(i, t, tau1, chunk=2048):
     """Eq. 5-6: e_i = normalise(sum_w softmax_w(cos(i_i, t_w) / tau1) t_w) for every image."""
     i = F.normalize(torch.as_tensor(i, dtype=torch.float32), dim=1)
@@ -109,7 +114,7 @@ def bcl_loss(hv1, hv2, he, pos, tau2):
 
 
 # -----------------------------------------------------------------------------
-def load_features(cfg):
+def load_features():
     """Image features of query / retrieval / train (plain view), the augmented train views,
     the training images' CLIP features, labels and split."""
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
@@ -120,7 +125,7 @@ def load_features(cfg):
         raise CacheError(f"{fdir}/images.npy has {len(feats)} rows but {dataset_dir(CACHE_DIR, DATASET)}/labels.npy "
                          f"{len(labels)}: the two come from different datasets; rerun dataset_extract.py --force")
     aug = None
-    if METHOD == 'duheg' and (AUG or EXTERNAL == 'none'):
+    if METHOD == 'duheg' and AUG:  # IMGAUG (EXTERNAL none) requires AUG, checked in main
         aug = load_array(os.path.join(fdir, f'train_aug_{tag}.npy'),
                          producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE} (AUG_VIEWS >= 1)')
         if aug.shape[1] < 1 or aug.shape[0] != len(train):
@@ -267,9 +272,9 @@ def main():
         raise SystemExit(f"error: --method={METHOD!r}: choose one of {', '.join(METHODS)}")
     if CLIP_MODEL not in models.CLIP_MODELS:
         raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
-    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or ('imagenet' if BACKBONE == 'vgg16' else 'openai')
+    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
     cfg.update(BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
-    tau2 = TAU2 or TAU2_DEFAULT.get(DATASET, 0.8)
+    tau2 = tau2_for(DATASET, TAU2)
     topk = TOPK or dataset.DATASETS[DATASET]['topk']
     RUN_DIR = RUN_DIR or os.path.join('runs', DATASET, run_name())
     device = resolve_device(DEVICE)
@@ -277,7 +282,7 @@ def main():
         torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(device == 'cpu')
 
-    feats, aug, clip_train, labels, query, retrieval, train = load_features(cfg)
+    feats, aug, clip_train, labels, query, retrieval, train = load_features()
     print(f"{DATASET}: {len(query)} query, {len(retrieval)} retrieval, {len(train)} train images; features "
           f"{feats.shape[1]}-d; method {METHOD}{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
     e = s = None
