@@ -16,6 +16,7 @@ each finished cell to RESULTS; a cell whose settings match a line there is not t
 Cells print one line each as they finish (`cell table=... map=... paper=... diff=...`); the table
 is printed as Markdown and written to OUT_DIR/table<N>.md. Features must be extracted first
 (dataset_extract.py); the noun selection (nouns_embed.py) is run here where a cell needs it.
+How long a table takes on one GPU: benchmarks/estimate_gpu_time.py (an estimate; no GPU timed it).
 """
 import json
 import math

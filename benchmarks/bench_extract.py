@@ -50,7 +50,7 @@ DEVICE = 'auto'           # auto | cpu | cuda
 PRECISION = 'fp32'        # fp32 | bf16 | fp16 (dataset_extract.py's autocast)
 BATCH_SIZE = 8            # images per forward, pipeline and bare (dataset_extract.py: 128; small to fit the CPU)
 # pipeline
-NUM_WORKERS = dataset_extract.NUM_WORKERS  # DataLoader workers (dataset_extract.py's default)
+NUM_WORKERS = dataset_extract.NUM_WORKERS  # DataLoader workers (dataset_extract.py's default); -1: one per core
 ZERO_WORKERS = True       # also time the pipeline with NUM_WORKERS=0, to show what the workers buy
 CHUNK_BATCHES = dataset_extract.CHUNK_BATCHES  # batches per saved chunk
 # measurement
@@ -146,9 +146,12 @@ def pipeline(images, indices, transform, seed, workers, encode, device, out_dir,
 
 
 def main():
+    global NUM_WORKERS
     configure(globals())
-    if BATCH_SIZE < 1 or N_IMAGES < 1 or ROUNDS < 1 or NUM_WORKERS < 0 or PRECISION not in ('fp32', 'bf16', 'fp16'):
-        raise SystemExit('error: --batch_size, --n_images, --rounds >= 1, --num_workers >= 0, --precision fp32|bf16|fp16')
+    if BATCH_SIZE < 1 or N_IMAGES < 1 or ROUNDS < 1 or NUM_WORKERS < -1 or PRECISION not in ('fp32', 'bf16', 'fp16'):
+        raise SystemExit('error: --batch_size, --n_images, --rounds >= 1, --num_workers >= -1, --precision fp32|bf16|fp16')
+    if NUM_WORKERS < 0:  # as dataset_extract.py: one per usable core
+        NUM_WORKERS = len(os.sched_getaffinity(0))
     if THREADS:
         torch.set_num_threads(THREADS)
     device = resolve_device(DEVICE)
@@ -241,7 +244,7 @@ def main():
 
         # the same from CPU costs, steadier on a shared machine: on idle cores that the workers
         # share with the forward, a view's ratio is about 1 / (1 + its data CPU / forward CPU)
-        fwd_cpu = total('bare', 'cpu') / (n * ROUNDS)
+        fwd_cpu = max(total('bare', 'cpu'), 0.01) / (n * ROUNDS)  # os.times counts 10 ms ticks: a tiny run may see 0
         share = {v: 1 / rate[v] / fwd_cpu for v in rate}
         if device == 'cpu':
             print(f'CPU cost per image: forward {fwd_cpu * 1e3:.0f} ms (bare), data path plain '

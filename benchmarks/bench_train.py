@@ -58,6 +58,9 @@ THREADS = (0, 1)           # torch thread counts timed side by side; 0 = torch's
 ROUNDS = 3                 # TIMED_EPOCHS are split over this many calls of train_heads, interleaved over the
                            # code lengths and thread counts in an order that flips every round
 EVAL = True                # also time the final encoding and MAP of NUS-WIDE's shape
+OVERHEAD_STEPS = 500       # also time this many steps on tiny tensors (batch 4, 8-d, 1 thread): the fixed cost of
+                           # a step's op calls (420 from Python, 700 at the bottom: torch.profiler), i.e. what a
+                           # step costs where kernels take next to no time (a GPU); 0: skip
 SEED = 0
 
 
@@ -137,6 +140,28 @@ def main():
         print(f'{bits} bits, {t} thread{"s" if t > 1 else ""}: epoch median {med:.3f} s, min {ep.min():.3f} s, max '
               f'{ep.max():.3f} s ({len(ep)} epochs); {EPOCHS} epochs {total:.1f} s{"" if full else " (extrapolated)"}')
 
+    # the fixed cost of a step: the same ops on tiny tensors, where compute is ~nothing
+    step_overhead = float('nan')
+    if OVERHEAD_STEPS:
+        torch.set_num_threads(1)
+        train.EPOCHS, train.WARMUP, train.BATCH_SIZE = 1, 0, 4
+        xs = rng.standard_normal((4 * OVERHEAD_STEPS, 8), np.float32)
+        augs = (xs[:, None] + 0.3 * rng.standard_normal((len(xs), VIEWS, 8), np.float32)).astype(np.float32)
+        es = F.normalize(torch.randn(len(xs), 8), dim=1).numpy()
+        best = []
+        for _ in range(3):  # the least disturbed of three
+            t = time.perf_counter()
+            train.train_heads(BITS[0], xs, augs, es, device, TAU2, T2)
+            if device.startswith('cuda'):
+                torch.cuda.synchronize()
+            best.append((time.perf_counter() - t) / OVERHEAD_STEPS)
+        step_overhead = min(best)
+        train.BATCH_SIZE = BATCH_SIZE
+        torch.set_num_threads(counts[0])
+        print(f'step overhead: {step_overhead * 1e3:.2f} ms a step on tiny tensors (batch 4, 8-d, 1 thread; best of 3 '
+              f'x {OVERHEAD_STEPS} steps); a {EPOCHS}-epoch schedule of {-(-N_TRAIN // BATCH_SIZE)} steps an epoch '
+              f'costs at least {step_overhead * EPOCHS * -(-N_TRAIN // BATCH_SIZE):.1f} s of it on any device')
+
     # after training, as train.py's main: encode query and retrieval sets, binary MAP@K and the
     # released code's continuous-output MAP@K, at NUS-WIDE's full evaluation shape
     if EVAL:
@@ -168,7 +193,7 @@ def main():
                      f'batch={BATCH_SIZE} device={device} threads={counts[0]} deterministic={DETERMINISTIC} '
                      f'epochs={EPOCHS} timed_epochs={len(epochs[counts[0], bits])} extrapolated={not full} '
                      f's_per_epoch={med:.3f} train_s={total:.1f}{others} nq={NUM_QUERY} nr={NUM_RETRIEVAL} '
-                     f'topk={TOPK} encode_s={enc_s:.2f} map_s={map_s:.2f} map_cont_s={cont_s:.2f} '
+                     f'topk={TOPK} step_overhead_ms={step_overhead * 1e3:.2f} encode_s={enc_s:.2f} map_s={map_s:.2f} map_cont_s={cont_s:.2f} '
                      f'total_s={total + (enc_s + map_s + cont_s if EVAL else 0):.1f} load={os.getloadavg()[0]:.1f}')
     print('\n'.join(lines))
 

@@ -1,0 +1,187 @@
+"""How long each reproduce.py table takes on one GPU: an ESTIMATE by arithmetic, not a measurement.
+
+No GPU was lent where this was written, so the time of a table on a GPU is put together from
+  * the GPU's forward images/s of each backbone, published by timm (not measured here), and
+  * the costs that stay on the CPU of a GPU machine, measured here by the other benchmarks:
+    the data path of one DataLoader worker (bench_extract.py), the fixed cost of a training step
+    and the evaluation at each dataset's shape (bench_train.py), the text tower and K-means
+    (bench_nouns.py, bench_kmeans.py), and a train.py process's start (measured by hand).
+The work itself comes from reproduce.py's own plan of each table (its rows, cells and the
+train.py processes that train them), so a table's estimate counts exactly what it would run.
+
+    python benchmarks/estimate_gpu_time.py                        # every table, the README's figures
+    python benchmarks/estimate_gpu_time.py --cpu_cores=32 --gpu_vit_b16=3000 --tables=1,6
+
+Replace any input by your own measurement (e.g. bench_extract.py --device=cuda on your GPU);
+where you have run reproduce.py, its table files record the time the cells really took.
+One line per table is printed to parse: `estimate table=... hours=...`.
+"""
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reproduce  # noqa: E402
+import train  # noqa: E402
+from dataset import configure  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# what to estimate
+TABLES = ('1', '2', '3', '4', '5', '6', 'fig5', 'baselines')
+DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
+SEEDS = 1                   # seeds per cell (reproduce.py --seeds)
+# the GPU: forward images/s, mixed precision, batch 1024, from timm's published benchmark
+# results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv (PyTorch 2.4, CUDA 12.4), rows
+# vit_base_patch16_clip_quickgelu_224, vit_base_patch32_clip_quickgelu_224 and vgg16 (OpenAI's
+# CLIP towers use QuickGELU). Run dataset_extract.py with --precision=fp16 to get such rates.
+GPU_NAME = 'RTX 4090'
+GPU_VIT_B16 = 2269.68       # images/s, CLIP ViT-B/16 image tower
+GPU_VIT_B32 = 8389.12       # images/s, CLIP ViT-B/32 image tower
+GPU_VGG16 = 2165.35         # images/s, VGG-16 (to fc8; fc7 is a little less)
+CPU_CORES = 8               # CPU cores of the GPU machine: dataset_extract.py runs one worker each
+# measured on this project's 2-core machine (AMD EPYC, no GPU), 2026-11-25, randomly initialised weights
+CPU_VIT_B16 = 4.2           # images/s of the ViT-B/16 image tower on these 2 cores (bench_extract.py, bare)
+WORKER_PHOTO = 291.0        # images/s one worker decodes and preprocesses: 500 x 375 JPEGs, plain view (bench_extract)
+WORKER_PHOTO_AUG = 85.0     # the same, augmented view
+WORKER_CIFAR = 1114.0       # the same for 32 x 32 images (CIFAR-10), plain view (--image_w=32 --image_h=32)
+WORKER_CIFAR_AUG = 95.0     # the same, augmented view
+STEP_S = 0.00185            # a training step's fixed CPU cost: its ops on tiny tensors, 1 thread (bench_train.py
+                            # step_overhead_ms); its arithmetic (about 3 GFLOP at batch 512) is far less on a GPU
+KERNELS_PER_STEP = 700      # ops a step dispatches (torch.profiler: 420 calls from Python, 700 at the bottom) ...
+LAUNCH_S = 4e-6             # ... each launching a CUDA kernel at this cost (assumed; typically 2-5 us)
+EVAL_S = ('cifar10=3.7', 'nuswide=4.0', 'flickr25k=2.6', 'mscoco=5.7')  # s a code length, mean of 16/32/64
+                            # bits: encode + binary + continuous MAP@K at the dataset's shape on the CPU
+                            # (bench_train.py --num_query= --num_retrieval= --topk= ... of each dataset)
+PROCESS_S = 8.0             # a train.py process's fixed cost: python and imports (1.8 s measured), loading and
+                            # checking the features (1.3 s measured, NUS-WIDE) and starting CUDA (5 s, assumed)
+CPU_TEXT_PROMPTS = 189.7    # prompts/s of the ViT-B/16 text tower, batches cut (bench_nouns.py)
+NOUNS_CPU_S = 36.0          # nouns_embed.py's CPU-side work on WordNet (reading, tokenizing, selection): the
+                            # whole step with the tiny test model less its clustering (36 s idle, 62-84 s under load)
+KMEANS_CPU_S = 19.6         # K-means of WordNet's 117,798 x 512 features into 800 clusters (bench_kmeans.py)
+# the usual image counts; query, retrieval and train sizes follow SPEC.md (Section 4.1.1)
+IMAGES = ('cifar10=60000', 'nuswide=195834', 'flickr25k=20015', 'mscoco=122218')
+TRAIN = ('cifar10=5000', 'nuswide=10500', 'flickr25k=5000', 'mscoco=10000')
+AUG_VIEWS = 2               # augmented views of every train image (dataset_extract.py AUG_VIEWS)
+WORDNET_WORDS = 117798      # words of the vocabularies nouns_embed.py reads (WordNet's noun lemmas)
+IMAGENET_WORDS = 1000       # (open_clip's ImageNet-1k class names)
+PAPER_VOCABS = ('imagenet21k=21843', 'wordnet=117797', 'conceptnet=134364', 'glove=317756')  # Table 4's words
+
+
+# -----------------------------------------------------------------------------
+def numbers(name):
+    """The setting `name` (items key=number) as a dict."""
+    out = {}
+    for item in globals()[name]:
+        key, eq, value = item.partition('=')
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --{name.lower()}: {item!r} is not name=number") from None
+    return out
+
+
+def gpu_images_per_s(backbone):
+    return {'ViT-B-16': GPU_VIT_B16, 'ViT-B-32': GPU_VIT_B32, 'vgg16': GPU_VGG16}[backbone]
+
+
+def extract_s(d, backbone, views):
+    """dataset_extract.py: every image's plain view and, where the backbone feeds Hv, `views`
+    augmented views of each train image; the slower of the GPU and CPU_CORES workers sets the pace."""
+    plain, aug = (WORKER_CIFAR, WORKER_CIFAR_AUG) if d == 'cifar10' else (WORKER_PHOTO, WORKER_PHOTO_AUG)
+    gpu = gpu_images_per_s(backbone)
+    return numbers('IMAGES')[d] / min(gpu, CPU_CORES * plain) + views * numbers('TRAIN')[d] / min(gpu, CPU_CORES * aug)
+
+
+def nouns_s(words):
+    """nouns_embed.py: 7 prompts a word through the text tower, K-means, selection. GPU work is the
+    CPU time divided by the GPU's speed-up on the image tower; the CPU-side work scales with the words."""
+    speedup = GPU_VIT_B16 / CPU_VIT_B16
+    gpu = (7 * words / CPU_TEXT_PROMPTS + KMEANS_CPU_S * words / WORDNET_WORDS) / speedup
+    return gpu + NOUNS_CPU_S * words / WORDNET_WORDS
+
+
+def process_s(d, bits, trained=True):
+    """One train.py process: start, then per code length EPOCHS x steps of training and the evaluation."""
+    steps = math.ceil(numbers('TRAIN')[d] / train.BATCH_SIZE)
+    step = STEP_S + KERNELS_PER_STEP * LAUNCH_S
+    per_bits = (reproduce.EPOCHS * steps * step if trained else 0.0) + numbers('EVAL_S')[d]
+    return PROCESS_S + len(bits) * per_bits
+
+
+def plan(table):
+    """What reproduce.py --table=`table` runs from empty caches: feature sets {(dataset, backbone):
+    augmented views}, vocabularies to embed (their words; another T1 reuses the features and K-means,
+    and its selection takes seconds), train.py processes {name: (dataset, code lengths, trained?)}
+    and the number of cells."""
+    reproduce.DATASETS, reproduce.SEEDS = DATASETS, tuple(range(SEEDS))
+    if table == '4':
+        return {}, {('imagenet', reproduce.CLIP_MODEL): IMAGENET_WORDS, ('wordnet', reproduce.CLIP_MODEL): WORDNET_WORDS}, {}, 0
+    parts = ('fig5a', 'fig5b') if table == 'fig5' else (table,)
+    defaults = reproduce.train_defaults()
+    cells = [c for t in parts for c in reproduce.make_cells(t, defaults, {})]
+    features, vocabs, groups = {}, {}, {}
+    for c in cells:
+        s = c.settings
+        features.setdefault((s['DATASET'], s['CLIP_MODEL']), 0)  # the external feature's space
+        features[s['DATASET'], s['BACKBONE']] = AUG_VIEWS  # Hv's input, with its augmented views
+        if s['METHOD'] == 'duheg' and s['EXTERNAL'] in ('efc', 'ek', 'imgcls'):
+            vocabs[s['VOCAB'], s['CLIP_MODEL']] = IMAGENET_WORDS if s['VOCAB'] == 'imagenet' else WORDNET_WORDS
+        key = reproduce.run_name(s)  # reproduce.py trains a row, dataset and seed in one process
+        groups.setdefault(key, (s['DATASET'], set(), s['METHOD'] not in ('lsh', 'itq')))[1].add(c.bits)
+    return features, vocabs, groups, len(cells)
+
+
+def estimate(features, vocabs, processes, cells):
+    ext = sum(extract_s(d, b, views) for (d, b), views in features.items())
+    nouns = sum(nouns_s(w) for w in vocabs.values())
+    trains = sum(process_s(d, bits, trained) for d, bits, trained in processes.values())
+    return dict(features=len(features), vocabs=len(vocabs), processes=len(processes),
+                cells=cells, extract_s=ext, nouns_s=nouns, train_s=trains,
+                total_s=ext + nouns + trains)
+
+
+def hm(seconds):
+    return '–' if seconds == 0 else f'{seconds / 60:.0f} min' if seconds < 3600 else f'{seconds / 3600:.1f} h'
+
+
+def main():
+    configure(globals())
+    unknown = [t for t in TABLES if t not in reproduce.TABLES and t not in ('4', 'fig5')]
+    if unknown or SEEDS < 1 or CPU_CORES < 1:
+        raise SystemExit(f"error: --tables: choose from 1, 2, 3, 4, 5, 6, fig5, fig5a, fig5b, baselines "
+                         f"(got {', '.join(unknown) or '-'}); --seeds and --cpu_cores must be >= 1")
+    for name in ('IMAGES', 'TRAIN', 'EVAL_S'):
+        missing = [d for d in DATASETS if d not in numbers(name)]
+        if missing:
+            raise SystemExit(f"error: --{name.lower()} gives no number for {', '.join(missing)} (add {missing[0]}=N)")
+    print(f"ESTIMATE for one {GPU_NAME} (timm's published AMP rates) and {CPU_CORES} CPU cores, from empty caches, "
+          f"{len(DATASETS)} datasets, {SEEDS} seed(s), {reproduce.EPOCHS} epochs; CPU-side costs measured on a "
+          f"2-core AMD EPYC")
+    print('| table | train.py processes (cells) | feature sets | extraction | vocabularies | nouns | training '
+          '+ evaluation | total |\n|---|---|---|---|---|---|---|---|')
+    lines, every = [], ({}, {}, {}, 0)  # every table together: shared work once
+    for t in TABLES + ('all',):
+        if t == 'all':  # its cells: the distinct ones (a cell two tables share is trained once)
+            e = estimate(*every[:3], sum(len(bits) for _, bits, _ in every[2].values()))
+        else:
+            p = plan(t)
+            e = estimate(*p)
+            for union, part in zip(every, p[:3]):
+                for k, v in part.items():
+                    union[k] = max(union.get(k, v), v) if isinstance(v, int) else v
+            every = every[:3] + (every[3] + p[3],)
+        print(f"| {t} | {e['processes']} ({e['cells']}) | {e['features']} | {hm(e['extract_s'])} | {e['vocabs']} | "
+              f"{hm(e['nouns_s'])} | {hm(e['train_s'])} | {hm(e['total_s'])} |")
+        lines.append(f"estimate table={t} gpu={GPU_NAME.replace(' ', '_')} cpu_cores={CPU_CORES} seeds={SEEDS} "
+                     f"processes={e['processes']} cells={e['cells']} feature_sets={e['features']} "
+                     f"extract_s={e['extract_s']:.1f} nouns_s={e['nouns_s']:.1f} train_s={e['train_s']:.1f} "
+                     f"hours={e['total_s'] / 3600:.3f}")
+    print(f"\nTable 4: nouns_embed.py alone (ESTIMATE, the same machine) and the paper's seconds (hardware not named):")
+    for name, words in numbers('PAPER_VOCABS').items():
+        paper = reproduce.PAPER_TABLE4[name.replace('imagenet21k', 'imagenet')][1]
+        print(f"  {name}: {words:,.0f} words, about {nouns_s(words):.0f} s (paper {paper} s)")
+    print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    main()

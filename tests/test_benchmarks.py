@@ -1,0 +1,44 @@
+"""Every benchmark runs at a tiny size through its command line, with its default settings
+otherwise, and its own agreement checks hold. (Speed itself is never asserted in tests.)"""
+import re
+
+from conftest import run_script
+
+
+def result(proc, name):
+    line = [l for l in proc.stdout.splitlines() if l.startswith(name + ' ')][-1]
+    return dict(re.findall(r'(\w+)=(\S+)', line))
+
+
+def test_bench_eval_fast_path_agrees_with_the_loop():
+    r = result(run_script('benchmarks/bench_eval.py', '--num_query=60', '--num_retrieval=3000', '--topk=500',
+                          '--baseline_queries=20', '--rounds=2'), 'bench_eval')
+    assert r['ok'] == 'True' and float(r['max_abs_diff']) <= 1e-9 and float(r['fast_s']) > 0
+
+
+def test_bench_extract_default_workers_and_agreement():
+    # NUM_WORKERS keeps dataset_extract.py's default (-1: one per core)
+    r = result(run_script('benchmarks/bench_extract.py', '--backbone=tiny-test', '--n_images=8', '--batch_size=4',
+                          '--rounds=1'), 'bench_extract')
+    assert r['ok'] == 'True' and float(r['max_abs_diff']) == 0.0
+    assert int(r['workers']) >= 1 and float(r['data_plain_ips']) > 0 and float(r['data_aug_ips']) > 0
+
+
+def test_bench_train_reports_epochs_overhead_and_eval():
+    r = result(run_script('benchmarks/bench_train.py', '--n_train=64', '--batch_size=16', '--timed_epochs=2',
+                          '--rounds=1', '--bits=8', '--num_query=20', '--num_retrieval=200', '--topk=50',
+                          '--overhead_steps=20', '--threads=1'), 'bench_train')
+    assert float(r['s_per_epoch']) > 0 and float(r['step_overhead_ms']) > 0 and float(r['train_s']) > 0
+    assert r['map_cont_s'] != 'nan' and r['extrapolated'] == 'True'
+
+
+def test_bench_nouns_cut_batches_agree(tmp_path):
+    r = result(run_script('benchmarks/bench_nouns.py', '--clip_model=tiny-test', '--n_words=20',
+                          f'--cache_dir={tmp_path}'), 'bench_nouns')
+    assert int(r['prompts']) == 140 and float(r['max_diff']) < 1e-5 and float(r['cut_per_s']) > 0
+
+
+def test_bench_kmeans_close_to_sklearn():
+    r = result(run_script('benchmarks/bench_kmeans.py', '--n=3000', '--dim=32', '--topics=10', '--leaves=5',
+                          '--n_k=20'), 'bench_kmeans')
+    assert abs(float(r['mean_cos']) - float(r['sklearn_mean_cos'])) < 0.02
