@@ -206,7 +206,7 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
         he is not None and he.train()
         perm = torch.randperm(n, generator=gen).to(device)
         views = [v.to(device) for v in pick_views(n, aug.shape[1] if aug is not None else 0, gen)]
-        total = 0.0
+        total = torch.zeros((), device=device)  # summed on the device: no GPU sync at every step
         for a in range(0, n, BATCH_SIZE):
             idx = perm[a:a + BATCH_SIZE]
             if len(idx) < 2:  # BatchNorm needs two samples
@@ -226,8 +226,8 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-        bar.set_postfix(loss=f'{total / n:.4f}', lr=f'{lr:.2e}')
+            total += loss.detach() * len(idx)
+        bar.set_postfix(loss=f'{total.item() / n:.4f}', lr=f'{lr:.2e}')
     return hv, he, opt
 
 
