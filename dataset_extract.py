@@ -26,7 +26,7 @@ from dataset import (CacheError, DataError, ViewDataset, augment_settings, augme
                      configure, dataset_dir, feature_dir, load_array, load_images, make_split,
                      read_split_dir, reusable, save_array, save_json, save_text, split_rule, split_tag)
 import models
-from models import load_backbone, pretrained_tag, resolve_device
+from models import hardware, load_backbone, pretrained_tag, resolve_device
 
 # data
 DATASET = 'cifar10'        # cifar10 | nuswide | flickr25k | mscoco | folder (your own DATA_PATH/<class>/<img>)
@@ -210,7 +210,8 @@ def main():
                 save_text(os.path.join(fdir, 'bad_images.txt'), [images.names[i] for i in bad])
                 print(f"skipped {len(bad)} unreadable images, listed in {fdir}/bad_images.txt")
     if rank == 0:
-        save_json(os.path.join(ddir, f'extract_{BACKBONE}-{pretrained_tag(BACKBONE_PRETRAINED)}_config.json'), cfg)
+        save_json(os.path.join(ddir, f'extract_{BACKBONE}-{pretrained_tag(BACKBONE_PRETRAINED)}_config.json'),
+                  dict(cfg, seconds=round(time.time() - t0, 1), hardware=hardware(device), world=world))
         print(f"extract dataset={DATASET} backbone={BACKBONE} images={len(images)} query={len(query)} "
               f"retrieval={len(retrieval)} train={len(train)} views={AUG_VIEWS} dim={dims[BACKBONE]} "
               f"world={world} seconds={time.time() - t0:.1f}")

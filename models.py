@@ -39,6 +39,27 @@ def resolve_device(name='auto'):
     return name
 
 
+def hardware(device=None):
+    """'<CPU model> (<n> CPU threads), <GPU>' for the record of a timing: the GPU of `device`
+    ('cuda', 'cuda:1'), 'no GPU used' for a CPU device, every visible GPU when device is None."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
+    except OSError:
+        pass
+    if device is not None and not str(device).startswith('cuda'):
+        gpu = 'no GPU used'
+    elif not torch.cuda.is_available():
+        gpu = 'no GPU'
+    elif device is None:
+        gpu = ', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    else:
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return f'{cpu} ({os.cpu_count()} CPU threads), {gpu}'
+
+
 def default_weights(backbone):
     """The weights a backbone gets when none are named: ImageNet for VGG-16, OpenAI's for CLIP."""
     return 'imagenet' if backbone in VGG_MODELS else 'openai'

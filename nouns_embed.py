@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import CacheError, configure, reusable, load_array, save_array, save_json, save_text, sha256_file
-from models import encode_text_cut, load_clip, pretrained_tag, resolve_device
+from models import encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
 
 # -----------------------------------------------------------------------------
 # vocabulary
@@ -466,7 +466,8 @@ def main():
         del t_all
         save_text(os.path.join(vdir, 'noun_words.txt'), kept)
         feats_meta = save_array(feats_path, t, dict(
-            embed_set, seconds=time.time() - t0, vocab_source=source, duplicates=len(dropped),
+            embed_set, seconds=time.time() - t0, hardware=hardware(device), vocab_source=source,
+            duplicates=len(dropped),
             **{'noun_words.txt_sha256': sha256_file(os.path.join(vdir, 'noun_words.txt'))}), 'nouns_embed.py')
     print(f"kept after de-duplication: {len(t)} ({len(words) - len(t)} exact duplicates dropped)")
     if not 1 <= N_K <= len(t):
@@ -485,7 +486,8 @@ def main():
     else:
         t0 = time.time()
         centres, assign = spherical_kmeans(t, N_K, iters, restarts, KMEANS_SEED, KMEANS_TOL, KMEANS_INIT)
-        c_meta = save_array(c_path, centres, dict(km_set, seconds=time.time() - t0), 'nouns_embed.py')
+        c_meta = save_array(c_path, centres, dict(km_set, seconds=time.time() - t0, hardware=hardware(device)),
+                            'nouns_embed.py')
         save_array(a_path, assign, dict(km_set, centres_sha256=c_meta['sha256']), 'nouns_embed.py')
 
     # Algorithm 1, lines 5-13: Eq. 3-4, t_com = t_rep ∪ t_cen
@@ -512,7 +514,10 @@ def main():
         seconds = dict(embedding=feats_meta['settings']['seconds'], clustering=c_meta['settings']['seconds'],
                        selection=select_seconds)
         seconds['total'] = sum(seconds.values())  # the pre-processing time of Table 4
-        summary = dict(counts, seconds=seconds, vocab_source=feats_meta['settings']['vocab_source'],
+        where = [m['settings'].get('hardware', 'not recorded') for m in (feats_meta, c_meta)] + [hardware(device)]
+        where = where[0] if len(set(where)) == 1 else \
+            '; '.join(f'{step} on {w}' for step, w in zip(('embedding', 'clustering', 'selection'), where))
+        summary = dict(counts, seconds=seconds, hardware=where, vocab_source=feats_meta['settings']['vocab_source'],
                        kmeans=dict(iters=iters, restarts=restarts, mean_cos=float((t * centres[assign]).sum(1).mean())),
                        config=cfg)
         save_text(os.path.join(sdir, 'selected_words.txt'),

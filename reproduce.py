@@ -21,7 +21,6 @@ How long a table takes on one GPU: benchmarks/estimate_gpu_time.py (an estimate;
 import json
 import math
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -35,7 +34,7 @@ import dataset
 import models
 import train  # train.py's settings: their defaults and types, and T2_BEST (Figure 5b)
 from dataset import configure, feature_dir, save_text
-from models import pretrained_tag
+from models import hardware, pretrained_tag
 
 # what to reproduce
 TABLE = '1'                 # 1 | 2 | 3 | 4 | 5 | 6 | fig5a | fig5b | fig5 (both) | baselines
@@ -538,23 +537,6 @@ def markdown_table(title, header, rows, datasets, bits, cells, n_seeds, notes=()
                 texts.append(cell_text(values, paper_value(row, d, b), n_seeds, status))
             lines.append(f'| {row.label} | {row.id} | {dataset_label(d)} | ' + ' | '.join(texts) + ' |')
     return lines + [''] + [f'- {n}' for n in notes]
-
-
-def hardware():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
-    except OSError:
-        pass
-    gpu = 'no GPU'
-    try:
-        import torch
-        if torch.cuda.is_available():
-            gpu = ', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    except Exception:  # noqa: BLE001
-        pass
-    return f'{cpu} ({os.cpu_count()} CPU threads), {gpu}'
 
 
 def git_commit():

@@ -44,6 +44,11 @@ def test_writes_features_split_and_labels(reference):
     assert line.startswith('extract dataset=folder backbone=tiny-test images=400 query=100 retrieval=300 train=200')
     aug = load(cache, 'train_aug_split_s0.npy')
     assert np.abs(aug[:, 0] - aug[:, 1]).max() > 1e-3  # two different views
+    import json
+    from models import hardware  # the run documents itself: settings, time, where it ran
+    cfg = json.load(open(os.path.join(d, 'extract_tiny-test-random_config.json')))
+    assert cfg['DATASET'] == 'folder' and cfg['BATCH_SIZE'] == 16 and cfg['world'] == 1
+    assert 0 < cfg['seconds'] < 600 and cfg['hardware'] == hardware('cpu')
 
 
 def test_resume_after_sigkill_is_bit_identical(reference, image_folder, tmp_path):

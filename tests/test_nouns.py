@@ -208,6 +208,8 @@ def test_script_imagenet_reuse_stale(tmp_path):
     summary = json.load(open(os.path.join(sdir, 'selection.json')))
     assert summary['t_com'] == int(res['t_com']) and summary['read'] == 998 and summary['duplicates'] == 0
     assert set(summary['seconds']) == {'embedding', 'clustering', 'selection', 'total'}
+    from models import hardware  # Table 4's time says where it was measured: here, every step on the CPU
+    assert summary['hardware'] == hardware('cpu') and summary['hardware'].endswith('CPU threads), no GPU used')
 
     out = run(cache, '--vocab=imagenet', '--n_k=40')  # everything reused
     assert out.count('reusing') == 3 and result(out) == dict(res, seconds=result(out)['seconds'])

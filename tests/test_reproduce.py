@@ -203,6 +203,11 @@ def test_table4_reads_selection_json(settings, tmp_path):
     assert not failed
     assert '117798 / 117797 | 800 | 400.00 / 50.00 / 1.50 / 451.50 | 117797 | 476.79 | -25.29 |' in row
     assert 'this machine; selection.json does not say' in row  # the hardware it names is ours, said so
+    with open(os.path.join(d, 'selection.json'), 'w') as f:  # nouns_embed.py records where it ran
+        json.dump(dict(counts=dict(read=117798, unique=117797, t_rep=10, t_cen=790, t_com=800), hardware='Some CPU',
+                       seconds=dict(embedding=400.0, clustering=50.0, selection=1.5, total=451.5)), f)
+    row = [l for l in reproduce.table4()[0] if l.startswith('| wordnet')][0]
+    assert row.endswith('| -25.29 | Some CPU |')
 
 
 # -----------------------------------------------------------------------------
