@@ -83,6 +83,11 @@ def barrier(world):
         dist.barrier()
 
 
+def num_workers(n):
+    """DataLoader workers for the NUM_WORKERS setting `n`: n, or one per usable CPU core when -1."""
+    return len(os.sched_getaffinity(0)) if n < 0 else n
+
+
 def check_reuse(path, settings):
     """True if `path` is a trusted cache of `settings` (and FORCE is off); stale: CacheError."""
     if reusable(path, settings, FORCE, 'dataset_extract.py'):
@@ -144,8 +149,7 @@ def main():
         raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
     if BATCH_SIZE < 1 or CHUNK_BATCHES < 1 or AUG_VIEWS < 0 or NUM_WORKERS < -1:
         raise SystemExit("error: --batch_size, --chunk_batches must be >= 1, --aug_views >= 0 and --num_workers >= -1")
-    if NUM_WORKERS < 0:
-        NUM_WORKERS = len(os.sched_getaffinity(0))
+    NUM_WORKERS = num_workers(NUM_WORKERS)
     if PRECISION not in ('fp32', 'bf16', 'fp16') or BAD_IMAGES not in ('stop', 'skip'):
         raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)

@@ -135,7 +135,7 @@ def read_words(vocab, cache_dir='cache', wordnet_dir=WORDNET_DIR):
         raise SystemExit(f"error: cannot read the word-list file {vocab}: {e}")
     if not words:
         raise SystemExit(f"error: the word-list file {vocab} holds no words (one word per line expected)")
-    return words, 'file-' + os.path.splitext(os.path.basename(vocab))[0], os.path.abspath(vocab)
+    return words, vocab_tag(vocab), os.path.abspath(vocab)
 
 
 # -----------------------------------------------------------------------------

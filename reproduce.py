@@ -352,10 +352,15 @@ def run_nouns(cmd, log_path):
     return (lines[-1] if lines else ''), ''
 
 
+def needs_nouns(s):
+    """Does the cell with train.py settings `s` read nouns_embed.py's output? (DUH-EG with EXTERNAL
+    efc, ek or imgcls; imgk and none use no nouns, the baselines no external feature.)"""
+    return s['METHOD'] == 'duheg' and s['EXTERNAL'] not in ('imgk', 'none')
+
+
 def prepare_nouns(s, done):
-    """Make the noun features / selection a duheg cell with EXTERNAL efc, ek or imgcls reads.
-    Returns '' or why it cannot be made."""
-    if s['METHOD'] != 'duheg' or s['EXTERNAL'] in ('imgk', 'none'):
+    """Make the noun features / selection a cell reads (needs_nouns). Returns '' or why it cannot be made."""
+    if not needs_nouns(s):
         return ''
     if not os.path.exists(os.path.join(ROOT, 'nouns_embed.py')):
         return f"EXTERNAL={s['EXTERNAL']} needs nouns_embed.py, which this checkout does not have"

@@ -182,6 +182,7 @@ def external_cache(clip_train, train):
 METHODS = {'duheg': 'this paper', 'ssdh': 'SSDH, unsupervised', 'dhn': 'DHN, supervised', 'dch': 'DCH, supervised',
            'lsh': 'random projection, no training', 'itq': 'PCA-ITQ, no training'}
 SUPERVISED = frozenset({'dhn', 'dch'})  # baselines that read the training labels
+UNTRAINED = frozenset({'lsh', 'itq'})   # baselines fitted in closed form: no heads, no epochs
 PAIR_LOSSES = {'ssdh': baselines.ssdh_loss, 'dhn': baselines.dhn_loss, 'dch': baselines.dch_loss}
 
 
@@ -292,11 +293,11 @@ def main():
         print(f"mean in-batch positives at T2={T2}: {n_pos:.1f} of {min(BATCH_SIZE, len(e))}")
     elif METHOD == 'ssdh':
         s = baselines.ssdh_similarity(feats[train])
-    elif METHOD in ('dhn', 'dch'):
+    elif METHOD in SUPERVISED:
         s = baselines.label_similarity(labels[train])
     for bits in BITS:
         t0 = time.time()
-        if METHOD in ('lsh', 'itq'):  # no training: a projection fitted on the training features
+        if METHOD in UNTRAINED:  # a projection fitted on the training features
             fit = baselines.lsh_codes if METHOD == 'lsh' else baselines.itq_codes
             h_q, h_r = (fit(feats[train], feats[p], bits, seed=SEED) for p in (query, retrieval))
             hv = he = opt = None

@@ -150,8 +150,7 @@ def main():
     configure(globals())
     if BATCH_SIZE < 1 or N_IMAGES < 1 or ROUNDS < 1 or NUM_WORKERS < -1 or PRECISION not in ('fp32', 'bf16', 'fp16'):
         raise SystemExit('error: --batch_size, --n_images, --rounds >= 1, --num_workers >= -1, --precision fp32|bf16|fp16')
-    if NUM_WORKERS < 0:  # as dataset_extract.py: one per usable core
-        NUM_WORKERS = len(os.sched_getaffinity(0))
+    NUM_WORKERS = dataset_extract.num_workers(NUM_WORKERS)
     if THREADS:
         torch.set_num_threads(THREADS)
     device = resolve_device(DEVICE)

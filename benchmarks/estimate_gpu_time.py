@@ -124,10 +124,10 @@ def plan(table):
         s = c.settings
         features.setdefault((s['DATASET'], s['CLIP_MODEL']), 0)  # the external feature's space
         features[s['DATASET'], s['BACKBONE']] = AUG_VIEWS  # Hv's input, with its augmented views
-        if s['METHOD'] == 'duheg' and s['EXTERNAL'] in ('efc', 'ek', 'imgcls'):
+        if reproduce.needs_nouns(s):
             vocabs[s['VOCAB'], s['CLIP_MODEL']] = IMAGENET_WORDS if s['VOCAB'] == 'imagenet' else WORDNET_WORDS
         key = reproduce.run_name(s)  # reproduce.py trains a row, dataset and seed in one process
-        groups.setdefault(key, (s['DATASET'], set(), s['METHOD'] not in ('lsh', 'itq')))[1].add(c.bits)
+        groups.setdefault(key, (s['DATASET'], set(), s['METHOD'] not in train.UNTRAINED))[1].add(c.bits)
     return features, vocabs, groups, len(cells)
 
 
@@ -159,17 +159,18 @@ def main():
           f"2-core AMD EPYC")
     print('| table | train.py processes (cells) | feature sets | extraction | vocabularies | nouns | training '
           '+ evaluation | total |\n|---|---|---|---|---|---|---|---|')
-    lines, every = [], ({}, {}, {}, 0)  # every table together: shared work once
+    lines, all_features, all_vocabs, all_processes = [], {}, {}, {}  # every table together: shared work once
     for t in TABLES + ('all',):
         if t == 'all':  # its cells: the distinct ones (a cell two tables share is trained once)
-            e = estimate(*every[:3], sum(len(bits) for _, bits, _ in every[2].values()))
+            e = estimate(all_features, all_vocabs, all_processes,
+                         sum(len(bits) for _, bits, _ in all_processes.values()))
         else:
-            p = plan(t)
-            e = estimate(*p)
-            for union, part in zip(every, p[:3]):
-                for k, v in part.items():
-                    union[k] = max(union.get(k, v), v) if isinstance(v, int) else v
-            every = every[:3] + (every[3] + p[3],)
+            features, vocabs, processes, cells = plan(t)
+            e = estimate(features, vocabs, processes, cells)
+            for key, views in features.items():  # a feature set with augmented views covers one without
+                all_features[key] = max(all_features.get(key, 0), views)
+            all_vocabs.update(vocabs)
+            all_processes.update(processes)
         print(f"| {t} | {e['processes']} ({e['cells']}) | {e['features']} | {hm(e['extract_s'])} | {e['vocabs']} | "
               f"{hm(e['nouns_s'])} | {hm(e['train_s'])} | {hm(e['total_s'])} |")
         lines.append(f"estimate table={t} gpu={GPU_NAME.replace(' ', '_')} cpu_cores={CPU_CORES} seeds={SEEDS} "
