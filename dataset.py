@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 import time
 
 import numpy as np
@@ -84,21 +85,138 @@ def _parse_value(key, text, default):
     return text
 
 
+def settings_doc(path):
+    """The settings block at the top of the script `path`, read from its source: a list of
+    (group, NAME, comment). The block is the run of top-level UPPER_CASE assignments that starts
+    at the first one and ends at the first blank line; comment lines at column 0 start a group
+    (`# data`; `# ----` rules are skipped), an indented comment line continues the setting above,
+    and names starting with `_` are not settings. This one reading feeds --help, the command-line
+    keys and the README's settings tables, so the three never disagree."""
+    import ast
+    import io
+    import tokenize
+    with open(path, encoding='utf-8') as f:
+        src = f.read()
+    lines = src.split('\n')
+    comments = {}  # line number -> (column, text) of every comment
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip('#').strip())
+
+    def names_of(s):
+        targets = s.targets if isinstance(s, ast.Assign) else [s.target]
+        return [t.id for t in targets if isinstance(t, ast.Name)] if all(isinstance(t, ast.Name) for t in targets) else []
+
+    def header(n):  # the group a run of column-0 comment lines ending at line n names, or None
+        run = []
+        while n in comments and comments[n][0] == 0 and lines[n - 1].lstrip().startswith('#'):
+            if comments[n][1].strip('-=# '):
+                run.insert(0, comments[n][1])
+            n -= 1
+        return ' '.join(run) or None
+
+    out, group, prev_end = [], '', None
+    for s in ast.parse(src).body:
+        names = names_of(s) if isinstance(s, (ast.Assign, ast.AnnAssign)) else []
+        upper = [n for n in names if n.isupper()]
+        if prev_end is None:  # before the block: wait for its first public setting
+            if not upper or all(n.startswith('_') for n in upper):
+                continue
+            group = header(s.lineno - 1) or ''
+        else:
+            if not upper or any(not lines[n - 1].strip() for n in range(prev_end + 1, s.lineno)):
+                break  # the block ends at a blank line or at anything but a constant
+            for n in range(prev_end + 1, s.lineno):
+                col = comments.get(n, (0, ''))[0]
+                if col > 0 and out:                       # an indented comment continues the setting above
+                    out[-1] = (out[-1][0], out[-1][1], out[-1][2] + ' ' + comments[n][1])
+            group = header(s.lineno - 1) or group
+        end_comment = comments.get(s.end_lineno)
+        comment = end_comment[1] if end_comment and end_comment[0] > 0 else ''
+        out += [(group, n, comment) for n in upper if not n.startswith('_')]
+        prev_end = s.end_lineno
+    return out
+
+
+_SETTING_TYPES = (int, float, str, bool, tuple, list, type(None))
+
+
+def _setting_keys(g):
+    """{lower-case key: NAME} of the settings of the script whose globals are `g`: its settings
+    block (settings_doc) when `g` comes from a file, else every UPPER_CASE constant of a plain type."""
+    path = g.get('__file__')
+    names = [n for _, n, _ in settings_doc(path)] if path and str(path).endswith('.py') and os.path.isfile(path) \
+        else [k for k in g if k.isupper() and not k.startswith('_')]
+    return {n.lower(): n for n in names if n in g and isinstance(g[n], _SETTING_TYPES)}
+
+
+def cli_value(v):
+    """A setting's value as it is typed after --key= (tuples comma-separated, '' for empty)."""
+    if isinstance(v, bool):
+        return 'true' if v else 'false'
+    if v is None:
+        return 'none'
+    if isinstance(v, (tuple, list)):
+        return ','.join(map(str, v)) or "''"
+    return str(v) if v != '' else "''"
+
+
+def help_text(g):
+    """--help of a script: usage, the first paragraph of its docstring, then its settings in
+    the file's groups, each as --key=default and the comment written beside the constant."""
+    script = os.path.basename(g.get('__file__') or 'script.py')
+    keys = _setting_keys(g)
+    doc = (g.get('__doc__') or '').strip().split('\n\n')[0]
+    out = [f"usage: python {script} [--key=value ...]", '', doc, '',
+           "Settings (the constants at the top of the file; --flag alone sets a boolean to true):"]
+    rows = settings_doc(g['__file__']) if g.get('__file__') and os.path.isfile(g['__file__']) else \
+        [('', n, '') for n in keys.values()]
+    width = max((len(f"--{n.lower()}={cli_value(g[n])}") for _, n, _ in rows if n.lower() in keys), default=0)
+    width = min(width, 38)
+    group = None
+    for grp, name, comment in rows:
+        if name.lower() not in keys:
+            continue
+        if grp != group:
+            out += [''] + textwrap.wrap(f"{grp}:" if grp else 'settings:', 100)
+            group = grp
+        arg = f"--{name.lower()}={cli_value(g[name])}"
+        text = textwrap.wrap(comment, max(40, 100 - width - 4), break_on_hyphens=False, break_long_words=False) or ['']
+        lines = [f"  {arg:<{width}}  {text[0]}"] if len(arg) <= width else [f"  {arg}", f"  {'':<{width}}  {text[0]}"]
+        out += [s.rstrip() for s in lines] + [f"  {'':<{width}}  {t}" for t in text[1:]]
+    return '\n'.join(out).rstrip() + '\n'
+
+
+def settings_markdown(path, values):
+    """The README's settings table of the script `path` (values: its constants' defaults)."""
+    rows = ['| setting | default | meaning |', '|---|---|---|']
+    for _, name, comment in settings_doc(path):
+        if isinstance(values.get(name, object()), _SETTING_TYPES):
+            default = cli_value(values[name]).replace('|', '\\|')
+            rows.append(f"| `--{name.lower()}` | `{default}` | {comment.replace('|', chr(92) + '|')} |")
+    return '\n'.join(rows)
+
+
 def configure(g, argv=None):
-    """Override the UPPER_CASE constants of a script's globals `g` from `--key=value`
-    arguments (case-insensitive; `--flag` alone sets a boolean to True). Unknown keys and
-    values of the wrong type are errors. Returns the full configuration as a dict."""
+    """Override the settings of a script (the UPPER_CASE constants of its settings block, in
+    its globals `g`) from `--key=value` arguments (case-insensitive; `--flag` alone sets a
+    boolean to True); --help or -h prints them and exits. Unknown keys (with the nearest known
+    one) and values of the wrong type are errors. Returns the full configuration as a dict."""
+    import difflib
     argv = sys.argv[1:] if argv is None else argv
-    keys = {k.lower(): k for k, v in g.items()
-            if k.isupper() and not k.startswith('_') and isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+    keys = _setting_keys(g)
+    if '--help' in argv or '-h' in argv:
+        print(help_text(g), end='')
+        raise SystemExit(0)
     for arg in argv:
         if not arg.startswith('--'):
-            raise SystemExit(f"error: arguments look like --key=value, got {arg!r}")
+            raise SystemExit(f"error: arguments look like --key=value, got {arg!r} (--help lists the settings)")
         key, eq, text = arg[2:].partition('=')
         key = key.replace('-', '_').lower()
         if key not in keys:
-            raise SystemExit(f"error: unknown setting --{key}; settings of this script: "
-                             + ', '.join('--' + k for k in sorted(keys)))
+            near = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+            raise SystemExit(f"error: unknown setting --{key}" + (f"; did you mean --{near[0]}?" if near else '')
+                             + " (--help lists every setting with its default and meaning)")
         name = keys[key]
         if not eq:
             if not isinstance(g[name], bool):
@@ -499,3 +617,32 @@ def load_split(cache_dir, dataset, tag, producer='dataset_extract.py'):
     labels = load_array(os.path.join(d, 'labels.npy'), producer=producer)
     parts = [load_array(os.path.join(d, tag, p + '.npy'), producer=producer) for p in ('query', 'retrieval', 'train')]
     return (labels, *parts)
+
+
+# -----------------------------------------------------------------------------
+# `python dataset.py --readme` rewrites the README's settings tables from the scripts' own
+# settings blocks (the text between <!-- settings: x.py --> and <!-- /settings -->)
+README_SCRIPTS = ('dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py')
+
+
+def readme_with_settings(text, root):
+    """`text` (the README) with every marked settings block replaced by the script's table."""
+    import re
+    import runpy
+
+    def table(m):
+        path = os.path.join(root, m.group(1))
+        values = runpy.run_path(path, run_name='settings')  # the constants, without running main()
+        return f"{m.group(0).split(chr(10))[0]}\n{settings_markdown(path, values)}\n<!-- /settings -->"
+    return re.sub(r'<!-- settings: (\S+) -->\n.*?<!-- /settings -->', table, text, flags=re.S)
+
+
+if __name__ == '__main__':
+    if sys.argv[1:] != ['--readme']:
+        raise SystemExit("usage: python dataset.py --readme   (rewrites README.md's settings tables from the scripts)")
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')
+    with open(readme, encoding='utf-8') as f:
+        old = f.read()
+    new = readme_with_settings(old, os.path.dirname(readme))
+    atomic_write(readme, lambda f: f.write(new.encode()))
+    print(f"README.md settings tables {'rewritten' if new != old else 'already up to date'}")

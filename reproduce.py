@@ -39,17 +39,17 @@ from models import hardware, pretrained_tag
 # what to reproduce
 TABLE = '1'                 # 1 | 2 | 3 | 4 | 5 | 6 | fig5a | fig5b | fig5 (both) | baselines
 ROWS = ()                   # only these rows of the table (row ids: see the ROW column); () = all
-DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
+DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')  # the table's columns
 BITS = (16, 32, 64)         # code lengths
 SEEDS = (0,)                # train.py --seed; several: each cell is mean +- std over them
 # features and models (what dataset_extract.py wrote to CACHE_DIR)
-CACHE_DIR = 'cache'
+CACHE_DIR = 'cache'         # dataset_extract.py's and nouns_embed.py's files
 CLIP_MODEL = 'ViT-B-16'     # the CLIP of every CLIP row: the image backbone and the space of the nouns
-CLIP_PRETRAINED = 'openai'
+CLIP_PRETRAINED = 'openai'  # its weights: tag, checkpoint file or 'random'
 CNN_BACKBONE = 'vgg16'      # Table 1's CNN row (its external features still come from CLIP_MODEL)
-CNN_PRETRAINED = 'imagenet'
+CNN_PRETRAINED = 'imagenet' # its weights: 'imagenet', a .pth file or 'random'
 ALT_CLIP = 'ViT-B-32'       # Table 6's other CLIP: backbone and space of the nouns both
-ALT_CLIP_PRETRAINED = 'openai'
+ALT_CLIP_PRETRAINED = 'openai'  # its weights
 # the method's settings where a table's rows do not vary them
 EXTERNAL = 'efc'            # efc = the paper; imgk needs no nouns_embed.py (quick checks)
 VOCAB = 'wordnet'           # nouns_embed.py vocabulary
@@ -62,9 +62,9 @@ NOUNS_ARGS = ''             # more nouns_embed.py settings, where it has to run
 # Figure 5 (the paper's grids are only drawn, not printed: these are ours)
 T1_VALUES = (0.7, 0.8, 0.9, 1.0, 1.1)                                              # 5a, at each dataset's best T2
 T2_VALUES = (0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.00)     # 5b (paper: 0.90 to 1.00)
-FIG5_BITS = 64
+FIG5_BITS = 64              # code length of Figure 5
 # baselines
-METHODS = ('duheg', 'ssdh', 'dhn', 'dch', 'lsh', 'itq')
+METHODS = ('duheg', 'ssdh', 'dhn', 'dch', 'lsh', 'itq')  # train.py --method of each baselines row
 # output
 OUT_DIR = 'runs/reproduce'  # table<N>.md, figure5*.png, logs/, runs/
 RESULTS = ''                # '' -> OUT_DIR/results.jsonl; shared by all tables, so a shared cell trains once

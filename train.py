@@ -26,13 +26,13 @@ from models import HashHead, pretrained_tag, resolve_device
 
 # data (what dataset_extract.py and nouns_embed.py produced)
 DATASET = 'cifar10'         # cifar10 | nuswide | flickr25k | mscoco | folder
-CACHE_DIR = 'cache'
+CACHE_DIR = 'cache'         # where dataset_extract.py and nouns_embed.py left their files
 SPLIT_SEED = 0              # which split (dataset_extract.py --split_seed)
 SPLIT_DIR = ''              # or the name of your own split folder (dataset_extract.py --split_dir)
 BACKBONE = 'ViT-B-16'       # features feeding Hv: ViT-B-16 | ViT-B-32 | vgg16
 BACKBONE_PRETRAINED = ''    # '' -> 'openai' for CLIP, 'imagenet' for vgg16
 CLIP_MODEL = 'ViT-B-16'     # the CLIP space of nouns and images for the external feature
-CLIP_PRETRAINED = 'openai'
+CLIP_PRETRAINED = 'openai'  # its weights (as given to dataset_extract.py / nouns_embed.py)
 VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet | a word-list file (Table 5)
 N_K = 800                   # clusters of the noun selection (Eq. 3)
 T1 = 0.9                    # distance threshold of representative nouns (Eq. 3)
@@ -51,11 +51,11 @@ RELEASED = False            # the authors' released code: one fixed pair of view
 # optimiser (Section 4.1.2, Eq. 10-11)
 EPOCHS = 60                 # T_max
 WARMUP = 10                 # T_warm
-LR_MIN = 1e-5
-LR_MAX = 1e-4
-BATCH_SIZE = 512
+LR_MIN = 1e-5               # Eq. 10-11: lr_min, the learning rate at the start and the end
+LR_MAX = 1e-4               # Eq. 10-11: lr_max, reached after the warm-up
+BATCH_SIZE = 512            # mini-batch size N (positives of Eq. 8 are found inside a batch)
 # system
-SEED = 0
+SEED = 0                    # seed of the heads' initialisation, the batches and the view pairs
 DEVICE = 'auto'             # auto | cpu | cuda
 THREADS = 0                 # torch CPU threads; 0: torch's default (every core); 1 when other jobs share the cores
 RUN_DIR = ''                # '' -> runs/<dataset>/<automatic name from the settings>

@@ -33,7 +33,7 @@ BASELINE_QUERIES = 500    # queries the slow loop is timed on (then scaled to NU
 TOLERANCE = 1e-9          # largest allowed |MAP(fast) - MAP(loop)| on the same queries
 ROUNDS = 10               # interleaved timing rounds of the loop and the fast path
 WORKERS = 2               # eval_hash.WORKERS: threads of the fast path (the loop's BLAS uses every core too)
-SEED = 0
+SEED = 0                  # seed of the generated codes and labels
 
 
 def make_data(rng):

@@ -41,7 +41,7 @@ from models import load_backbone, resolve_device  # noqa: E402
 IMAGE_DIR = ''            # '' -> generate N_IMAGES JPEGs in a temporary folder; or your own <dir>/<class>/<img>
 N_IMAGES = 16             # images per pass (ViT-B/16 runs at about 4 images/s on a 2-core CPU)
 IMAGE_W = 500             # generated photo size (MS-COCO / Flickr photos are about 500 x 375 to 640 x 480)
-IMAGE_H = 375
+IMAGE_H = 375             # generated photo height
 JPEG_QUALITY = 90         # generated JPEG quality
 # model
 BACKBONE = 'ViT-B-16'     # ViT-B-16 | ViT-B-32 | vgg16 | tiny-test

@@ -48,7 +48,7 @@ BITS = (16, 32, 64)        # code lengths, one training each
 EPOCHS = train.EPOCHS      # the schedule the time is reported for (T_max)
 TIMED_EPOCHS = 6           # epochs run per code length (and thread count), scaled to EPOCHS by the median epoch;
                            # 0 = all EPOCHS in one call each
-BATCH_SIZE = train.BATCH_SIZE
+BATCH_SIZE = train.BATCH_SIZE  # mini-batch size (train.py's)
 TAU2 = 0.8                 # Eq. 9 temperature (the authors' NUS-WIDE value)
 T2 = train.T2_BEST['nuswide']  # Eq. 8 threshold
 # system
@@ -61,7 +61,7 @@ EVAL = True                # also time the final encoding and MAP of NUS-WIDE's 
 OVERHEAD_STEPS = 500       # also time this many steps on tiny tensors (batch 4, 8-d, 1 thread): the fixed cost of
                            # a step's op calls (420 from Python, 700 at the bottom: torch.profiler), i.e. what a
                            # step costs where kernels take next to no time (a GPU); 0: skip
-SEED = 0
+SEED = 0                   # seed of the generated features and labels
 
 
 def make_labels(rng, n):

@@ -27,14 +27,14 @@ from dataset import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # what to estimate
-TABLES = ('1', '2', '3', '4', '5', '6', 'fig5', 'baselines')
-DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
+TABLES = ('1', '2', '3', '4', '5', '6', 'fig5', 'baselines')  # reproduce.py --table of each estimate
+DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')  # the tables' columns
 SEEDS = 1                   # seeds per cell (reproduce.py --seeds)
 # the GPU: forward images/s, mixed precision, batch 1024, from timm's published benchmark
 # results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv (PyTorch 2.4, CUDA 12.4), rows
 # vit_base_patch16_clip_quickgelu_224, vit_base_patch32_clip_quickgelu_224 and vgg16 (OpenAI's
 # CLIP towers use QuickGELU). Run dataset_extract.py with --precision=fp16 to get such rates.
-GPU_NAME = 'RTX 4090'
+GPU_NAME = 'RTX 4090'       # the GPU the rates below are for (only printed)
 GPU_VIT_B16 = 2269.68       # images/s, CLIP ViT-B/16 image tower
 GPU_VIT_B32 = 8389.12       # images/s, CLIP ViT-B/32 image tower
 GPU_VGG16 = 2165.35         # images/s, VGG-16 (to fc8; fc7 is a little less)
@@ -59,8 +59,8 @@ NOUNS_CPU_S = 36.0          # nouns_embed.py's CPU-side work on WordNet (reading
                             # whole step with the tiny test model less its clustering (36 s idle, 62-84 s under load)
 KMEANS_CPU_S = 19.6         # K-means of WordNet's 117,798 x 512 features into 800 clusters (bench_kmeans.py)
 # the usual image counts; query, retrieval and train sizes follow SPEC.md (Section 4.1.1)
-IMAGES = ('cifar10=60000', 'nuswide=195834', 'flickr25k=20015', 'mscoco=122218')
-TRAIN = ('cifar10=5000', 'nuswide=10500', 'flickr25k=5000', 'mscoco=10000')
+IMAGES = ('cifar10=60000', 'nuswide=195834', 'flickr25k=20015', 'mscoco=122218')  # images of each dataset
+TRAIN = ('cifar10=5000', 'nuswide=10500', 'flickr25k=5000', 'mscoco=10000')  # training images of each
 AUG_VIEWS = 2               # augmented views of every train image (dataset_extract.py AUG_VIEWS)
 WORDNET_WORDS = 117798      # words of the vocabularies nouns_embed.py reads (WordNet's noun lemmas)
 IMAGENET_WORDS = 1000       # (open_clip's ImageNet-1k class names)

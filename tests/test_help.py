@@ -1,0 +1,103 @@
+"""--help and -h on every script: purpose, settings grouped as in the file, defaults, comments;
+the README's settings tables come from the same reading of the file."""
+import glob
+import io
+import os
+import runpy
+import textwrap
+from contextlib import redirect_stdout
+
+import pytest
+
+import dataset
+from conftest import ROOT, run_script
+
+SCRIPTS = ['dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py'] + \
+    sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'benchmarks', '*.py')))
+
+
+def _values(script):
+    return runpy.run_path(os.path.join(ROOT, script), run_name='settings')
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_lists_every_setting_with_its_default_and_comment(script):
+    proc = run_script(script, '--help')
+    assert proc.returncode == 0 and proc.stderr.count('Traceback') == 0
+    out = proc.stdout
+    assert out.startswith(f'usage: python {os.path.basename(script)} [--key=value ...]')
+    g = _values(script)
+    purpose = g['__doc__'].strip().split('\n\n')[0]
+    assert ' '.join(purpose.split()) in ' '.join(out.split())          # the docstring's first paragraph
+    doc = dataset.settings_doc(os.path.join(ROOT, script))
+    assert len(doc) >= 8
+    flat = ' '.join(out.split())
+    for group, name, comment in doc:
+        assert f'--{name.lower()}={dataset.cli_value(g[name])}' in out, name  # every setting with its default
+        assert ' '.join(comment.split()) in flat, name                     # and its comment
+        assert f"{' '.join(group.split())}:" in flat if group else True
+    # -h prints the same, here through configure itself on the script's own globals
+    buf = io.StringIO()
+    with redirect_stdout(buf), pytest.raises(SystemExit) as e:
+        dataset.configure(g, ['-h'])
+    assert e.value.code == 0 and buf.getvalue() == out
+
+
+def test_minus_h_exits_zero_from_the_command_line():
+    proc = run_script('nouns_embed.py', '-h')
+    assert proc.returncode == 0 and '--t1=0.9' in proc.stdout and 'Eq. 3' in proc.stdout
+
+
+@pytest.mark.parametrize('script,typo,near', [('train.py', '--t3=0.9', '--t2'),
+                                              ('nouns_embed.py', '--n_kk=10', '--n_k'),
+                                              ('dataset_extract.py', '--bakbone=vgg16', '--backbone')])
+def test_misspelt_key_names_the_closest_setting(script, typo, near):
+    proc = run_script(script, typo, check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert f'unknown setting {typo.split("=")[0]}; did you mean {near}?' in proc.stderr
+
+
+def test_settings_doc_reads_groups_continuations_and_stops_at_a_blank_line(tmp_path):
+    src = textwrap.dedent('''\
+        """Doc."""
+        import os
+
+        # -----------------------------------------------------------------------------
+        # data
+        A = 1            # the a
+        B = (1, 2)       # the b,
+                         # continued
+        _HIDDEN = 3      # not a setting
+        # a group over
+        # two lines
+        C = 'x'
+        D = E = None     # two names
+
+        F = 2            # after the blank line: not a setting
+        ''')
+    path = tmp_path / 'script.py'
+    path.write_text(src)
+    assert dataset.settings_doc(str(path)) == [
+        ('data', 'A', 'the a'), ('data', 'B', 'the b, continued'),
+        ('a group over two lines', 'C', ''), ('a group over two lines', 'D', 'two names'),
+        ('a group over two lines', 'E', 'two names')]
+    g = dict(__file__=str(path), A=1, B=(1, 2), _HIDDEN=3, C='x', D=None, E=None, F=2)
+    with pytest.raises(SystemExit, match='unknown setting --f'):  # outside the block: not a key
+        dataset.configure(g, ['--f=3'])
+    assert dataset.configure(g, ['--b=3,4'])['B'] == (3, 4)
+
+
+def test_readme_settings_tables_equal_the_scripts():
+    """The tables in README.md are what `python dataset.py --readme` writes from each script's
+    settings block, the same reading that --help prints."""
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    for script in dataset.README_SCRIPTS:
+        assert f'<!-- settings: {script} -->' in readme, script
+    assert dataset.readme_with_settings(readme, ROOT) == readme, 'run: python dataset.py --readme'
+    for script in dataset.README_SCRIPTS:
+        g = _values(script)
+        table = dataset.settings_markdown(os.path.join(ROOT, script), g)
+        assert table in readme
+        for _, name, _ in dataset.settings_doc(os.path.join(ROOT, script)):
+            assert f"| `--{name.lower()}` | `{dataset.cli_value(g[name])}` |" in table
