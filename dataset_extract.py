@@ -189,7 +189,8 @@ def main():
         fdir = feature_dir(CACHE_DIR, DATASET, backbone, pretrained)
         encode, preprocess, dims[backbone] = load_backbone(backbone, pretrained, device)
         settings = dict(data_settings, backbone=backbone, pretrained=pretrained_tag(pretrained),
-                        transform=repr(preprocess), precision=PRECISION, version=_VERSION)
+                        build=models.backbone_build(backbone, pretrained), transform=repr(preprocess),
+                        precision=PRECISION, version=_VERSION)
         out = os.path.join(fdir, 'images.npy')
         if not check_reuse(out, settings):
             encode_all(f'{backbone} images', images, np.arange(len(images)), preprocess, encode, out,
@@ -226,5 +227,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (DataError, CacheError) as e:
+    except (DataError, CacheError, models.WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}")

@@ -67,12 +67,103 @@ def default_weights(backbone):
 
 def pretrained_tag(pretrained):
     """A short name for a weights setting, used in cache paths: 'openai', 'random', or
-    'file-<name>' for a local checkpoint."""
+    'file-<name>' for a local checkpoint file or folder (a model hub cache folder
+    'models--org--repo' is named by its repo)."""
     if pretrained in (None, '', 'none', 'random'):
         return 'random'
-    if os.path.sep in str(pretrained) or os.path.exists(str(pretrained)):
-        return 'file-' + os.path.splitext(os.path.basename(str(pretrained)))[0]
-    return str(pretrained)
+    p = str(pretrained)
+    if os.path.sep in p or os.path.exists(p):
+        hub = [part for part in os.path.normpath(p).split(os.path.sep) if part.startswith('models--')]
+        return 'file-' + (hub[-1].split('--')[-1] if hub else os.path.splitext(os.path.basename(os.path.normpath(p)))[0])
+    return p
+
+
+# -----------------------------------------------------------------------------
+# weights files: every form a user may hold, read without running code from the file
+OPENAI_EXTRA_KEYS = ('input_resolution', 'context_length', 'vocab_size')  # ints kept in OpenAI's archives
+HUB_WEIGHTS = ('open_clip_model.safetensors', 'open_clip_pytorch_model.safetensors', 'open_clip_pytorch_model.bin')
+
+
+def is_torchscript(path):
+    """True for a TorchScript archive (OpenAI's CLIP downloads): a zip with code/ and constants.pkl,
+    where torch.save's zip files hold data.pkl alone."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith('/constants.pkl') or '/code/' in n for n in z.namelist())
+
+
+def weights_file(path):
+    """The weights file of `path`: the path itself, or in a folder the model hub's open_clip weights,
+    also inside a hub cache folder (models--org--repo/snapshots/<revision>/, refs/main first)."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise WeightsUnavailable(f"weights file {path!r} does not exist")
+        return path
+    folders = [path]
+    snaps = os.path.join(path, 'snapshots')
+    if os.path.isdir(snaps):
+        main = os.path.join(path, 'refs', 'main')
+        first = open(main).read().strip() if os.path.isfile(main) else None
+        folders += sorted((os.path.join(snaps, d) for d in os.listdir(snaps)), key=lambda d: os.path.basename(d) != first)
+    for folder in folders:
+        for name in HUB_WEIGHTS:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    raise WeightsUnavailable(f"no weights in the folder {path}: expected one of {', '.join(HUB_WEIGHTS)} (the model "
+                             f"hub's open_clip files), also under snapshots/<revision>/ of a hub cache folder")
+
+
+def read_state_dict(path):
+    """The tensors of a checkpoint, in float32, whatever its form: OpenAI's TorchScript archive (read
+    with torch.jit.load for its state dict only), .safetensors, or a torch.save'd state dict (.pt,
+    .pth, .bin; read with weights_only=True, also {'state_dict': ...} and 'module.' prefixes)."""
+    path = weights_file(path)
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        elif is_torchscript(path):
+            sd = dict(torch.jit.load(path, map_location='cpu').state_dict())
+        else:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+            sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
+    except Exception as e:  # noqa: BLE001 - any reader's failure means the file is not usable weights
+        raise WeightsUnavailable(f"cannot read weights from {path} ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsUnavailable(f"{path} holds no state dict of tensors (a whole pickled model is not read, "
+                                 f"as that would run code from the file): save model.state_dict() instead")
+    sd = {k.removeprefix('module.'): v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def clip_quick_gelu(name, pretrained):
+    """Whether the CLIP `name` with weights `pretrained` is built with QuickGELU, the activation
+    its weights were trained with: open_clip's record for a tag ('openai': True); for a file or
+    folder, the model hub's open_clip_config.json beside it when there is one, else True for
+    OpenAI's TorchScript archives and for ViT-B-16 / ViT-B-32 state dicts (OpenAI's weights,
+    the paper's); a '-quickgelu' model name always; random weights keep the model's default."""
+    import open_clip
+    if name.endswith('-quickgelu'):
+        return True
+    tag = pretrained_tag(pretrained)
+    if tag == 'random':
+        return False
+    if not tag.startswith('file-'):
+        return bool(open_clip.get_pretrained_cfg(name, pretrained).get('quick_gelu', False))
+    path = weights_file(pretrained)
+    cfg = os.path.join(os.path.dirname(path), 'open_clip_config.json')
+    if os.path.isfile(cfg):
+        import json
+        with open(cfg) as f:
+            return bool(json.load(f).get('model_cfg', {}).get('quick_gelu', False))
+    return is_torchscript(path) or name in ('ViT-B-16', 'ViT-B-32')
+
+
+def clip_build(name, pretrained):
+    """What the features of this CLIP depend on besides its weights, for the caches' settings."""
+    return dict(activation='QuickGELU' if clip_quick_gelu(name, pretrained) else 'GELU', loader=2)
 
 
 def _register_tiny():
@@ -82,37 +173,77 @@ def _register_tiny():
     return open_clip
 
 
+def _offline_advice(name, pretrained):
+    import open_clip
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained_tag(pretrained) != 'random' else {}
+    url, hub = cfg.get('url'), cfg.get('hf_hub', '').strip('/')
+    if url:
+        return (f"With no network, download {url} on another machine (OpenAI's own file: only its weights are "
+                f"read) and put it in {os.path.join(OPENAI_CACHE, os.path.basename(url))}, where it is found by "
+                f"itself, or anywhere and pass --clip_pretrained=/path/to/{os.path.basename(url)}"
+                + (f"; the model hub's folder of {hub} (open_clip_pytorch_model.bin) works too" if hub else ''))
+    if hub:
+        return (f"With no network, copy the model hub's folder of {hub} (open_clip_pytorch_model.bin or .safetensors) "
+                f"to this machine and pass --clip_pretrained=/path/to/that/folder")
+    return f"pass a local weights file or folder: --clip_pretrained=/path/to/{name}.pt"
+
+
+OPENAI_CACHE = os.path.expanduser('~/.cache/clip')  # where OpenAI's clip package keeps its downloads
+
+
 def load_clip(name='ViT-B-16', pretrained='openai', device='cpu'):
-    """open_clip model (eval mode, frozen), its validation preprocess and its tokenizer.
-    `pretrained`: an open_clip tag ('openai'), a local checkpoint file, or 'random'."""
+    """open_clip model (eval mode, frozen, float32), its validation preprocess and its tokenizer.
+    `pretrained`: an open_clip tag ('openai'), a weights file or folder in any form read_state_dict
+    reads, or 'random'. Built with the activation the weights were trained with (clip_quick_gelu)."""
     open_clip = _register_tiny()
+    base = name.removesuffix('-quickgelu')
     if name not in open_clip.list_models():
         raise ValueError(f"unknown CLIP model {name!r}; choose one of {', '.join(CLIP_MODELS)} "
                          f"(or any of open_clip.list_models())")
     tag = pretrained_tag(pretrained)
+    if tag not in ('random',) and not tag.startswith('file-'):
+        url = open_clip.get_pretrained_url(base, pretrained) if open_clip.get_pretrained_cfg(base, pretrained) else ''
+        if not open_clip.get_pretrained_cfg(base, pretrained):
+            raise WeightsUnavailable(f"{pretrained!r} is neither a file nor a folder nor an open_clip tag of {name} "
+                                     f"({', '.join(t for m, t in open_clip.list_pretrained() if m == base)})")
+        local = os.path.join(OPENAI_CACHE, os.path.basename(url)) if url else ''
+        if local and os.path.isfile(local):  # OpenAI's clip package already downloaded it
+            pretrained, tag = local, 'openai-cache'
+    quick = clip_quick_gelu(name, pretrained)
     if tag == 'random':
         torch.manual_seed(MODEL_SEED)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=quick)
+    elif os.path.exists(str(pretrained)) or tag.startswith('file-'):
+        sd = read_state_dict(pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=quick)
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+        if missing or unexpected or shape:
+            raise WeightsUnavailable(f"{pretrained} does not hold {name} weights: {len(missing)} missing (e.g. "
+                                     f"{', '.join(missing[:3])}), {len(unexpected)} unexpected (e.g. "
+                                     f"{', '.join(unexpected[:3])}), {len(shape)} of another shape (e.g. "
+                                     f"{', '.join(shape[:3])}); check --clip_model / --backbone")
+        model.load_state_dict(sd)
     else:
-        if tag.startswith('file-') and not os.path.isfile(pretrained):
-            raise WeightsUnavailable(f"CLIP checkpoint {pretrained!r} does not exist")
-        if not tag.startswith('file-') and not (_online('huggingface.co') or _online('openaipublic.azureedge.net')):
+        if not (_online('huggingface.co') or _online('openaipublic.azureedge.net')):
             import huggingface_hub.constants
             huggingface_hub.constants.HF_HUB_OFFLINE = True  # use a cached copy if there is one, fail fast if not
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                         force_quick_gelu=quick)
         except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
-            url = open_clip.get_pretrained_url(name, pretrained) or f'the {pretrained} weights of {name}'
-            raise WeightsUnavailable(
-                f"cannot load CLIP {name} weights {pretrained!r} ({type(e).__name__}: {str(e)[:200]}). "
-                f"With no network, download {url} on another machine and pass its path: "
-                f"--clip_pretrained=/path/to/{name}.pt") from e
-    model = model.to(device).eval().requires_grad_(False)
+            raise WeightsUnavailable(f"cannot load CLIP {name} weights {pretrained!r} ({type(e).__name__}: "
+                                     f"{str(e)[:160]}). {_offline_advice(name, pretrained)}") from e
+    model = model.float().to(device).eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def load_vgg16(pretrained='imagenet', device='cpu'):
-    """torchvision VGG-16 up to fc7 (after its ReLU), F = 4096, with its preprocessing."""
+    """torchvision VGG-16 up to fc7 (after its ReLU), F = 4096, with its preprocessing.
+    `pretrained`: 'imagenet' (torchvision's download, or its cache ~/.cache/torch/hub/checkpoints),
+    a weights file (torchvision's vgg16-397923af.pth, any state dict or .safetensors), or 'random'."""
     import torchvision
     from torchvision.models import VGG16_Weights
     weights = VGG16_Weights.IMAGENET1K_V1
@@ -121,18 +252,21 @@ def load_vgg16(pretrained='imagenet', device='cpu'):
         torch.manual_seed(MODEL_SEED)
         net = torchvision.models.vgg16(weights=None)
     elif tag.startswith('file-'):
-        if not os.path.isfile(pretrained):
-            raise WeightsUnavailable(f"VGG-16 checkpoint {pretrained!r} does not exist")
         net = torchvision.models.vgg16(weights=None)
-        net.load_state_dict(torch.load(pretrained, map_location='cpu', weights_only=True))
-    else:
+        try:
+            net.load_state_dict(read_state_dict(pretrained))
+        except RuntimeError as e:
+            raise WeightsUnavailable(f"{pretrained} does not hold torchvision VGG-16 weights ({str(e)[:200]})") from e
+    elif tag == 'imagenet':
         try:
             net = torchvision.models.vgg16(weights=weights)
         except Exception as e:  # noqa: BLE001
             raise WeightsUnavailable(
-                f"cannot download VGG-16 ImageNet weights ({type(e).__name__}: {e}). With no network, "
-                f"download {weights.url} on another machine and pass its path: --backbone_pretrained=/path/to/"
-                f"{os.path.basename(weights.url)} (or put it in ~/.cache/torch/hub/checkpoints/)") from e
+                f"cannot download VGG-16 ImageNet weights ({type(e).__name__}: {e}). With no network, download "
+                f"{weights.url} on another machine and put it in ~/.cache/torch/hub/checkpoints/, where it is found "
+                f"by itself, or anywhere and pass --backbone_pretrained=/path/to/{os.path.basename(weights.url)}") from e
+    else:
+        raise WeightsUnavailable(f"VGG-16 weights {pretrained!r}: use 'imagenet', a weights file, or 'random'")
     net.classifier = net.classifier[:5]  # fc6, ReLU, Dropout, fc7, ReLU -> the fc7 output
     return net.to(device).eval().requires_grad_(False), weights.transforms()
 
@@ -144,6 +278,11 @@ def load_backbone(name, pretrained, device='cpu'):
         return net, preprocess, 4096
     model, preprocess, _ = load_clip(name, pretrained, device)
     return model.encode_image, preprocess, model.visual.output_dim
+
+
+def backbone_build(name, pretrained):
+    """clip_build for a CLIP backbone; VGG-16's build has no choice in it."""
+    return {} if name in VGG_MODELS else clip_build(name, pretrained)
 
 
 def preprocess_params(preprocess):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import CacheError, configure, reusable, load_array, save_array, save_json, save_text, sha256_file
-from models import encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
+from models import WeightsUnavailable, clip_build, encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
 
 # -----------------------------------------------------------------------------
 # vocabulary
@@ -410,7 +410,7 @@ def load_nouns(cache_dir, vocab, clip_model, clip_pretrained, released=False):
     """(t_w, words) of every kept noun, as written by nouns_embed.py."""
     d = vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released)
     want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
-                released=released)
+                released=released, clip_build=clip_build(clip_model, clip_pretrained))
     t, _ = _load_checked(os.path.join(d, 'noun_feats.npy'), want, ['noun_words.txt'])
     return t, _read_lines(os.path.join(d, 'noun_words.txt'))
 
@@ -419,7 +419,7 @@ def load_selection(cache_dir, vocab, clip_model, clip_pretrained, n_k=N_K, t1=T1
     """(t_com, words, tags) of the selected nouns as written by nouns_embed.py; tags 'rep' or 'cen'."""
     d = selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released)
     want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
-                n_k=n_k, t1=t1, released=released)
+                n_k=n_k, t1=t1, released=released, clip_build=clip_build(clip_model, clip_pretrained))
     t, _ = _load_checked(os.path.join(d, 'selected_feats.npy'), want, ['selected_words.txt', 'selection.json'])
     rows = [line.split('\t') for line in _read_lines(os.path.join(d, 'selected_words.txt'))]
     return t, [r[0] for r in rows], [r[1] for r in rows]
@@ -441,7 +441,8 @@ def main():
     words, vtag, source = read_words(VOCAB, CACHE_DIR, WORDNET_DIR)
     print(f"nouns read: {len(words)} from {source}")
     embed_set = dict(producer='nouns_embed.py', cache_version=_CACHE_VERSION, clip_model=CLIP_MODEL,
-                     clip_pretrained=pretrained_tag(CLIP_PRETRAINED), vocab=vtag, released=RELEASED,
+                     clip_pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=clip_build(CLIP_MODEL, CLIP_PRETRAINED),
+                     vocab=vtag, released=RELEASED,
                      words_read=len(words), words_sha256=_sha256_lines(words), prompts=list(PROMPTS),
                      underscores='keep' if RELEASED else 'space', precision=PRECISION)
 
@@ -536,5 +537,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except CacheError as e:
+    except (CacheError, WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}")

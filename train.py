@@ -120,7 +120,8 @@ def load_features():
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
     labels, query, retrieval, train = load_split(CACHE_DIR, DATASET, tag)
     fdir = feature_dir(CACHE_DIR, DATASET, BACKBONE, BACKBONE_PRETRAINED)
-    feats = load_array(os.path.join(fdir, 'images.npy'), producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE}')
+    feats = load_array(os.path.join(fdir, 'images.npy'), dict(build=models.backbone_build(BACKBONE, BACKBONE_PRETRAINED)),
+                       producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE}')
     if len(feats) != len(labels):
         raise CacheError(f"{fdir}/images.npy has {len(feats)} rows but {dataset_dir(CACHE_DIR, DATASET)}/labels.npy "
                          f"{len(labels)}: the two come from different datasets; rerun dataset_extract.py --force")
@@ -134,7 +135,8 @@ def load_features():
     if METHOD == 'duheg' and EXTERNAL != 'none':
         clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED)
         clip = feats if clip_dir == fdir else load_array(
-            os.path.join(clip_dir, 'images.npy'), producer=f'dataset_extract.py --backbone={BACKBONE} --clip_model={CLIP_MODEL}')
+            os.path.join(clip_dir, 'images.npy'), dict(build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED)),
+            producer=f'dataset_extract.py --backbone={BACKBONE} --clip_model={CLIP_MODEL}')
     bad = json.load(open(os.path.join(fdir, 'images.npy.json')))['settings'].get('bad', [])
     if bad:  # images dataset_extract.py --bad_images=skip could not read
         query, retrieval, train_keep = (np.setdiff1d(p, bad) for p in (query, retrieval, train))
@@ -142,6 +144,11 @@ def load_features():
         train, aug = train[keep], (aug[keep] if aug is not None else None)
         print(f"left out {len(bad)} unreadable images listed in {fdir}/bad_images.txt")
     return feats, aug, None if clip is None else clip[train], labels, query, retrieval, train
+
+
+def nouns_build():
+    """The settings a nouns_embed.py cache must have been made with to be read here."""
+    return dict(clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED))
 
 
 def vocabulary(clip_train):
@@ -152,13 +159,13 @@ def vocabulary(clip_train):
     producer = f'nouns_embed.py --vocab={VOCAB} --clip_model={CLIP_MODEL} --n_k={N_K} --t1={T1}'
     if EXTERNAL == 'efc':
         d = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED)
-        return load_array(os.path.join(d, 'selected_feats.npy'), producer=producer)
+        return load_array(os.path.join(d, 'selected_feats.npy'), nouns_build(), producer=producer)
     if EXTERNAL == 'ek':
         d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
-        return load_array(os.path.join(d, 'noun_feats.npy'), producer=producer)
+        return load_array(os.path.join(d, 'noun_feats.npy'), nouns_build(), producer=producer)
     # imgcls: Algorithm 1's selection on the training images, same ratio of clusters to points as for nouns
     d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
-    n_nouns = len(load_array(os.path.join(d, 'noun_feats.npy'), producer=producer, mmap=True))
+    n_nouns = len(load_array(os.path.join(d, 'noun_feats.npy'), nouns_build(), producer=producer, mmap=True))
     n_k = max(2, round(N_K * len(clip_train) / n_nouns))
     t = F.normalize(torch.as_tensor(clip_train, dtype=torch.float32), dim=1).numpy()
     rep, cen = select_vocabulary(t, n_k, T1, iters=100, restarts=1, seed=SEED)
@@ -168,7 +175,8 @@ def vocabulary(clip_train):
 def external_cache(clip_train, train):
     """e_i of every training image (Eq. 5-6), cached beside the features."""
     settings = dict(dataset=DATASET, split=split_tag(SPLIT_SEED, SPLIT_DIR), clip=CLIP_MODEL,
-                    pretrained=pretrained_tag(CLIP_PRETRAINED), vocab=VOCAB, n_k=N_K, t1=T1, tau1=TAU1,
+                    pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED),
+                    vocab=VOCAB, n_k=N_K, t1=T1, tau1=TAU1,
                     external=EXTERNAL, released=RELEASED, n_train=len(train))
     name = f"external_{EXTERNAL}_{os.path.basename(str(VOCAB))}_k{N_K}_t{T1}_tau{TAU1}{'_released' if RELEASED else ''}_{settings['split']}.npy"
     path = os.path.join(feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED), name)
@@ -331,5 +339,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (DataError, CacheError, ValueError) as e:
+    except (DataError, CacheError, ValueError, models.WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}")

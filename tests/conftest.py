@@ -47,6 +47,7 @@ def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, se
     dataset with backbone tiny-test/random) whose classes live in 16 of `dim` dimensions and
     a nuisance of the given strength fills the rest: raw similarity only half knows the class."""
     import dataset
+    import models
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(n_classes), per_class)
     x = np.zeros((len(y), dim), np.float32)
@@ -59,5 +60,6 @@ def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, se
     split = dataset.make_split(labels, dict(query_per_class=10, train_per_class=30), 0)
     for name, idx in zip(('query', 'retrieval', 'train'), split):
         dataset.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
-    dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, {}, 'test')
+    build = models.backbone_build('tiny-test', 'random')  # as dataset_extract.py records it
+    dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
     return labels, split

@@ -121,7 +121,9 @@ def test_train_names_missing_and_mismatched_caches(tmp_path):
     write_feature_set(str(tmp_path))
     import dataset
     path = os.path.join(tmp_path, 'folder', 'tiny-test-random', 'images.npy')
-    dataset.save_array(path, np.zeros((5, 64), np.float32), {}, 'test')  # rows do not match the labels
+    import models
+    dataset.save_array(path, np.zeros((5, 64), np.float32), dict(build=models.backbone_build('tiny-test', 'random')),
+                       'test')  # rows do not match the labels
     proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--backbone=tiny-test',
                       '--backbone_pretrained=random', '--method=lsh', '--bits=8', check=False)
     assert proc.returncode != 0 and 'has 5 rows but' in proc.stderr, proc.stderr[-800:]
