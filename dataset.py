@@ -73,9 +73,11 @@ def _parse_value(key, text, default):
                 raise SystemExit(f"error: --{key.lower()}={text!r}: {why} (the default is "
                                  f"{','.join(map(str, default))})") from None
         return tuple(parts)
-    if default is None:  # optional setting: a number, a path or a name
+    if default is None:  # optional setting: a number, a path, a name or a boolean
         if text.lower() == 'none':
             return None
+        if text.lower() in ('true', 'false'):
+            return text.lower() == 'true'
         for cast in (int, float):
             try:
                 return cast(text)
@@ -281,6 +283,35 @@ def save_array(path, arr, settings, producer):
     return meta
 
 
+def save_array_by_parts(path, shape, dtype, settings, producer, parts):
+    """Like save_array for an array too large to hold at once: `parts` yields (index, values)
+    written into a memory-mapped .npy of `shape` and `dtype` in a temporary file, which is renamed
+    into place before its sidecar is written."""
+    if os.path.exists(path + '.json'):
+        os.remove(path + '.json')
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=d)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=tuple(shape))
+        for index, values in parts:
+            out[index] = values
+        out.flush()
+        del out
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    meta = dict(producer=producer, settings=settings, shape=list(shape), dtype=str(np.dtype(dtype)),
+                sha256=sha256_file(path), written=time.strftime('%Y-%m-%d %H:%M:%S'))
+    save_json(path + '.json', meta)
+    return meta
+
+
 def cache_status(path, settings):
     """'missing', 'ok', or a sentence saying why the file at `path` cannot be trusted."""
     if not os.path.exists(path + '.json'):
@@ -365,7 +396,7 @@ class Images:
             return im.convert('RGB')  # convert() reads the whole file, so truncation shows here
 
 
-def read_list_file(path, root, n_labels=None):
+def read_list_file(path, root, n_labels=None, check=True):
     """`relative/path.jpg 0 1 0 ...` per line -> (names, labels). Checks every line and that
     the images exist (lists the first missing ones and their count)."""
     if not os.path.isfile(path):
@@ -390,7 +421,8 @@ def read_list_file(path, root, n_labels=None):
             labels.append(vec)
     if not names:
         raise DataError(f"list file {path} holds no images")
-    check_exist(names, root, path)
+    if check:
+        check_exist(names, root, path)
     return names, np.array(labels, np.int8)
 
 
@@ -452,16 +484,137 @@ def _mirflickr(path):
     return Images(names, labels, root=path, classes=[os.path.basename(f)[:-4] for f in files])
 
 
-def load_images(dataset, data_path, download=True):
-    """The Images of `dataset` (a name of DATASETS) found at `data_path`."""
+class _H5Images:
+    """Images stored as IAll[i] (3 x W x H uint8) in an HDF5 file (the 20,015-image MIRFlickr .mat/.h5
+    that the authors' code reads), opened lazily in each process, so DataLoader workers can share it."""
+
+    def __init__(self, path):
+        self.path, self._file, self._pid = path, None, None
+
+    def __getitem__(self, i):
+        import h5py
+        if self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, 'r'), os.getpid()
+        return np.ascontiguousarray(np.transpose(self._file['IAll'][i], (2, 1, 0)))  # -> H x W x 3, as the authors
+
+    def __getstate__(self):
+        return dict(path=self.path, _file=None, _pid=None)
+
+
+def _flickr_mat(path):
+    """The authors' Flickr25k: a file with IAll (images, HDF5: .h5 or a v7.3 .mat) and a .mat with LAll
+    (20,015 x 24 labels), found in `path` by those names (e.g. mirflickr25k-iall.mat, mirflickr25k-lall.mat)."""
+    files = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    iall = [f for f in files if 'iall' in f.lower() and f.lower().endswith(('.mat', '.h5', '.hdf5'))]
+    lall = [f for f in files if 'lall' in f.lower() and f.lower().endswith(('.mat', '.h5', '.hdf5'))]
+    if not iall or not lall:
+        return None
+    try:
+        import h5py
+    except ImportError:
+        raise DataError(f"reading {path}/{iall[0]} (HDF5) needs h5py: pip install h5py") from None
+    ipath, lpath = os.path.join(path, iall[0]), os.path.join(path, lall[0])
+    try:
+        import scipy.io
+        labels = scipy.io.loadmat(lpath)['LAll']
+    except (NotImplementedError, ValueError):  # a v7.3 .mat is HDF5, stored transposed
+        with h5py.File(lpath, 'r') as f:
+            labels = np.asarray(f['LAll']).T
+    except KeyError:
+        raise DataError(f"{lpath} has no LAll variable (the Flickr25k labels)") from None
+    try:
+        with h5py.File(ipath, 'r') as f:
+            n = f['IAll'].shape[0]
+    except (OSError, KeyError) as e:
+        raise DataError(f"{ipath} is not an HDF5 file with an IAll dataset (the Flickr25k images): {e}") from None
+    if n != len(labels):
+        raise DataError(f"{ipath} holds {n} images but {lpath} {len(labels)} label rows")
+    return Images([f'flickr25k/{i}' for i in range(n)], labels, arrays=_H5Images(ipath))
+
+
+# the split files of the authors' repository and of DeepHash-pytorch, in a --split_dir (SPEC, "Splits")
+SPLIT_FORMATS = {
+    'lists': ('query.txt', 'retrieval.txt', 'train.txt'),             # ours: 'path 0 1 ...', names in the dataset
+    'cifar_index': ('train_index.txt',),                              # CIFAR-10: train indices into the 50,000
+    'index': ('query_index.txt', 'retrieval_index.txt', 'train_index.txt'),  # Flickr25k: indices into IAll
+    'dsdh': ('test_img.txt', 'database_img.txt', 'train_img.txt'),     # NUS-WIDE, with *_label_onehot.txt
+    'deephash': ('test.txt', 'database.txt', 'train.txt'),            # MS-COCO, DeepHash-pytorch: 'path 0 1 ...'
+}
+
+
+def split_format(split_dir):
+    """Which SPLIT_FORMATS a --split_dir holds (the first whose files are all there)."""
+    for name in ('lists', 'index', 'dsdh', 'deephash', 'cifar_index'):
+        if all(os.path.isfile(os.path.join(split_dir, f)) for f in SPLIT_FORMATS[name]):
+            return name
+    raise DataError(f"--split_dir={split_dir} holds none of the split formats: "
+                    + '; '.join(', '.join(v) for v in SPLIT_FORMATS.values()))
+
+
+def _resolve(names, root, source):
+    """Image paths relative to `root`: as listed, or else found by file name anywhere under root (the
+    authors' code maps NUS-WIDE's images/x.jpg to Flickr/*/x.jpg and prefixes MS-COCO's with MSCOCO/)."""
+    missing = [i for i, n in enumerate(names) if not os.path.isfile(os.path.join(root, n))]
+    if not missing:
+        return names
+    where = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            where.setdefault(f, os.path.relpath(os.path.join(d, f), root))
+    names = list(names)
+    for i in missing:
+        names[i] = where.get(os.path.basename(names[i]), names[i])
+    check_exist(names, root, source)
+    return names
+
+
+def _listed_images(dataset, data_path, split_dir, fmt):
+    """Images defined by split lists (dsdh, deephash): every listed image once, retrieval's first."""
+    parts = []
+    for f in SPLIT_FORMATS[fmt][::-1]:  # retrieval (database), query (test), then train
+        path = os.path.join(split_dir, f)
+        if fmt == 'dsdh':
+            label_file = os.path.join(split_dir, f.replace('_img.txt', '_label_onehot.txt'))
+            with open(path, encoding='utf-8') as fh:
+                names = [l.strip() for l in fh if l.strip()]
+            try:
+                labels = np.loadtxt(label_file, dtype=np.int64, ndmin=2)
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read the labels {label_file}: {e}") from None
+            if len(labels) != len(names):
+                raise DataError(f"{path} lists {len(names)} images but {label_file} has {len(labels)} label rows")
+        else:
+            names, labels = read_list_file(path, data_path, check=False)
+        parts.append((names, labels, path))
+    seen, out_names, out_labels = {}, [], []
+    for names, labels, path in parts:
+        for n, l in zip(names, labels):
+            if n not in seen:
+                seen[n] = len(out_names)
+                out_names.append(n)
+                out_labels.append(l)
+    resolved = _resolve(out_names, data_path, ', '.join(p for _, _, p in parts))
+    images = Images(resolved, np.array(out_labels, np.int8), root=data_path)
+    images.listed = out_names  # the names as the split files write them
+    return images
+
+
+def load_images(dataset, data_path, download=True, split_dir=''):
+    """The Images of `dataset` (a name of DATASETS) found at `data_path`; split files that list
+    the images themselves (NUS-WIDE's *_img.txt, MS-COCO's train/test/database.txt) define them."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if split_dir and split_format(split_dir) in ('dsdh', 'deephash'):
+        return _listed_images(dataset, data_path, split_dir, split_format(split_dir))
     if dataset == 'cifar10':
         return _cifar10(data_path, download)
     if dataset == 'folder':
         return _folder(data_path)
     list_file = os.path.join(data_path, 'list.txt')
     if dataset == 'flickr25k' and not os.path.isfile(list_file):
+        images = _flickr_mat(data_path) if os.path.isdir(data_path) else None
+        if images is not None:
+            return images
         images = _mirflickr(data_path)
     else:
         if not os.path.isfile(list_file):
@@ -513,20 +666,65 @@ def make_split(labels, rule, seed):
     return query, retrieval, train
 
 
+def _read_indices(path, n):
+    try:
+        idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except ValueError as e:
+        raise DataError(f"{path}: expected one integer index per line ({e})") from None
+    bad = idx[(idx < 0) | (idx >= n)]
+    if len(bad):
+        raise DataError(f"{path}: {len(bad)} indices outside 0..{n - 1}, e.g. {bad[:5].tolist()}")
+    return idx
+
+
 def read_split_dir(split_dir, images):
-    """A user's own split: query.txt, retrieval.txt, train.txt list files (same format as the
-    list file). Returns index arrays into `images`, whose names must include them."""
-    pos = {n: i for i, n in enumerate(images.names)}
-    out = []
-    for part in ('query', 'retrieval', 'train'):
-        path = os.path.join(split_dir, part + '.txt')
-        names, labels = read_list_file(path, images.root or '', images.labels.shape[1]) if images.root else (
-            [l.split()[0] for l in open(path) if l.strip()], None)
-        unknown = [n for n in names if n not in pos]
-        if unknown:
-            raise DataError(f"{len(unknown)} images of {path} are not in the dataset, e.g. {', '.join(unknown[:5])}")
-        out.append(np.array([pos[n] for n in names], np.int64))
+    """(query, retrieval, train) index arrays into `images` from the split files in `split_dir`, in
+    any of SPLIT_FORMATS: our query.txt / retrieval.txt / train.txt lists of the dataset's names; the
+    authors' CIFAR-10 train_index.txt (query: the official test batch, retrieval: the five training
+    batches, train: those indices into them); Flickr25k's *_index.txt into IAll; NUS-WIDE's *_img.txt
+    and MS-COCO's (or DeepHash-pytorch's) test/database/train.txt, whose images load_images read.
+    Then check_split reports overlaps."""
+    fmt = split_format(split_dir)
+    files = [os.path.join(split_dir, f) for f in SPLIT_FORMATS[fmt]]
+    if fmt == 'cifar_index':
+        if len(images) != 60000:
+            raise DataError(f"{files[0]} indexes CIFAR-10's 50,000 training images; this dataset has {len(images)}")
+        out = (np.arange(50000, 60000), np.arange(50000), np.sort(_read_indices(files[0], 50000)))
+        files = ['the test batch', 'the training batches', files[0]]
+    elif fmt == 'index':
+        out = tuple(_read_indices(f, len(images)) for f in files)
+    else:
+        pos = {n: i for i, n in enumerate(getattr(images, 'listed', images.names))}
+        out = []
+        for path in files:
+            if fmt == 'dsdh':
+                with open(path, encoding='utf-8') as fh:
+                    names = [l.strip() for l in fh if l.strip()]
+            else:
+                names = read_list_file(path, '', images.labels.shape[1], check=False)[0]
+            unknown = [n for n in names if n not in pos]
+            if unknown:
+                raise DataError(f"{len(unknown)} images of {path} are not in the dataset, e.g. {', '.join(unknown[:5])}")
+            out.append(np.array([pos[n] for n in names], np.int64))
+    check_split(*out, *files)
     return tuple(out)
+
+
+def check_split(query, retrieval, train, q_name='query', r_name='retrieval', t_name='train'):
+    """A query image in retrieval or train, or an image twice in one part, is an error; train
+    images outside retrieval are reported (the paper draws train from retrieval)."""
+    for idx, name in ((query, q_name), (retrieval, r_name), (train, t_name)):
+        if len(np.unique(idx)) < len(idx):
+            raise DataError(f"{name} lists {len(idx) - len(np.unique(idx))} images more than once")
+    for other, name in ((retrieval, r_name), (train, t_name)):
+        both = np.intersect1d(query, other)
+        if len(both):
+            raise DataError(f"{len(both)} query images of {q_name} are also in {name} (e.g. indices "
+                            f"{both[:5].tolist()}): a query must be unseen by training and not retrieve itself")
+    outside = np.setdiff1d(train, retrieval)
+    if len(outside):
+        print(f"note: {len(outside)} of {len(train)} train images of {t_name} are not in {r_name} (the paper draws "
+              f"train from retrieval)")
 
 
 # -----------------------------------------------------------------------------
@@ -551,6 +749,32 @@ def augment_transform(preprocess):
 def augment_settings():
     return dict(crop_scale=AUG_CROP_SCALE, flip=AUG_FLIP_P, jitter=AUG_JITTER, jitter_p=AUG_JITTER_P,
                 gray=AUG_GRAY_P, blur_p=AUG_BLUR_P, blur_sigma=AUG_BLUR_SIGMA)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VIEW_RECIPES = ('simclr', 'released')  # ours (the backbone's own plain view, AUG_* views) or the authors' code's
+
+
+def released_views(dataset, size=224):
+    """(plain, augmented) views of the authors' released code (SPEC, last section) at the backbone's
+    input `size` (224 for every real backbone, as theirs; 256 scales with it), every one
+    normalised with ImageNet's mean and std. CIFAR-10: plain Resize(224, bicubic) + CenterCrop(224);
+    augmented Resize(224, bicubic), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.7, grayscale
+    p = 0.2, a 3 x 3 Gaussian blur with sigma in [0.1, 2] at p = 0.5, no crop. The other sets:
+    plain Resize(256) + CenterCrop(224); augmented RandomResizedCrop(224) + flip. (Their blur is
+    OpenCV's on the uint8 array; torchvision's same kernel here may round a pixel differently.)"""
+    from torchvision import transforms as T
+    bicubic = T.InterpolationMode.BICUBIC
+    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if dataset == 'cifar10':
+        plain = T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size)] + tail)
+        augment = T.Compose([T.Resize(size, interpolation=bicubic), T.RandomHorizontalFlip(),
+                             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.7), T.RandomGrayscale(p=0.2),
+                             T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5)] + tail)
+    else:
+        plain = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] + tail)
+        augment = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + tail)
+    return plain, augment
 
 
 class ViewDataset:
@@ -590,9 +814,11 @@ def dataset_dir(cache_dir, dataset):
     return os.path.join(cache_dir, dataset)
 
 
-def feature_dir(cache_dir, dataset, backbone, pretrained):
+def feature_dir(cache_dir, dataset, backbone, pretrained, recipe='simclr'):
+    """Features of one backbone, weights and view recipe ('-released' for the authors' views)."""
     from models import pretrained_tag
-    return os.path.join(cache_dir, dataset, f'{backbone}-{pretrained_tag(pretrained)}')
+    return os.path.join(cache_dir, dataset, f'{backbone}-{pretrained_tag(pretrained)}'
+                        + ('-released' if recipe == 'released' else ''))
 
 
 def split_rule(dataset, query=None, train=None):

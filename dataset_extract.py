@@ -4,7 +4,8 @@ Writes, under CACHE_DIR/<dataset>/:
   labels.npy, names.txt, classes.txt      every image's labels and file name
   <split>/query.npy, retrieval.npy, train.npy   the split (indices), drawn once with SPLIT_SEED
   <backbone>-<weights>/images.npy          the plain (un-augmented) view of every image, N x F
-  <backbone>-<weights>/train_aug_<split>.npy   AUG_VIEWS augmented views of each train image, Nt x V x F
+  <backbone>-<weights>/train_aug_<split>.npy   AUG_VIEWS augmented views of each train image, Nt x V x F (fp16)
+(`-released` is appended to the feature folder under the authors' view recipe, VIEW_RECIPE=released.)
 With BACKBONE=vgg16 the CLIP_MODEL features (images.npy) are extracted too: the external
 feature needs CLIP's space. Work is saved in chunks, so a killed run resumes where it stopped.
 Several GPUs or machines: torchrun --nproc_per_node=N dataset_extract.py ... (same files).
@@ -41,18 +42,24 @@ BACKBONE = 'ViT-B-16'      # ViT-B-16 | ViT-B-32 (Table 6) | vgg16 (Table 1, CNN
 BACKBONE_PRETRAINED = ''   # '' -> 'openai' for CLIP, 'imagenet' for vgg16; or a checkpoint file; 'random' (tests)
 CLIP_MODEL = 'ViT-B-16'    # the CLIP whose image space the external feature lives in (used with vgg16)
 CLIP_PRETRAINED = 'openai' # its weights: tag, checkpoint file, or 'random'
-AUG_VIEWS = 2              # augmented views per train image (training samples a pair of them each epoch)
+AUG_VIEWS = None           # augmented views per train image; None: 120 = 2 x T_max, a fresh pair (2t, 2t+1) in each of
+                           # train.py's 60 epochs (Algorithm 2, line 10), or the one fixed pair (2) with --released
 AUG_SEED = 0               # seed of the augmented views
+VIEW_RECIPE = None         # 'simclr' (the backbone's own plain view and normalisation, AUG_* views of dataset.py) or
+                           # 'released' (the authors' per-dataset views, ImageNet normalisation); None: simclr, or
+                           # released with --released
+RELEASED = False           # the authors' released code: their view recipe, one fixed pair of views, fp16 CLIP (GPU)
 # system
 CACHE_DIR = 'cache'        # where the three steps hand each other files
 DEVICE = 'auto'            # auto | cpu | cuda | cuda:1 ...
-PRECISION = 'fp32'         # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only)
+PRECISION = None           # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only); None: fp32, or fp16 with --released on a GPU
 BATCH_SIZE = 128           # images per forward pass
 NUM_WORKERS = -1           # data-loading processes; -1: one per usable CPU core
 CHUNK_BATCHES = 8          # batches per saved chunk (the unit of resuming and of sharding across ranks)
 BAD_IMAGES = 'stop'        # stop | skip: an unreadable image stops the run, or is listed in bad_images.txt and dropped later
 FORCE = False              # rebuild caches even when they exist
-_VERSION = 1               # bump when the features this script writes change meaning
+_VERSION = 2               # bump when the features this script writes change meaning (2: augmented views in fp16)
+_T_MAX = 60                # train.py's EPOCHS: AUG_VIEWS None extracts a fresh pair of views for each of them
 
 
 def hash_names(names):
@@ -97,11 +104,13 @@ def check_reuse(path, settings):
 
 
 @torch.no_grad()
-def encode_all(name, images, indices, transform, encode, out_path, settings, rank, world, device, seed=None, view=0):
+def encode_all(name, images, indices, transform, encode, out_path, settings, rank, world, device, seed=None, view=0,
+               keep=True):
     """Features of `images[indices]` under `transform`, saved chunk by chunk (resumable, each
-    rank its share), then merged in order into `out_path`. Returns the merged array on rank 0."""
+    rank its share), then merged in order into `out_path`. Returns the merged array on rank 0
+    (None when not `keep`)."""
     if check_reuse(out_path, settings):
-        return load_array(out_path, settings, 'dataset_extract.py') if rank == 0 else None
+        return load_array(out_path, settings, 'dataset_extract.py') if rank == 0 and keep else None
     chunk = BATCH_SIZE * CHUNK_BATCHES
     chunk_dir = os.path.join(os.path.dirname(out_path), '.chunks', os.path.basename(out_path)[:-4])
     chunk_settings = dict(settings, batch_size=BATCH_SIZE, chunk=chunk)
@@ -139,7 +148,26 @@ def encode_all(name, images, indices, transform, encode, out_path, settings, ran
         save_array(out_path, feats, dict(settings, bad=bad), 'dataset_extract.py')
         shutil.rmtree(chunk_dir, ignore_errors=True)
     barrier(world)
-    return feats
+    return feats if keep else None
+
+
+def resolve_settings(device):
+    """The None settings resolved by RELEASED (AUG_VIEWS, VIEW_RECIPE, PRECISION), then checked."""
+    global AUG_VIEWS, VIEW_RECIPE, PRECISION
+    AUG_VIEWS = (2 if RELEASED else 2 * _T_MAX) if AUG_VIEWS is None else AUG_VIEWS
+    VIEW_RECIPE = VIEW_RECIPE or ('released' if RELEASED else 'simclr')
+    if PRECISION is None:
+        PRECISION = 'fp16' if RELEASED and device.startswith('cuda') else 'fp32'
+        if RELEASED and PRECISION == 'fp32':
+            print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
+    if BATCH_SIZE < 1 or CHUNK_BATCHES < 1 or not isinstance(AUG_VIEWS, int) or AUG_VIEWS < 0 or NUM_WORKERS < -1:
+        raise SystemExit("error: --batch_size, --chunk_batches must be >= 1, --aug_views >= 0 and --num_workers >= -1")
+    if PRECISION not in ('fp32', 'bf16', 'fp16') or BAD_IMAGES not in ('stop', 'skip'):
+        raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
+    if PRECISION == 'fp16' and not device.startswith('cuda'):
+        raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
+    if VIEW_RECIPE not in dataset.VIEW_RECIPES:
+        raise SystemExit(f"error: --view_recipe={VIEW_RECIPE!r}: choose one of {', '.join(dataset.VIEW_RECIPES)}")
 
 
 def main():
@@ -147,20 +175,18 @@ def main():
     cfg = configure(globals())
     if DATASET not in dataset.DATASETS:
         raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
-    if BATCH_SIZE < 1 or CHUNK_BATCHES < 1 or AUG_VIEWS < 0 or NUM_WORKERS < -1:
-        raise SystemExit("error: --batch_size, --chunk_batches must be >= 1, --aug_views >= 0 and --num_workers >= -1")
-    NUM_WORKERS = num_workers(NUM_WORKERS)
-    if PRECISION not in ('fp32', 'bf16', 'fp16') or BAD_IMAGES not in ('stop', 'skip'):
-        raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
     DATA_PATH = DATA_PATH or os.path.join('data', DATASET)
     t0 = time.time()
     rank, world, device = setup_distributed()
+    resolve_settings(device)
+    NUM_WORKERS = num_workers(NUM_WORKERS)
+    cfg.update(AUG_VIEWS=AUG_VIEWS, VIEW_RECIPE=VIEW_RECIPE, PRECISION=PRECISION, BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
 
     # the images, their labels, and the split (Section 4.1.1)
-    images = load_images(DATASET, DATA_PATH, DOWNLOAD and rank == 0)
+    images = load_images(DATASET, DATA_PATH, DOWNLOAD and rank == 0, SPLIT_DIR)
     if world > 1 and DATASET == 'cifar10' and rank > 0:
-        images = load_images(DATASET, DATA_PATH, False)
+        images = load_images(DATASET, DATA_PATH, False, SPLIT_DIR)
     ddir = dataset_dir(CACHE_DIR, DATASET)
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
     rule = split_rule(DATASET, QUERY, TRAIN)
@@ -186,8 +212,12 @@ def main():
         jobs.append((CLIP_MODEL, CLIP_PRETRAINED, 0))
     dims = {}
     for backbone, pretrained, views in jobs:
-        fdir = feature_dir(CACHE_DIR, DATASET, backbone, pretrained)
+        fdir = feature_dir(CACHE_DIR, DATASET, backbone, pretrained, VIEW_RECIPE)
         encode, preprocess, dims[backbone] = load_backbone(backbone, pretrained, device)
+        if VIEW_RECIPE == 'released':
+            preprocess, augment = dataset.released_views(DATASET, models.preprocess_params(preprocess)[0])
+        else:
+            augment = augment_transform(preprocess)
         settings = dict(data_settings, backbone=backbone, pretrained=pretrained_tag(pretrained),
                         build=models.backbone_build(backbone, pretrained), transform=repr(preprocess),
                         precision=PRECISION, version=_VERSION)
@@ -196,18 +226,25 @@ def main():
             encode_all(f'{backbone} images', images, np.arange(len(images)), preprocess, encode, out,
                        settings, rank, world, device)
         if views:
-            aug_settings = dict(settings, split=split_settings, aug=augment_settings(), aug_views=views, aug_seed=AUG_SEED)
+            aug = augment_settings() if VIEW_RECIPE == 'simclr' else repr(augment)
+            aug_settings = dict(settings, split=split_settings, aug=aug, aug_views=views, aug_seed=AUG_SEED)
             out = os.path.join(fdir, f'train_aug_{tag}.npy')
             if not check_reuse(out, aug_settings):
-                augment = augment_transform(preprocess)
-                per_view = [encode_all(f'{backbone} train view {v + 1}/{views}', images, train, augment, encode,
-                                       os.path.join(fdir, f'.train_aug_{tag}_v{v}.npy'), dict(aug_settings, view=v),
-                                       rank, world, device, seed=AUG_SEED, view=v) for v in range(views)]
-                if rank == 0:
-                    save_array(out, np.stack(per_view, 1), aug_settings, 'dataset_extract.py')
-                    for v in range(views):
+                view_paths = [os.path.join(fdir, f'.train_aug_{tag}_v{v}.npy') for v in range(views)]
+                for v in range(views):  # one view at a time, each resumable
+                    encode_all(f'{backbone} train view {v + 1}/{views}', images, train, augment, encode,
+                               view_paths[v], dict(aug_settings, view=v), rank, world, device, seed=AUG_SEED, view=v,
+                               keep=False)
+                if rank == 0:  # Nt x V x F in fp16, filled view by view: memory holds one view, not V
+                    first = load_array(view_paths[0], dict(aug_settings, view=0), 'dataset_extract.py', mmap=True)
+                    dataset.save_array_by_parts(out, (len(train), views, first.shape[1]), np.float16, aug_settings,
+                                                'dataset_extract.py',
+                                                ((np.s_[:, v], load_array(p, dict(aug_settings, view=v),
+                                                                          'dataset_extract.py'))
+                                                 for v, p in enumerate(view_paths)))
+                    for p in view_paths:
                         for suffix in ('', '.json'):
-                            os.remove(os.path.join(fdir, f'.train_aug_{tag}_v{v}.npy{suffix}'))
+                            os.remove(p + suffix)
         barrier(world)
         if rank == 0:
             bad = read_meta(os.path.join(fdir, 'images.npy'))['settings'].get('bad', [])

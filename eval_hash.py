@@ -413,7 +413,9 @@ def draw_examples(run, bits, z, n):
         cfg = json.load(f)['config']
     name = cfg['DATASET']
     try:
-        images = dataset.load_images(name, DATA_PATH or os.path.join('data', name), download=False)
+        split_dir = cfg.get('SPLIT_DIR', '')
+        images = dataset.load_images(name, DATA_PATH or os.path.join('data', name), download=False,
+                                     split_dir=split_dir if split_dir and os.path.isdir(split_dir) else '')
     except Exception as e:  # noqa: BLE001 - pictures are optional: say why there are none
         print(f'no Figure 6-7 pictures: the images of {name} cannot be read ({str(e)[:200]})')
         return []
@@ -429,10 +431,11 @@ def draw_examples(run, bits, z, n):
         return paths
     try:  # Figure 7: s_{i,w} = softmax_w(cos(i_i, t_w) / tau1) over t_com, and over every noun
         from nouns_embed import load_nouns, load_selection
-        i_feats = dataset.load_array(os.path.join(dataset.feature_dir(cfg['CACHE_DIR'], name, cfg['CLIP_MODEL'],
-                                                                      cfg['CLIP_PRETRAINED']), 'images.npy'), mmap=True)
+        i_feats = dataset.load_array(os.path.join(dataset.feature_dir(
+            cfg['CACHE_DIR'], name, cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], cfg.get('VIEW_RECIPE') or 'simclr'),
+            'images.npy'), mmap=True)
         t_com, words_com, _ = load_selection(cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
-                                             cfg['N_K'], cfg['T1'], cfg['RELEASED'])
+                                             cfg['N_K'], cfg['T1'], cfg['RELEASED'], cfg.get('T1_READING'))
         t_all, words_all = load_nouns(cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
                                       cfg['RELEASED'])
     except (Exception, SystemExit) as e:  # noqa: BLE001

@@ -39,17 +39,23 @@ PROMPTS = ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo 
 CLIP_MODEL = 'ViT-B-16'            # open_clip name: ViT-B-16, ViT-B-32 (Table 6), tiny-test
 CLIP_PRETRAINED = 'openai'         # open_clip tag, a local checkpoint file, or 'random' (tests)
 BATCH_SIZE = 128                   # prompts per text-encoder batch (fastest on a CPU; a GPU likes 1024)
-PRECISION = 'fp32'                 # 'fp32', 'fp16' (GPU) or 'bf16' autocast
+PRECISION = None                   # 'fp32', 'fp16' (GPU) or 'bf16' autocast; None: fp32, or fp16 with --released on a GPU
 # clustering (Eq. 3-4)
 N_K = 800                          # N_k, number of K-means clusters
-T1 = 0.9                           # Eq. 3: t_w is representative when dis(t_w, c_k) = 2 - 2cos > T1
+T1 = 0.9                           # Eq. 3 threshold, read as T1_READING says
+T1_READING = None                  # Eq. 3: 'distance' keeps dis(t_w, c_k) = 2 - 2cos > T1 (the paper's text), 'similarity'
+                                   # keeps cos > T1 (the authors' code); None: distance, or similarity with --released
 KMEANS_ITERS = None                # most Lloyd iterations per restart; None: 40, or the authors' 300 with --released
 KMEANS_RESTARTS = None             # restarts, the best objective is kept; None: 1, or the authors' 10 with --released
-KMEANS_TOL = 1e-5                  # a restart stops when an iteration raises the objective by less than this fraction
-KMEANS_SEED = 0                    # seed of the k-means++ seeding (restart r uses KMEANS_SEED + r)
-KMEANS_INIT = 'k-means++'          # greedy 'k-means++' seeding on a sample of 20 N_k points, or 'random' points
+KMEANS_TOL = None                  # a restart stops when an iteration raises the objective by less than this fraction;
+                                   # None: 1e-5, or 0 (every iteration runs) with --released
+KMEANS_SEED = 0                    # seed of the seeding (restart r uses KMEANS_SEED + r)
+KMEANS_INIT = None                 # 'k-means++' (greedy, on a sample of 20 N_k points) or 'random' points; None:
+                                   # k-means++, or random with --released
 # the authors' released code (SPEC, last section)
-RELEASED = False                   # prompts keep underscores, 300 x 10 K-means, Eq. 4 over all nouns, t_com = t_rep
+RELEASED = False                   # all of the authors' choices: case-sensitive WordNet lemma names with underscores kept,
+                                   # Eq. 2 as the mean of raw prompt features, 2-NN duplicate deletion, fp16 CLIP (GPU),
+                                   # the K-means schedule and Eq. 3 reading above, Eq. 4 over all nouns, t_com = t_rep
 # system
 CACHE_DIR = 'cache'                # nouns/<vocab>_<model>_<weights>/ is written here
 DEVICE = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', ...
@@ -57,8 +63,9 @@ THREADS = 0                        # torch CPU threads; 0 leaves torch's default
 FORCE = False                      # rebuild the cached features, K-means and selection
 # -----------------------------------------------------------------------------
 _CACHE_VERSION = 1                 # bump when the meaning of a cached file changes
-_KMEANS_DEFAULT = (40, 1)          # (iterations, restarts) when KMEANS_ITERS / KMEANS_RESTARTS are None
-_KMEANS_RELEASED = (300, 10)       # the same in the authors' code
+_KMEANS_DEFAULT = (40, 1, 1e-5, 'k-means++')  # (iterations, restarts, tolerance, seeding) for the None settings
+_KMEANS_RELEASED = (300, 10, 0.0, 'random')   # the same in the authors' code: faiss Kmeans(niter=300, nredo=10)
+READINGS = ('distance', 'similarity')       # the two readings of Eq. 3
 _KPP_SAMPLE = 20                   # k-means++ seeds from a random sample of this many points per cluster
 
 
@@ -115,14 +122,20 @@ def _wordnet_reader(cache_dir, wordnet_dir):
         return WordNetCorpusReader(nltk.data.find('corpora/wordnet'), None), wordnet_dir
 
 
-def read_words(vocab, cache_dir='cache', wordnet_dir=WORDNET_DIR):
+def read_words(vocab, cache_dir='cache', wordnet_dir=WORDNET_DIR, released=False):
     """(words, tag, source): the vocabulary's words, de-duplicated, in a fixed order.
-    wordnet: every noun lemma name, lower-cased, sorted; imagenet: open_clip's 1k class names;
-    otherwise a text file with one word per line (blank lines skipped, first occurrence kept)."""
+    wordnet: every noun lemma name, lower-cased, sorted (117,798 in WordNet 3.0); released: the
+    lemma names as the synsets spell them, case kept (119,034, the words of the authors'
+    WordNet_Nouns.csv), sorted; imagenet: open_clip's 1k class names; otherwise a text file with
+    one word per line (blank lines skipped, first occurrence kept; a .csv file's first line is its
+    header, as pandas reads the authors' WordNet_Nouns.csv)."""
     if vocab == 'wordnet':
         reader, where = _wordnet_reader(cache_dir, wordnet_dir)
-        words = sorted({w.lower() for w in reader.all_lemma_names('n')})
-        return words, 'wordnet', f'WordNet {reader.get_version()} ({where})'
+        if released:
+            words = sorted({lemma.name() for s in reader.all_synsets('n') for lemma in s.lemmas()})
+        else:
+            words = sorted({w.lower() for w in reader.all_lemma_names('n')})
+        return words, 'wordnet', f'WordNet {reader.get_version()} ({where})' + (', case kept' if released else '')
     if vocab == 'imagenet':
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
         return list(dict.fromkeys(IMAGENET_CLASSNAMES)), 'imagenet', 'open_clip IMAGENET_CLASSNAMES'
@@ -130,7 +143,8 @@ def read_words(vocab, cache_dir='cache', wordnet_dir=WORDNET_DIR):
         raise SystemExit(f"error: --vocab={vocab!r} is neither 'wordnet', 'imagenet' nor an existing word-list file")
     try:
         with open(vocab, encoding='utf-8') as f:
-            words = list(dict.fromkeys(w for w in (' '.join(line.split()) for line in f) if w))
+            lines = f.read().splitlines()[1 if vocab.lower().endswith('.csv') else 0:]
+            words = list(dict.fromkeys(w for w in (' '.join(line.split()) for line in lines) if w))
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: cannot read the word-list file {vocab}: {e}")
     if not words:
@@ -181,10 +195,11 @@ def prompt_texts(words, prompts=PROMPTS, keep_underscores=False):
 
 @torch.no_grad()
 def embed_words(words, model, tokenizer, batch_size=BATCH_SIZE, device='cpu', prompts=PROMPTS,
-                precision='fp32', keep_underscores=False):
+                precision='fp32', keep_underscores=False, raw_mean=False):
     """Eq. 2: t_w (len(words) x D float32, unit rows), the L2-normalised mean of the
     L2-normalised CLIP features of the word's prompts (as in CLIP's prompt-engineering
-    notebook). Prompts are encoded once per distinct token sequence, in length-sorted batches
+    notebook); raw_mean: the mean of the raw prompt features, then normalised (the authors'
+    code). Prompts are encoded once per distinct token sequence, in length-sorted batches
     cut after their longest end-of-text token (models.encode_text_cut), then put back in order."""
     dev = torch.device(device)
     if precision == 'fp32':
@@ -218,7 +233,7 @@ def embed_words(words, model, tokenizer, batch_size=BATCH_SIZE, device='cpu', pr
         batch = torch.from_numpy(np.where(real, flat[np.where(real, offsets[idx, None] + pos, 0)], 0))
         with autocast:
             f = encode_text_cut(model, batch.to(dev))
-        f = F.normalize(f.float(), dim=-1).cpu().numpy()
+        f = (f.float() if raw_mean else F.normalize(f.float(), dim=-1)).cpu().numpy()
         t_w = np.zeros((len(words), f.shape[1]), dtype=np.float32) if t_w is None else t_w
         hi = np.searchsorted(occ_rank, s + len(idx), side='left')
         np.add.at(t_w, occ_word[lo:hi], f[occ_rank[lo:hi] - s])  # sequential, so equal prompts give equal sums
@@ -234,6 +249,29 @@ def drop_duplicates(t):
     for i, row in enumerate(t):
         first.setdefault(row.tobytes(), i)
     return np.fromiter(first.values(), dtype=np.int64, count=len(first))
+
+
+def delete_2nn(t, chunk=4096):
+    """The authors' duplicate deletion: each noun's two nearest neighbours by L2 distance (as
+    faiss's IndexFlatL2 computes it, |x|^2 + |y|^2 - 2<x, y> in float32, ties to the lower
+    index); wherever the first is not the noun itself, that neighbour is deleted; repeated
+    until every noun finds itself first. Returns the kept indices, in order. Of exact
+    duplicates the last survives (each copy finds the first one first)."""
+    x = torch.as_tensor(np.ascontiguousarray(t, dtype=np.float32))
+    keep = torch.arange(len(x))
+    while True:
+        xs = x[keep]
+        sq = (xs * xs).sum(1)
+        first = torch.empty(len(xs), dtype=torch.long)
+        for a in range(0, len(xs), chunk):
+            d = sq[a:a + chunk, None] + sq[None, :] - 2 * xs[a:a + chunk] @ xs.T
+            first[a:a + chunk] = d.argmin(1)  # torch.argmin returns the first (lowest) index on a tie
+        drop = first[first != torch.arange(len(xs))].unique()
+        if not len(drop):
+            return keep.numpy()
+        mask = torch.ones(len(xs), dtype=torch.bool)
+        mask[drop] = False
+        keep = keep[mask]
 
 
 # -----------------------------------------------------------------------------
@@ -271,11 +309,11 @@ def _seed_centres(x, k, init, g):
     return xs[idx].clone()
 
 
-def spherical_kmeans(x, k, iters, restarts, seed, tol=KMEANS_TOL, init=KMEANS_INIT, verbose=True):
+def spherical_kmeans(x, k, iters, restarts, seed, tol=1e-5, init='k-means++', verbose=True):
     """Spherical K-means on the unit rows of x: (centres k x D float32 unit rows, assign N int64),
     the best of `restarts` runs by the objective sum_w cos(t_w, c_assign(w)). Each run seeds with
     `init`, then alternates centre update and assignment for at most `iters` iterations, stopping
-    when the objective rises by less than tol x objective; `assign` is the nearest centre of the
+    when the objective rises by less than tol x objective (tol = 0: all `iters`, as faiss runs); `assign` is the nearest centre of the
     final centres. An empty cluster is re-seeded with the point farthest from its own centre."""
     x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     n, k = len(x), int(k)
@@ -297,7 +335,7 @@ def spherical_kmeans(x, k, iters, restarts, seed, tol=KMEANS_TOL, init=KMEANS_IN
             c = F.normalize(c, dim=1)
             a, s = _assign(x, c)
             new = float(s.double().sum())
-            done = new - obj <= tol * abs(new)
+            done = tol > 0 and new - obj <= tol * abs(new)
             obj = new
             bar.set_postfix(mean_cos=f'{obj / n:.5f}', refresh=False)
             if done:
@@ -312,17 +350,33 @@ def spherical_kmeans(x, k, iters, restarts, seed, tol=KMEANS_TOL, init=KMEANS_IN
 
 # -----------------------------------------------------------------------------
 # Eq. 3-4: the representative nouns t_rep and the centre nouns t_cen
-def select_from_clusters(t, centres, assign, t1, released=False, chunk=16384):
+def eq3_representative(t, centres, assign, t1, reading='distance'):
+    """Eq. 3: the mask of representative nouns. 'distance' (the paper's text): dis(t_w, c_k) =
+    2 - 2cos > t1, the nouns FAR from their centre; 'similarity' (the authors' code, where dis is
+    the inner product faiss's spherical index returns): cos > t1, the nouns CLOSE to it."""
+    if reading not in READINGS:
+        raise ValueError(f"T1_READING={reading!r}: choose one of {', '.join(READINGS)}")
+    t = torch.as_tensor(np.ascontiguousarray(t, dtype=np.float32))
+    c = torch.as_tensor(np.ascontiguousarray(centres, dtype=np.float32))
+    cos = (t * c[torch.as_tensor(np.asarray(assign, dtype=np.int64))]).sum(1)
+    return (2 - 2 * cos > t1) if reading == 'distance' else (cos > t1)
+
+
+def select_from_clusters(t, centres, assign, t1, released=False, reading='distance', chunk=16384):
     """(idx_rep, idx_cen) for unit rows t, unit centres c_k and each row's cluster `assign`.
-    Eq. 3: t_rep = {w : dis(t_w, c_assign(w)) = 2 - 2cos > t1}, the rest are t_nor.
+    Eq. 3: t_rep by eq3_representative under `reading`, the rest are t_nor.
     Eq. 4: p_{w,k} = softmax_k cos(t_w, c_k) over all centres; for each cluster k, of the normal
     nouns whose most probable cluster is k, the one with the highest p_{w,k} joins t_cen.
-    released: the authors' code, where the Eq. 4 step runs over all nouns. Both sorted."""
+    released: the authors' code, where the Eq. 4 step runs over all nouns, with each centre the
+    normalised mean of its members. Both sorted."""
     t = torch.as_tensor(np.ascontiguousarray(t, dtype=np.float32))
     c = torch.as_tensor(np.ascontiguousarray(centres, dtype=np.float32))
     a = torch.as_tensor(np.asarray(assign, dtype=np.int64))
-    dis = 2 - 2 * (t * c[a]).sum(1)                                  # Eq. 3
-    rep = dis > t1
+    rep = eq3_representative(t, c, a, t1, reading)                   # Eq. 3
+    if released:
+        sums = torch.zeros_like(c).index_add_(0, a, t)
+        counts = torch.bincount(a, minlength=len(c))
+        c = F.normalize(sums[counts > 0] / counts[counts > 0, None], dim=1)  # an empty cluster has no mean
     cand = torch.arange(len(t)) if released else (~rep).nonzero().ravel()
     pk = torch.empty(len(cand), dtype=torch.float64)
     kk = torch.empty(len(cand), dtype=torch.long)
@@ -335,13 +389,13 @@ def select_from_clusters(t, centres, assign, t1, released=False, chunk=16384):
     return rep.nonzero().ravel().numpy(), idx_cen
 
 
-def select_vocabulary(t, n_k, t1, iters, restarts, seed, tol=KMEANS_TOL, released=False, init=KMEANS_INIT,
-                      verbose=True):
+def select_vocabulary(t, n_k, t1, iters, restarts, seed, tol=1e-5, released=False, init='k-means++',
+                      verbose=True, reading='distance'):
     """Algorithm 1, lines 4-13 on any unit-row feature matrix t: spherical K-means with n_k
     clusters, then Eq. 3-4. Returns (idx_rep, idx_cen); t_com = union (t_rep alone if released).
     train.py also runs it on image features (the IMGCLS ablation of Table 3)."""
     centres, assign = spherical_kmeans(t, n_k, iters, restarts, seed, tol, init, verbose)
-    idx_rep, idx_cen = select_from_clusters(t, centres, assign, t1, released)
+    idx_rep, idx_cen = select_from_clusters(t, centres, assign, t1, released, reading)
     _check_selection(idx_rep if released else np.union1d(idx_rep, idx_cen), n_k, t1, released)
     return idx_rep, idx_cen
 
@@ -349,7 +403,7 @@ def select_vocabulary(t, n_k, t1, iters, restarts, seed, tol=KMEANS_TOL, release
 def _check_selection(idx_com, n_k, t1, released):
     if len(idx_com) == 0:
         raise ValueError(f"no noun selected with N_K={n_k}, T1={t1}" + (
-            " (released: t_com = t_rep only; no noun is farther than T1 from its centre; lower --t1)" if released
+            " (released: t_com = t_rep only, and no noun passes Eq. 3 at this T1; change --t1)" if released
             else "; lower --t1 or raise --n_k"))
 
 
@@ -372,12 +426,12 @@ def kmeans_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, iters, restar
     return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released), name)
 
 
-def selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False):
+def selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False, reading='distance'):
     """Holds selected_feats.npy (t_com rows), selected_words.txt (word<TAB>rep|cen, same order) and
     selection.json: read, unique, duplicates, t_rep, t_cen, t_com, and seconds of embedding,
     clustering, selection and their total (the pre-processing time of Table 4)."""
     return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released),
-                        f'select_k{n_k}_t{t1}' + ('_released' if released else ''))
+                        f'select_k{n_k}_t{t1}' + ('_sim' if reading == 'similarity' else '') + ('_released' if released else ''))
 
 
 def _sha256_lines(lines):
@@ -415,36 +469,61 @@ def load_nouns(cache_dir, vocab, clip_model, clip_pretrained, released=False):
     return t, _read_lines(os.path.join(d, 'noun_words.txt'))
 
 
-def load_selection(cache_dir, vocab, clip_model, clip_pretrained, n_k=N_K, t1=T1, released=False):
+def load_selection(cache_dir, vocab, clip_model, clip_pretrained, n_k=N_K, t1=T1, released=False, reading=None):
     """(t_com, words, tags) of the selected nouns as written by nouns_embed.py; tags 'rep' or 'cen'."""
-    d = selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released)
+    reading = t1_reading(reading, released)
+    d = selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released, reading)
     want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
-                n_k=n_k, t1=t1, released=released, clip_build=clip_build(clip_model, clip_pretrained))
+                n_k=n_k, t1=t1, released=released, clip_build=clip_build(clip_model, clip_pretrained), t1_reading=reading)
     t, _ = _load_checked(os.path.join(d, 'selected_feats.npy'), want, ['selected_words.txt', 'selection.json'])
     rows = [line.split('\t') for line in _read_lines(os.path.join(d, 'selected_words.txt'))]
     return t, [r[0] for r in rows], [r[1] for r in rows]
 
 
 # -----------------------------------------------------------------------------
+def t1_reading(reading=None, released=False):
+    """The T1_READING setting resolved: as given, else the paper's distance (similarity if released)."""
+    return reading or ('similarity' if released else 'distance')
+
+
+def resolve_settings(device):
+    """The None settings resolved by RELEASED: (iters, restarts, tol, init, reading, precision)."""
+    iters, restarts, tol, init = [d if v is None else v for v, d in zip(
+        (KMEANS_ITERS, KMEANS_RESTARTS, KMEANS_TOL, KMEANS_INIT), _KMEANS_RELEASED if RELEASED else _KMEANS_DEFAULT)]
+    precision = PRECISION or ('fp16' if RELEASED and device.startswith('cuda') else 'fp32')
+    if RELEASED and PRECISION is None and precision == 'fp32':
+        print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
+    if iters < 1 or restarts < 1 or tol < 0:
+        raise SystemExit("error: --kmeans_iters and --kmeans_restarts must be >= 1, --kmeans_tol >= 0")
+    if init not in ('k-means++', 'random'):
+        raise SystemExit(f"error: --kmeans_init={init!r}: choose k-means++ or random")
+    reading = t1_reading(T1_READING, RELEASED)
+    if reading not in READINGS:
+        raise SystemExit(f"error: --t1_reading={reading!r}: choose one of {', '.join(READINGS)}")
+    return iters, restarts, tol, init, reading, precision
+
+
 def main():
     cfg = configure(globals())
     t_start = time.time()
-    iters, restarts = [d if v is None else v for v, d in
-                       zip((KMEANS_ITERS, KMEANS_RESTARTS), _KMEANS_RELEASED if RELEASED else _KMEANS_DEFAULT)]
     if any(p.count('{}') != 1 for p in PROMPTS):
         raise SystemExit(f"error: every prompt needs exactly one '{{}}' for the noun, got {PROMPTS}")
     device = resolve_device(DEVICE)
+    iters, restarts, tol, init, reading, precision = resolve_settings(device)
+    cfg.update(KMEANS_ITERS=iters, KMEANS_RESTARTS=restarts, KMEANS_TOL=tol, KMEANS_INIT=init, T1_READING=reading,
+               PRECISION=precision)
     if THREADS:
         torch.set_num_threads(THREADS)
 
     # Algorithm 1, input: the external nouns
-    words, vtag, source = read_words(VOCAB, CACHE_DIR, WORDNET_DIR)
+    words, vtag, source = read_words(VOCAB, CACHE_DIR, WORDNET_DIR, RELEASED)
     print(f"nouns read: {len(words)} from {source}")
     embed_set = dict(producer='nouns_embed.py', cache_version=_CACHE_VERSION, clip_model=CLIP_MODEL,
                      clip_pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=clip_build(CLIP_MODEL, CLIP_PRETRAINED),
                      vocab=vtag, released=RELEASED,
                      words_read=len(words), words_sha256=_sha256_lines(words), prompts=list(PROMPTS),
-                     underscores='keep' if RELEASED else 'space', precision=PRECISION)
+                     underscores='keep' if RELEASED else 'space', precision=precision,
+                     eq2_mean='raw' if RELEASED else 'normalised', dedup='2-NN deletion' if RELEASED else 'exact')
 
     # Algorithm 1, lines 1-3 (Eq. 2), and the exact duplicates
     vdir = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
@@ -456,11 +535,13 @@ def main():
     else:
         model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
         t0 = time.time()
-        t_all = embed_words(words, model, tokenizer, BATCH_SIZE, device, PROMPTS, PRECISION, RELEASED)
-        keep = drop_duplicates(t_all)
+        t_all = embed_words(words, model, tokenizer, BATCH_SIZE, device, PROMPTS, precision, RELEASED, RELEASED)
+        keep = delete_2nn(t_all) if RELEASED else drop_duplicates(t_all)
         t, kept = t_all[keep], [words[i] for i in keep]
         dropped = np.setdiff1d(np.arange(len(words)), keep)
-        if len(dropped):
+        if len(dropped) and RELEASED:
+            print(f"2-NN deletion dropped {len(dropped)} nouns, e.g. {', '.join(repr(words[i]) for i in dropped[:5])}")
+        elif len(dropped):
             first = {t_all[i].tobytes(): i for i in keep}
             print(f"dropped {len(dropped)} nouns whose t_w equals an earlier noun's, e.g. "
                   + ', '.join(f"{words[i]!r} = {words[first[t_all[i].tobytes()]]!r}" for i in dropped[:5]))
@@ -470,15 +551,15 @@ def main():
             embed_set, seconds=time.time() - t0, hardware=hardware(device), vocab_source=source,
             duplicates=len(dropped),
             **{'noun_words.txt_sha256': sha256_file(os.path.join(vdir, 'noun_words.txt'))}), 'nouns_embed.py')
-    print(f"kept after de-duplication: {len(t)} ({len(words) - len(t)} exact duplicates dropped)")
+    print(f"kept after de-duplication: {len(t)} ({len(words) - len(t)} {'deleted by 2-NN' if RELEASED else 'exact duplicates'} dropped)")
     if not 1 <= N_K <= len(t):
         raise SystemExit(f"error: N_K={N_K} clusters for {len(t)} nouns; choose 1 <= --n_k <= {len(t)}")
 
     # Algorithm 1, line 4: spherical K-means, cached apart from T1
-    kdir = kmeans_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, iters, restarts, KMEANS_SEED, KMEANS_INIT,
-                      KMEANS_TOL, RELEASED)
+    kdir = kmeans_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, iters, restarts, KMEANS_SEED, init, tol,
+                      RELEASED)
     km_set = dict(embed_set, n_k=N_K, kmeans_iters=iters, kmeans_restarts=restarts, kmeans_seed=KMEANS_SEED,
-                  kmeans_tol=KMEANS_TOL, kmeans_init=KMEANS_INIT, noun_feats_sha256=feats_meta['sha256'])
+                  kmeans_tol=tol, kmeans_init=init, noun_feats_sha256=feats_meta['sha256'])
     c_path, a_path = os.path.join(kdir, 'centres.npy'), os.path.join(kdir, 'assign.npy')
     if reusable(c_path, km_set, FORCE, 'nouns_embed.py') and os.path.exists(a_path + '.json'):
         centres, c_meta = _load_checked(c_path, km_set)
@@ -486,15 +567,19 @@ def main():
         print(f"reusing {kdir}: {N_K} clusters (clustered in {c_meta['settings']['seconds']:.1f} s)")
     else:
         t0 = time.time()
-        centres, assign = spherical_kmeans(t, N_K, iters, restarts, KMEANS_SEED, KMEANS_TOL, KMEANS_INIT)
+        centres, assign = spherical_kmeans(t, N_K, iters, restarts, KMEANS_SEED, tol, init)
         c_meta = save_array(c_path, centres, dict(km_set, seconds=time.time() - t0, hardware=hardware(device)),
                             'nouns_embed.py')
         save_array(a_path, assign, dict(km_set, centres_sha256=c_meta['sha256']), 'nouns_embed.py')
 
     # Algorithm 1, lines 5-13: Eq. 3-4, t_com = t_rep ∪ t_cen
-    sdir = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED)
+    # Eq. 3 under both readings, so that a user sees at once what each keeps at this T1
+    both = {r: int(eq3_representative(t, centres, assign, T1, r).sum()) for r in READINGS}
+    print(f"Eq. 3 at T1={T1}: the distance reading (paper's text, 2 - 2cos > T1) keeps {both['distance']} nouns, the "
+          f"similarity reading (authors' code, cos > T1) keeps {both['similarity']}; this run uses {reading}")
+    sdir = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED, reading)
     sel_path = os.path.join(sdir, 'selected_feats.npy')
-    sel_set = dict(km_set, t1=T1, centres_sha256=c_meta['sha256'])
+    sel_set = dict(km_set, t1=T1, t1_reading=reading, centres_sha256=c_meta['sha256'])
     if reusable(sel_path, sel_set, FORCE, 'nouns_embed.py'):
         _load_checked(sel_path, sel_set, ['selected_words.txt', 'selection.json'])
         with open(os.path.join(sdir, 'selection.json')) as f:
@@ -502,7 +587,7 @@ def main():
         print(f"reusing {sdir}")
     else:
         t0 = time.time()
-        idx_rep, idx_cen = select_from_clusters(t, centres, assign, T1, RELEASED)
+        idx_rep, idx_cen = select_from_clusters(t, centres, assign, T1, RELEASED, reading)
         idx_com = idx_rep if RELEASED else np.union1d(idx_rep, idx_cen)  # released code: t_cen is dropped
         try:
             _check_selection(idx_com, N_K, T1, RELEASED)
@@ -511,7 +596,8 @@ def main():
         is_rep = np.isin(idx_com, idx_rep)
         select_seconds = time.time() - t0
         counts = dict(read=len(words), unique=len(t), duplicates=len(words) - len(t), t_rep=len(idx_rep),
-                      t_cen=len(idx_cen), t_com=len(idx_com))
+                      t_cen=len(idx_cen), t_com=len(idx_com), reading=reading,
+                      t_rep_by_reading=both)
         seconds = dict(embedding=feats_meta['settings']['seconds'], clustering=c_meta['settings']['seconds'],
                        selection=select_seconds)
         seconds['total'] = sum(seconds.values())  # the pre-processing time of Table 4
@@ -527,11 +613,12 @@ def main():
         save_array(sel_path, t[idx_com], dict(sel_set, **{n + '_sha256': sha256_file(os.path.join(sdir, n))
                                                            for n in ('selected_words.txt', 'selection.json')}),
                    'nouns_embed.py')
-    print(f"t_rep (Eq. 3, dis > T1={T1}): {counts['t_rep']}")
+    print(f"t_rep (Eq. 3, {'2 - 2cos' if reading == 'distance' else 'cos'} > T1={T1}): {counts['t_rep']}")
     print(f"t_cen (Eq. 4, one per cluster{', over all nouns' if RELEASED else ''}): {counts['t_cen']}")
     print(f"t_com = {'t_rep (released)' if RELEASED else 't_rep ∪ t_cen'}: {counts['t_com']} -> {sdir}")
     print(f"nouns vocab={vtag} read={len(words)} unique={len(t)} t_rep={counts['t_rep']} t_cen={counts['t_cen']} "
-          f"t_com={counts['t_com']} seconds={time.time() - t_start:.1f}")
+          f"t_com={counts['t_com']} reading={reading} t_rep_distance={both['distance']} "
+          f"t_rep_similarity={both['similarity']} seconds={time.time() - t_start:.1f}")
 
 
 if __name__ == '__main__':

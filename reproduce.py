@@ -52,6 +52,10 @@ ALT_CLIP = 'ViT-B-32'       # Table 6's other CLIP: backbone and space of the no
 ALT_CLIP_PRETRAINED = 'openai'  # its weights
 # the method's settings where a table's rows do not vary them
 EXTERNAL = 'efc'            # efc = the paper; imgk needs no nouns_embed.py (quick checks)
+RELEASED = False            # every cell as the authors' released code: train.py and nouns_embed.py --released (run
+                            # dataset_extract.py --released first: their views live in <backbone>-<weights>-released)
+T1_READING = ''             # Eq. 3 reading of every cell and of Figure 5a's sweep: distance | similarity; '': train.py's
+                            # (distance, or similarity with --released)
 VOCAB = 'wordnet'           # nouns_embed.py vocabulary
 VOCAB_FILES = ()            # Tables 4-5 word lists, name=path: conceptnet=a.txt,glove=b.txt (one word a line)
 N_K = 800                   # clusters of the noun selection (Eq. 3)
@@ -216,6 +220,10 @@ def cell_settings(row, d, seed, extra):
     """train.py settings (UPPER_CASE names, typed values) of `row` on dataset `d` with `seed`."""
     s = dict(METHOD='duheg', DATASET=d, SEED=seed, CACHE_DIR=os.path.abspath(CACHE_DIR), EPOCHS=EPOCHS,
              EXTERNAL=EXTERNAL, VOCAB=VOCAB, N_K=N_K, T1=T1, T2=T2_COMMON)
+    if RELEASED:
+        s['RELEASED'] = True
+    if T1_READING:
+        s['T1_READING'] = T1_READING
     s.update(extra)
     s.update(row.settings)
     backbone = s.pop('BACKBONE', 'clip')
@@ -235,6 +243,7 @@ def expected_config(settings, bits, defaults):
     cfg = dict(defaults, **settings, BITS=bits)
     cfg['BACKBONE_PRETRAINED'] = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
     cfg['TAU2'] = train.tau2_for(cfg['DATASET'], cfg['TAU2'])
+    cfg.update(train.released_settings(cfg))
     return cfg
 
 
@@ -322,21 +331,24 @@ def make_cells(table, defaults, extra):
 # inputs a cell needs: features (dataset_extract.py, checked) and nouns (nouns_embed.py, run here)
 def missing_features(s):
     need = [(s['BACKBONE'], s['BACKBONE_PRETRAINED']), (s['CLIP_MODEL'], s['CLIP_PRETRAINED'])]
+    recipe = train.released_settings(s)['VIEW_RECIPE']
     for backbone, weights in OrderedDict.fromkeys(need):
-        path = os.path.join(feature_dir(s['CACHE_DIR'], s['DATASET'], backbone, weights), 'images.npy.json')
+        path = os.path.join(feature_dir(s['CACHE_DIR'], s['DATASET'], backbone, weights, recipe), 'images.npy.json')
         if not os.path.exists(path):
             extra = f" --clip_model={s['CLIP_MODEL']} --clip_pretrained={s['CLIP_PRETRAINED']}" \
                 if backbone not in ('ViT-B-16', 'ViT-B-32', 'tiny-test') else ''
+            extra += ' --released' if s.get('RELEASED') else (' --view_recipe=released' if recipe == 'released' else '')
             return (f"no {backbone} features of {s['DATASET']} ({path} is missing): run python dataset_extract.py "
                     f"--dataset={s['DATASET']} --backbone={backbone} --backbone_pretrained={weights}{extra} "
                     f"--cache_dir={s['CACHE_DIR']}")
     return ''
 
 
-def nouns_command(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False):
+def nouns_command(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False, reading=None):
     cmd = [sys.executable, os.path.join(ROOT, 'nouns_embed.py'), f'--vocab={vocab}', f'--clip_model={clip_model}',
            f'--clip_pretrained={clip_pretrained}', f'--cache_dir={cache_dir}', f'--n_k={n_k}', f'--t1={t1}']
-    return cmd + (['--released=true'] if released else []) + shlex.split(NOUNS_ARGS)
+    return (cmd + (['--released=true'] if released else []) + ([f'--t1_reading={reading}'] if reading else [])
+            + shlex.split(NOUNS_ARGS))
 
 
 def run_nouns(cmd, log_path):
@@ -366,14 +378,15 @@ def prepare_nouns(s, done):
         return f"EXTERNAL={s['EXTERNAL']} needs nouns_embed.py, which this checkout does not have"
     from nouns_embed import selection_dir, vocab_dir
     released = bool(s.get('RELEASED', train.RELEASED))
+    reading = train.released_settings(s)['T1_READING']
     args = (s['CACHE_DIR'], s['VOCAB'], s['CLIP_MODEL'], s['CLIP_PRETRAINED'])
     if s['EXTERNAL'] == 'efc':
-        path = os.path.join(selection_dir(*args, s['N_K'], s['T1'], released), 'selected_feats.npy.json')
+        path = os.path.join(selection_dir(*args, s['N_K'], s['T1'], released, reading), 'selected_feats.npy.json')
     else:
-        path = os.path.join(vocab_dir(*args), 'noun_feats.npy.json')
+        path = os.path.join(vocab_dir(*args, released), 'noun_feats.npy.json')
     if os.path.exists(path):
         return ''
-    cmd = nouns_command(*args, s['N_K'], s['T1'], released)
+    cmd = nouns_command(*args, s['N_K'], s['T1'], released, reading)
     if tuple(cmd) not in done:
         done[tuple(cmd)] = run_nouns(cmd, os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
     return done[tuple(cmd)] or ('' if os.path.exists(path) else f"nouns_embed.py ran but {path} is missing")
@@ -632,7 +645,8 @@ def plot_figure5(parts, path):
         ticks = [float(r.id) for r in rows]
         if len(ticks) <= 12:
             ax.set_xticks(ticks, [r.id for r in rows], fontsize=8)
-        ax.set_xlabel('distance threshold T1 (Eq. 3)' if table == 'fig5a' else 'similarity threshold T2 (Eq. 8)')
+        reading = train.released_settings(dict(RELEASED=RELEASED, T1_READING=T1_READING or None))['T1_READING']
+        ax.set_xlabel(f'{reading} threshold T1 (Eq. 3)' if table == 'fig5a' else 'similarity threshold T2 (Eq. 8)')
         ax.set_ylabel(f'MAP ({FIG5_BITS} bits)')
         ax.set_title(f"({table[-1]}) measured; star: best measured, hollow: paper", fontsize=9)
         ax.grid(alpha=0.3)
@@ -670,16 +684,17 @@ def table4():
         if not os.path.exists(os.path.join(ROOT, 'nouns_embed.py')):
             why = 'nouns_embed.py is not in this checkout'
         else:
-            from nouns_embed import selection_dir
-            path = os.path.join(selection_dir(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, False),
-                                'selection.json')
+            from nouns_embed import selection_dir, t1_reading
+            reading = t1_reading(T1_READING or None, RELEASED)
+            path = os.path.join(selection_dir(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1,
+                                              RELEASED, reading), 'selection.json')
+            cmd = nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED,
+                                T1_READING or None)
             if not os.path.exists(path) and not DRY_RUN:
-                why = run_nouns(nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1),
-                                os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
+                why = run_nouns(cmd, os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
                 where = hardware()  # measured just now, here
             elif DRY_RUN and not os.path.exists(path):
-                print('would run: ' + shlex.join(['python'] + nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL,
-                                                                            CLIP_PRETRAINED, N_K, T1)[1:]))
+                print('would run: ' + shlex.join(['python'] + cmd[1:]))
             if os.path.exists(path):
                 with open(path) as f:
                     sel = json.load(f)

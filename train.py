@@ -35,7 +35,10 @@ CLIP_MODEL = 'ViT-B-16'     # the CLIP space of nouns and images for the externa
 CLIP_PRETRAINED = 'openai'  # its weights (as given to dataset_extract.py / nouns_embed.py)
 VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet | a word-list file (Table 5)
 N_K = 800                   # clusters of the noun selection (Eq. 3)
-T1 = 0.9                    # distance threshold of representative nouns (Eq. 3)
+T1 = 0.9                    # threshold of representative nouns (Eq. 3)
+T1_READING = None           # Eq. 3 read as 'distance' (paper) or 'similarity' (authors' code); None: distance, or
+                            # similarity with --released (nouns_embed.py --t1_reading)
+VIEW_RECIPE = None          # the views dataset_extract.py made: simclr | released; None: simclr, or released with --released
 # method
 METHOD = 'duheg'            # duheg (this paper) | ssdh (unsupervised) | dhn, dch (SUPERVISED: read labels)
                             # | lsh, itq (no training); baselines train Hv alone on the plain view (baselines.py)
@@ -47,7 +50,10 @@ SIM = True                  # Table 2: in-batch positives from the external feat
 AUG = True                  # Table 2: two augmented views (off: one plain view, only L_b(hv, he))
 EXTERNAL = 'efc'            # Table 3: efc (selected nouns) | ek (all nouns) | imgk (train images as nouns)
                             #          | imgcls (selection run on train images) | none (IMGAUG: L_b(hv1, hv2) only)
-RELEASED = False            # the authors' released code: one fixed pair of views, saved vocabulary t_rep only
+NORM_INPUTS = None          # L2-normalise Hv's inputs (views, query, retrieval features); None: no, or yes with --released
+RELEASED = False            # the authors' released code: their views and vocabulary (t_com = t_rep), one fixed pair of
+                            # views, L2-normalised inputs, drop_last batches, softmax clamped to [1e-12, 1 - 1e-12] in
+                            # Eq. 9, Eq. 5-6 in fp16 on a GPU
 # optimiser (Section 4.1.2, Eq. 10-11)
 EPOCHS = 60                 # T_max
 WARMUP = 10                 # T_warm
@@ -82,12 +88,14 @@ def tau2_for(dataset, tau2=0.0):
     return tau2 or TAU2_DEFAULT.get(dataset, 0.8)
 
 
-def external_features(i, t, tau1, chunk=2048):
-    """Eq. 5-6: e_i = normalise(sum_w softmax_w(cos(i_i, t_w) / tau1) t_w) for every image."""
-    i = F.normalize(torch.as_tensor(i, dtype=torch.float32), dim=1)
-    t = F.normalize(torch.as_tensor(t, dtype=torch.float32), dim=1)
+def external_features(i, t, tau1, chunk=2048, device='cpu', half=False):
+    """Eq. 5-6: e_i = normalise(sum_w softmax_w(cos(i_i, t_w) / tau1) t_w) for every image
+    (half: in fp16, as the authors' code on a GPU)."""
+    dtype = torch.float16 if half else torch.float32
+    i = F.normalize(torch.as_tensor(i, dtype=torch.float32), dim=1).to(device, dtype)
+    t = F.normalize(torch.as_tensor(t, dtype=torch.float32), dim=1).to(device, dtype)
     out = [torch.softmax(i[a:a + chunk] @ t.T / tau1, dim=1) @ t for a in range(0, len(i), chunk)]
-    return F.normalize(torch.cat(out), dim=1)
+    return F.normalize(torch.cat(out).float(), dim=1).cpu()
 
 
 def positives(e, t2, sim=True):
@@ -99,18 +107,22 @@ def positives(e, t2, sim=True):
     return (e @ e.T > t2) | eye
 
 
-def bcl_term(a, b, pos, tau2):
+def bcl_term(a, b, pos, tau2, clamp=False):
     """Eq. 9: L_b(a, b) = -1/N sum_i log( sum_{j in pos(i)} exp(sim(a_i, b_j)/tau2) / sum_k exp(sim(a_i, b_k)/tau2) ),
-    sim the cosine of the relaxed codes."""
+    sim the cosine of the relaxed codes. clamp: the authors' form, each softmax entry clamped to
+    [1e-12, 1 - 1e-12] before the positives' entries are summed."""
     logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau2
+    if clamp:
+        p = torch.softmax(logits, dim=1).clamp(1e-12, 1 - 1e-12)
+        return -torch.log((p * pos).sum(1)).mean()
     return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~pos, float('-inf')), 1)).mean()
 
 
-def bcl_loss(hv1, hv2, he, pos, tau2):
+def bcl_loss(hv1, hv2, he, pos, tau2, clamp=False):
     """Eq. 1: L_BCL = L_b(hv1, hv2) + L_b(hv1, he) + L_b(hv2, he); missing views are left out
     (AUG off: L_b(hv, he); IMGAUG: L_b(hv1, hv2))."""
     pairs = [(hv1, hv2), (hv1, he), (hv2, he)]
-    return sum(bcl_term(a, b, pos, tau2) for a, b in pairs if a is not None and b is not None)
+    return sum(bcl_term(a, b, pos, tau2, clamp) for a, b in pairs if a is not None and b is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +131,7 @@ def load_features():
     the training images' CLIP features, labels and split."""
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
     labels, query, retrieval, train = load_split(CACHE_DIR, DATASET, tag)
-    fdir = feature_dir(CACHE_DIR, DATASET, BACKBONE, BACKBONE_PRETRAINED)
+    fdir = feature_dir(CACHE_DIR, DATASET, BACKBONE, BACKBONE_PRETRAINED, VIEW_RECIPE)
     feats = load_array(os.path.join(fdir, 'images.npy'), dict(build=models.backbone_build(BACKBONE, BACKBONE_PRETRAINED)),
                        producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE}')
     if len(feats) != len(labels):
@@ -133,7 +145,7 @@ def load_features():
             raise CacheError(f"{fdir}/train_aug_{tag}.npy has shape {aug.shape}, expected ({len(train)}, views, F)")
     clip = None  # the training images in CLIP's space, for the external feature
     if METHOD == 'duheg' and EXTERNAL != 'none':
-        clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED)
+        clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED, VIEW_RECIPE)
         clip = feats if clip_dir == fdir else load_array(
             os.path.join(clip_dir, 'images.npy'), dict(build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED)),
             producer=f'dataset_extract.py --backbone={BACKBONE} --clip_model={CLIP_MODEL}')
@@ -143,6 +155,10 @@ def load_features():
         keep = np.isin(train, train_keep)
         train, aug = train[keep], (aug[keep] if aug is not None else None)
         print(f"left out {len(bad)} unreadable images listed in {fdir}/bad_images.txt")
+    if NORM_INPUTS:  # the authors' code L2-normalises every input of Hv
+        feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True).clip(min=1e-12)
+        if aug is not None:
+            aug = (aug / np.linalg.norm(aug.astype(np.float32), axis=-1, keepdims=True).clip(min=1e-12)).astype(aug.dtype)
     return feats, aug, None if clip is None else clip[train], labels, query, retrieval, train
 
 
@@ -158,7 +174,7 @@ def vocabulary(clip_train):
     from nouns_embed import select_vocabulary, selection_dir, vocab_dir
     producer = f'nouns_embed.py --vocab={VOCAB} --clip_model={CLIP_MODEL} --n_k={N_K} --t1={T1}'
     if EXTERNAL == 'efc':
-        d = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED)
+        d = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED, T1_READING)
         return load_array(os.path.join(d, 'selected_feats.npy'), nouns_build(), producer=producer)
     if EXTERNAL == 'ek':
         d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
@@ -168,21 +184,25 @@ def vocabulary(clip_train):
     n_nouns = len(load_array(os.path.join(d, 'noun_feats.npy'), nouns_build(), producer=producer, mmap=True))
     n_k = max(2, round(N_K * len(clip_train) / n_nouns))
     t = F.normalize(torch.as_tensor(clip_train, dtype=torch.float32), dim=1).numpy()
-    rep, cen = select_vocabulary(t, n_k, T1, iters=100, restarts=1, seed=SEED)
+    rep, cen = select_vocabulary(t, n_k, T1, iters=100, restarts=1, seed=SEED, released=RELEASED, reading=T1_READING)
+    if RELEASED:
+        return t[rep]
     return t[np.union1d(rep, cen)]
 
 
-def external_cache(clip_train, train):
+def external_cache(clip_train, train, device='cpu'):
     """e_i of every training image (Eq. 5-6), cached beside the features."""
     settings = dict(dataset=DATASET, split=split_tag(SPLIT_SEED, SPLIT_DIR), clip=CLIP_MODEL,
                     pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED),
-                    vocab=VOCAB, n_k=N_K, t1=T1, tau1=TAU1,
+                    vocab=VOCAB, n_k=N_K, t1=T1, t1_reading=T1_READING, tau1=TAU1,
                     external=EXTERNAL, released=RELEASED, n_train=len(train))
-    name = f"external_{EXTERNAL}_{os.path.basename(str(VOCAB))}_k{N_K}_t{T1}_tau{TAU1}{'_released' if RELEASED else ''}_{settings['split']}.npy"
-    path = os.path.join(feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED), name)
+    name = (f"external_{EXTERNAL}_{os.path.basename(str(VOCAB))}_k{N_K}_t{T1}{'_sim' if T1_READING == 'similarity' else ''}"
+            f"_tau{TAU1}{'_released' if RELEASED else ''}_{settings['split']}.npy")
+    path = os.path.join(feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED, VIEW_RECIPE), name)
     if reusable(path, settings, FORCE, 'train.py'):
         return load_array(path, settings, 'train.py --force')
-    e = external_features(clip_train, vocabulary(clip_train), TAU1).numpy()
+    half = RELEASED and device.startswith('cuda')  # the authors' Eq. 5-6 runs in fp16 on the GPU
+    e = external_features(clip_train, vocabulary(clip_train), TAU1, device=device, half=half).numpy()
     save_array(path, e, settings, 'train.py')
     return e
 
@@ -214,11 +234,11 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
         hv.train()
         he is not None and he.train()
         perm = torch.randperm(n, generator=gen).to(device)
-        views = [v.to(device) for v in pick_views(n, aug.shape[1] if aug is not None else 0, gen)]
+        views = [v.to(device) for v in pick_views(n, aug.shape[1] if aug is not None else 0, gen, epoch)]
         total = torch.zeros((), device=device)  # summed on the device: no GPU sync at every step
         for a in range(0, n, BATCH_SIZE):
             idx = perm[a:a + BATCH_SIZE]
-            if len(idx) < 2:  # BatchNorm needs two samples
+            if len(idx) < 2 or (RELEASED and len(idx) < BATCH_SIZE):  # BatchNorm needs two; drop_last (released)
                 continue
             if s is not None:  # a pairwise baseline on Hv alone
                 loss = PAIR_LOSSES[METHOD](hv(x_train[idx]), s[idx][:, idx])
@@ -227,11 +247,11 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
                     pos, he_b = positives(e[idx], t2, SIM), he(e[idx])  # Eq. 8, He(e)
                 else:  # IMGAUG: no external feature, only the two views
                     pos, he_b = torch.eye(len(idx), dtype=torch.bool, device=device), None
-                if aug is not None:
-                    hv1, hv2 = hv(aug[idx, views[0][idx]]), hv(aug[idx, views[1][idx]])
+                if aug is not None:  # stored in fp16
+                    hv1, hv2 = hv(aug[idx, views[0][idx]].float()), hv(aug[idx, views[1][idx]].float())
                 else:  # AUG off: one plain view
                     hv1, hv2 = hv(x_train[idx]), None
-                loss = bcl_loss(hv1, hv2, he_b, pos, tau2)  # Eq. 1
+                loss = bcl_loss(hv1, hv2, he_b, pos, tau2, clamp=RELEASED)  # Eq. 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -240,12 +260,18 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
     return hv, he, opt
 
 
-def pick_views(n, n_views, gen):
-    """Which two augmented views of each image form (v1, v2) this epoch: a fresh random pair
-    when more than two are stored; the fixed pair (0, 1) of the authors' code when RELEASED."""
-    if n_views < 2 or RELEASED:
-        z = torch.zeros(n, dtype=torch.long)
-        return z, (z + 1 if n_views >= 2 else z)
+def pick_views(n, n_views, gen, epoch=0):
+    """Which two augmented views of each image form (v1, v2) at `epoch` (Algorithm 2, line 10:
+    new views every epoch): views 2t and 2t+1 at epoch t when 2 x EPOCHS views are stored (the
+    default extraction); a random pair of the stored ones when fewer; the fixed pair (0, 1) of the
+    authors' code when RELEASED or when only two are stored."""
+    z = torch.zeros(n, dtype=torch.long)
+    if n_views < 2:
+        return z, z
+    if RELEASED or n_views == 2:
+        return z, z + 1
+    if n_views >= 2 * EPOCHS:
+        return z + 2 * epoch, z + 2 * epoch + 1
     first = torch.randint(n_views, (n,), generator=gen)
     second = (first + 1 + torch.randint(n_views - 1, (n,), generator=gen)) % n_views
     return first, second
@@ -260,8 +286,35 @@ def encode(hv, x, device, batch=4096):
 def run_name():
     parts = [METHOD, BACKBONE, EXTERNAL if EXTERNAL != 'efc' else None, f'vocab-{os.path.basename(str(VOCAB))}'
              if VOCAB != 'wordnet' else None, f't2-{T2}', None if SIM else 'nosim', None if AUG else 'noaug',
-             'released' if RELEASED else None, f'seed{SEED}']
+             'released' if RELEASED else None,
+             None if RELEASED else '_'.join(filter(None, ['t1sim' if T1_READING == 'similarity' else None,
+                                                          'viewsrel' if VIEW_RECIPE == 'released' else None,
+                                                          'norm' if NORM_INPUTS else None])) or None,
+             f'seed{SEED}']
     return '_'.join(p for p in parts if p)
+
+
+def released_settings(cfg):
+    """The settings that default by RELEASED (None), resolved in a config dict: T1_READING,
+    VIEW_RECIPE, NORM_INPUTS. reproduce.py resolves the configs it expects with it too."""
+    from nouns_embed import t1_reading
+    released = bool(cfg.get('RELEASED'))
+    return dict(T1_READING=t1_reading(cfg.get('T1_READING'), released),
+                VIEW_RECIPE=cfg.get('VIEW_RECIPE') or ('released' if released else 'simclr'),
+                NORM_INPUTS=released if cfg.get('NORM_INPUTS') is None else cfg['NORM_INPUTS'])
+
+
+def resolve_released():
+    """The None settings resolved by RELEASED (released_settings), then checked."""
+    global T1_READING, VIEW_RECIPE, NORM_INPUTS
+    from nouns_embed import READINGS
+    T1_READING, VIEW_RECIPE, NORM_INPUTS = released_settings(globals()).values()
+    if T1_READING not in READINGS:
+        raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(READINGS)}")
+    if VIEW_RECIPE not in dataset.VIEW_RECIPES:
+        raise SystemExit(f"error: --view_recipe={VIEW_RECIPE!r}: choose one of {', '.join(dataset.VIEW_RECIPES)}")
+    if not isinstance(NORM_INPUTS, bool):
+        raise SystemExit(f"error: --norm_inputs={NORM_INPUTS!r}: choose true or false")
 
 
 def main():
@@ -282,7 +335,9 @@ def main():
     if CLIP_MODEL not in models.CLIP_MODELS:
         raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
-    cfg.update(BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
+    resolve_released()
+    cfg.update(BACKBONE_PRETRAINED=BACKBONE_PRETRAINED, T1_READING=T1_READING, VIEW_RECIPE=VIEW_RECIPE,
+               NORM_INPUTS=NORM_INPUTS)
     tau2 = tau2_for(DATASET, TAU2)
     topk = TOPK or dataset.DATASETS[DATASET]['topk']
     RUN_DIR = RUN_DIR or os.path.join('runs', DATASET, run_name())
@@ -296,7 +351,7 @@ def main():
           f"{feats.shape[1]}-d; method {METHOD}{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
     e = s = None
     if METHOD == 'duheg' and EXTERNAL != 'none':
-        e = external_cache(clip_train, train)  # Eq. 5-6
+        e = external_cache(clip_train, train, device)  # Eq. 5-6
         n_pos = positives(torch.as_tensor(e[:BATCH_SIZE]), T2).sum(1).float().mean().item()
         print(f"mean in-batch positives at T2={T2}: {n_pos:.1f} of {min(BATCH_SIZE, len(e))}")
     elif METHOD == 'ssdh':

@@ -30,8 +30,8 @@ DATA_SEED = 0              # seed of the generated data
 N_K = 800                  # clusters
 KMEANS_ITERS = nouns_embed._KMEANS_DEFAULT[0]     # most iterations per restart
 KMEANS_RESTARTS = nouns_embed._KMEANS_DEFAULT[1]  # restarts
-KMEANS_TOL = nouns_embed.KMEANS_TOL               # relative objective gain that stops a restart
-KMEANS_INIT = nouns_embed.KMEANS_INIT             # 'k-means++' (on a sample) or 'random'
+KMEANS_TOL = nouns_embed._KMEANS_DEFAULT[2]      # relative objective gain that stops a restart
+KMEANS_INIT = nouns_embed._KMEANS_DEFAULT[3]     # 'k-means++' (on a sample) or 'random'
 KMEANS_SEED = 0            # seed
 # comparison
 SKLEARN = True             # also run scikit-learn's KMeans (Lloyd, k-means++, n_init=1, same max_iter)

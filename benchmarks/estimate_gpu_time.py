@@ -61,7 +61,7 @@ KMEANS_CPU_S = 19.6         # K-means of WordNet's 117,798 x 512 features into 8
 # the usual image counts; query, retrieval and train sizes follow SPEC.md (Section 4.1.1)
 IMAGES = ('cifar10=60000', 'nuswide=195834', 'flickr25k=20015', 'mscoco=122218')  # images of each dataset
 TRAIN = ('cifar10=5000', 'nuswide=10500', 'flickr25k=5000', 'mscoco=10000')  # training images of each
-AUG_VIEWS = 2               # augmented views of every train image (dataset_extract.py AUG_VIEWS)
+AUG_VIEWS = 120             # augmented views of every train image (dataset_extract.py's default: 2 x 60 epochs; 2 with --released)
 WORDNET_WORDS = 117798      # words of the vocabularies nouns_embed.py reads (WordNet's noun lemmas)
 IMAGENET_WORDS = 1000       # (open_clip's ImageNet-1k class names)
 PAPER_VOCABS = ('imagenet21k=21843', 'wordnet=117797', 'conceptnet=134364', 'glove=317756')  # Table 4's words

@@ -190,7 +190,10 @@ def test_user_split_dir(tmp_path):
     q, r, t = dataset.read_split_dir(str(s), images)
     assert q.tolist() == [3] and r.tolist() == [0, 1, 2] and t.tolist() == [2]
     (s / 'train.txt').write_text('9.png 0 1\n')
-    with pytest.raises(DataError, match='do not exist'):
+    with pytest.raises(DataError, match=r'1 images of .*train.txt are not in the dataset, e.g. 9.png'):
+        dataset.read_split_dir(str(s), images)
+    (s / 'train.txt').write_text('3.png 1 0\n')  # the query image: refused, with the files and the count
+    with pytest.raises(DataError, match=r'1 query images of .*query.txt are also in .*train.txt'):
         dataset.read_split_dir(str(s), images)
 
 

@@ -10,7 +10,7 @@ from conftest import run_script
 SMALL = ['--tables=6', '--datasets=cifar10', '--cpu_cores=2', '--gpu_vit_b16=100', '--gpu_vit_b32=1000',
          '--worker_cifar=40', '--worker_cifar_aug=10', '--images=cifar10=1000', '--train=cifar10=100',
          '--step_s=0.01', '--kernels_per_step=1000', '--launch_s=0.00001', '--process_s=3', '--eval_s=cifar10=2',
-         '--cpu_vit_b16=10', '--cpu_text_prompts=824586', '--kmeans_cpu_s=1', '--nouns_cpu_s=5']
+         '--cpu_vit_b16=10', '--cpu_text_prompts=824586', '--kmeans_cpu_s=1', '--nouns_cpu_s=5', '--aug_views=2']
 
 
 def estimates(out):

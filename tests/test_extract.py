@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, run_script
 
-BASE = ['--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', '--num_workers=0']
+BASE = ['--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', '--num_workers=0', '--aug_views=2']
 
 
 def extract(cache, *args, **kw):

@@ -40,8 +40,11 @@ def test_selection_fixed_centres():
     # c1's centre noun is 135 degrees, not the point on the centre (150): p_{w,k} also weighs the other
     # centres; c2's only noun is representative, so c2 has no centre noun
     assert cen.tolist() == [0, 6]
-    rep, cen = ne.select_from_clusters(t, centres, assign, t1=0.9, released=True)  # Eq. 4 over all nouns
-    assert rep.tolist() == [3, 7] and cen.tolist() == [0, 6, 7]
+    # released: Eq. 4 over all nouns, each centre the normalised mean of its members: c0 moves to 16.26
+    # degrees (members 0, 20, -20, 70), c1 stays at 150, c2 at 297. p of c0 for noun 1 (20 degrees):
+    # e^.9979 / (e^.9979 + e^cos130 + e^cos277) = .621, above noun 0's .567 and noun 2's .477
+    rep, cen = ne.select_from_clusters(t, centres, assign, t1=0.9, released=True)
+    assert rep.tolist() == [3, 7] and cen.tolist() == [1, 4, 7]
     rep, cen = ne.select_from_clusters(t, centres, assign, t1=1.5)
     assert rep.tolist() == [] and cen.tolist() == [0, 6, 7]
     rep, cen = ne.select_from_clusters(t, centres, assign, t1=0.1)  # dis .121 > .1: 1 and 2 join t_rep

@@ -250,7 +250,7 @@ def _lines(path):
 def test_table_resumes_after_sigkill(image_folder, tmp_path):
     cache, out = str(tmp_path / 'cache'), str(tmp_path / 'out')
     run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', '--backbone=tiny-test',
-               '--backbone_pretrained=random', f'--cache_dir={cache}', '--num_workers=0')
+               '--backbone_pretrained=random', f'--cache_dir={cache}', '--num_workers=0', '--aug_views=2')
     # Table 2 rows #2 (SIM only) and #4 (SIM and AUG) at 16 bits, read against CIFAR-10's paper numbers
     args = ['--table=2', '--rows=2,4', '--datasets=folder', '--bits=16', '--epochs=3', '--external=imgk',
             '--train_args=--batch_size=64 --warmup=1', f'--cache_dir={cache}', f'--out_dir={out}',
