@@ -8,6 +8,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import textwrap
@@ -199,6 +200,29 @@ def settings_markdown(path, values):
     return '\n'.join(rows)
 
 
+def check_ranges(g, ranges):
+    """Every numeric setting of a script inside its interval, before any work: `ranges` maps a NAME
+    to '(lo, hi)', '[lo, hi]' or a mix ('inf' allowed); None values pass (they mean a default), a
+    tuple setting is checked item by item and may not repeat an item. The error names the setting,
+    its value, its range and its meaning (the comment beside the constant)."""
+    path = g.get('__file__')
+    meaning = {n: c for _, n, c in settings_doc(path)} if path and os.path.isfile(path) else {}
+    for name, spec in ranges.items():
+        lo, hi = (float(x) for x in spec[1:-1].split(','))
+        values = tuple(g[name]) if isinstance(g[name], (tuple, list)) else (g[name],)
+        why = f" ({meaning[name]})" if meaning.get(name) else ''
+        for v in values:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise SystemExit(f"error: --{name.lower()}={cli_value(g[name])}: {v!r} is not a number{why}")
+            if not ((v > lo if spec[0] == '(' else v >= lo) and (v < hi if spec[-1] == ')' else v <= hi)):
+                raise SystemExit(f"error: --{name.lower()}={cli_value(g[name])}: {v} is outside {spec}{why}")
+        if len(set(values)) < len(values):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            raise SystemExit(f"error: --{name.lower()}={cli_value(g[name])} repeats {', '.join(map(str, twice))}{why}")
+
+
 def configure(g, argv=None):
     """Override the settings of a script (the UPPER_CASE constants of its settings block, in
     its globals `g`) from `--key=value` arguments (case-insensitive; `--flag` alone sets a
@@ -236,6 +260,22 @@ class CacheError(RuntimeError):
     pass
 
 
+def user_error(e):
+    """The one line `error: ...` a script ends with for an error the user can fix: the message of an
+    error raised in a DataLoader worker without torch's wrapping and its traceback, a full disk or a
+    read-only folder with the file it was writing."""
+    import errno
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"error: no space left on the device while writing {e.filename or 'a cache file'}: free some space or " \
+               f"choose another --cache_dir; nothing half-written is kept"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"error: cannot write {e.filename or 'a cache file'} ({e.strerror}): choose a writable --cache_dir"
+    msg = str(e)
+    if 'Original Traceback' in msg:  # raised in a DataLoader worker: its last line is the original error
+        msg = msg.strip().splitlines()[-1].split(': ', 1)[-1]
+    return f"error: {msg}"
+
+
 def sha256_file(path, chunk=1 << 22):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -247,19 +287,24 @@ def sha256_file(path, chunk=1 << 22):
 
 
 def atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside `path`, fsync, then rename."""
+    """Call write(file_object) on a temporary file beside `path`, fsync, then rename. On any failure
+    (a full disk, a read-only folder, a kill) the temporary file is removed and `path` is as it was;
+    an OSError names `path`."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=d)
+    tmp = None
     try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=d)
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and (e.filename is None or e.filename == tmp or str(e.filename).startswith(d)):
+            e.filename = path  # name the file being written, not its temporary twin
         raise
 
 
@@ -336,10 +381,29 @@ def reusable(path, settings, force=False, producer='this step'):
             pass
     status = cache_status(path, settings)
     if status == 'ok':
+        with open(path + '.json') as f:
+            meta = json.load(f)
+        if 'sha256' in meta and (not os.path.isfile(path) or sha256_file(path) != meta['sha256']):
+            raise CacheError(f"{path} does not match the checksum in {path}.json (changed or truncated since it was "
+                             f"written): rerun {producer} with --force to rebuild it")
         return True
     if status == 'missing' or not os.path.exists(path + '.json'):
         return False
     raise CacheError(f"stale cache: {status}. Rerun {producer} with --force to rebuild it, or use another --cache_dir")
+
+
+def fingerprint(path):
+    """What later products record of an input file: the sha256 its sidecar holds (a cached array),
+    else the file's own sha256. A changed input changes it, so a product made from it is stale."""
+    if os.path.exists(path + '.json'):
+        with open(path + '.json') as f:
+            return json.load(f)['sha256']
+    return sha256_file(path)
+
+
+def fingerprints(**paths):
+    """{name: fingerprint(path)} of a product's input files (the 'inputs' of its settings)."""
+    return {name: fingerprint(p) for name, p in paths.items()}
 
 
 def load_array(path, settings=None, producer='the step that writes it', verify=True, mmap=False):
@@ -393,32 +457,86 @@ class Images:
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i])
         with Image.open(os.path.join(self.root, self.names[i])) as im:
-            return im.convert('RGB')  # convert() reads the whole file, so truncation shows here
+            return to_rgb(im)
+
+    def fingerprint(self):
+        """sha256 of what the features are made from: every image's name, size and modification
+        time (files), or the pixels (arrays), and the labels. Another picture under the same name,
+        an edited label or another image order gives another fingerprint."""
+        h = hashlib.sha256()
+        if isinstance(self.arrays, np.ndarray):
+            h.update(np.ascontiguousarray(self.arrays).data)
+        elif self.arrays is not None:  # an HDF5 file: its size and time
+            st = os.stat(self.arrays.path)
+            h.update(f'{self.arrays.path}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
+        for n in self.names:
+            if self.root is not None:
+                st = os.stat(os.path.join(self.root, n))
+                h.update(f'{n}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
+            else:
+                h.update(f'{n}\n'.encode())
+        h.update(np.ascontiguousarray(self.labels).data)
+        return h.hexdigest()[:16]
+
+
+def to_rgb(im):
+    """An 8-bit RGB copy of a PIL image. High-bit-depth modes are scaled to 0..255, not clipped
+    (PIL's convert('RGB') clips a 16-bit grey value above 255 to white): 16-bit ('I;16*', or 'I'
+    holding values above 255) divides by 257, float ('F') in 0..1 multiplies by 255."""
+    from PIL import Image
+    if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == 'F' and a.max(initial=0) <= 1.0:
+            a = a * 255
+        elif im.mode != 'F' and (im.mode.startswith('I;16') or a.max(initial=0) > 255):
+            a = a / 257
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
+    return im.convert('RGB')  # convert() reads the whole file, so truncation shows here
+
+
+_LIST_LINE = re.compile(r'^\s*(.*?\S)((?:\s+[01](?=\s|$))+)\s*$')   # path, then 0/1 labels
+_LIST_PATH = re.compile(r'^\s*(.*?\.(?:' + '|'.join(e[1:] for e in IMAGE_EXTS) + r'))(?=\s|$)(.*)$',
+                                      re.IGNORECASE)              # the path ends at an image extension
+
+
+def read_lines(path):
+    """The lines of a text file in UTF-8; another encoding is an error naming the file, the line
+    and the fix."""
+    if not os.path.isfile(path):
+        raise DataError(f"list file {path} does not exist")
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        return raw.decode('utf-8').splitlines()
+    except UnicodeDecodeError as e:
+        lineno = raw[:e.start].count(b'\n') + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#x}); convert the file, e.g. "
+                        f"iconv -f latin1 -t utf-8 {path} > fixed.txt") from None
 
 
 def read_list_file(path, root, n_labels=None, check=True):
-    """`relative/path.jpg 0 1 0 ...` per line -> (names, labels). Checks every line and that
+    """`relative/path.jpg 0 1 0 ...` per line -> (names, labels). The path is everything before the
+    trailing 0/1 labels, so it may hold spaces. Checks every line (UTF-8, the label count) and that
     the images exist (lists the first missing ones and their count)."""
-    if not os.path.isfile(path):
-        raise DataError(f"list file {path} does not exist")
     names, labels = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                vec = [int(x) for x in parts[1:]]
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: labels must be 0/1 integers after the image path, "
-                                f"got {line.strip()[:120]!r}") from None
-            if not vec or any(v not in (0, 1) for v in vec):
-                raise DataError(f"{path}:{lineno}: expected 'path 0 1 0 ...' (one-hot labels), got {line.strip()[:120]!r}")
-            n_labels = n_labels or len(vec)
-            if len(vec) != n_labels:
-                raise DataError(f"{path}:{lineno}: {len(vec)} labels, but earlier lines have {n_labels}")
-            names.append(parts[0])
-            labels.append(vec)
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        m = _LIST_PATH.match(line) or _LIST_LINE.match(line)
+        if not m or not m.group(2).split():
+            raise DataError(f"{path}:{lineno}: expected 'path 0 1 0 ...' (one-hot labels after the image path), "
+                            f"got {line.strip()[:120]!r}")
+        name, vec = m.group(1), m.group(2).split()
+        if any(v not in ('0', '1') for v in vec):
+            raise DataError(f"{path}:{lineno}: labels must be 0/1 integers after the image path, got "
+                            f"{line.strip()[:120]!r}")
+        if n_labels and len(vec) > n_labels:  # a file name that itself ends in ' 0' or ' 1'
+            name, vec = name + ' ' + ' '.join(vec[:len(vec) - n_labels]), vec[len(vec) - n_labels:]
+        n_labels = n_labels or len(vec)
+        if len(vec) != n_labels:
+            raise DataError(f"{path}:{lineno}: {len(vec)} labels, but earlier lines have {n_labels}")
+        names.append(name)
+        labels.append([int(v) for v in vec])
     if not names:
         raise DataError(f"list file {path} holds no images")
     if check:
@@ -454,6 +572,9 @@ def _folder(path):
     names, y = [], []
     for c, cls in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(path, cls)) if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise DataError(f"the class folder {os.path.join(path, cls)} holds no images ({', '.join(IMAGE_EXTS)}): "
+                            f"add images to it or move it out of {path}")
         names += [f'{cls}/{f}' for f in files]
         y += [c] * len(files)
     if not names:
@@ -473,7 +594,7 @@ def _mirflickr(path):
                         f"annotation files {ann}/<label>.txt")
     labels = np.zeros((25000, len(files)), np.int8)
     for c, f in enumerate(files):
-        for lineno, line in enumerate(open(f), 1):
+        for lineno, line in enumerate(read_lines(f), 1):
             if line.strip():
                 try:
                     labels[int(line) - 1, c] = 1
@@ -542,6 +663,14 @@ SPLIT_FORMATS = {
 }
 
 
+def split_fingerprints(split_dir):
+    """{file: sha256} of the split files a --split_dir holds (its format's, and NUS-WIDE's label files)."""
+    fmt = split_format(split_dir)
+    files = list(SPLIT_FORMATS[fmt]) + ([f.replace('_img.txt', '_label_onehot.txt') for f in SPLIT_FORMATS[fmt]]
+                                        if fmt == 'dsdh' else [])
+    return {f: sha256_file(os.path.join(split_dir, f)) for f in files}
+
+
 def split_format(split_dir):
     """Which SPLIT_FORMATS a --split_dir holds (the first whose files are all there)."""
     for name in ('lists', 'index', 'dsdh', 'deephash', 'cifar_index'):
@@ -575,8 +704,7 @@ def _listed_images(dataset, data_path, split_dir, fmt):
         path = os.path.join(split_dir, f)
         if fmt == 'dsdh':
             label_file = os.path.join(split_dir, f.replace('_img.txt', '_label_onehot.txt'))
-            with open(path, encoding='utf-8') as fh:
-                names = [l.strip() for l in fh if l.strip()]
+            names = [l.strip() for l in read_lines(path) if l.strip()]
             try:
                 labels = np.loadtxt(label_file, dtype=np.int64, ndmin=2)
             except (OSError, ValueError) as e:
@@ -698,8 +826,7 @@ def read_split_dir(split_dir, images):
         out = []
         for path in files:
             if fmt == 'dsdh':
-                with open(path, encoding='utf-8') as fh:
-                    names = [l.strip() for l in fh if l.strip()]
+                names = [l.strip() for l in read_lines(path) if l.strip()]
             else:
                 names = read_list_file(path, '', images.labels.shape[1], check=False)[0]
             unknown = [n for n in names if n not in pos]
@@ -848,12 +975,11 @@ def load_split(cache_dir, dataset, tag, producer='dataset_extract.py'):
 # -----------------------------------------------------------------------------
 # `python dataset.py --readme` rewrites the README's settings tables from the scripts' own
 # settings blocks (the text between <!-- settings: x.py --> and <!-- /settings -->)
-README_SCRIPTS = ('dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py')
+README_SCRIPTS = ('dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py', 'search.py')
 
 
 def readme_with_settings(text, root):
     """`text` (the README) with every marked settings block replaced by the script's table."""
-    import re
     import runpy
 
     def table(m):

@@ -58,6 +58,8 @@ NUM_WORKERS = -1           # data-loading processes; -1: one per usable CPU core
 CHUNK_BATCHES = 8          # batches per saved chunk (the unit of resuming and of sharding across ranks)
 BAD_IMAGES = 'stop'        # stop | skip: an unreadable image stops the run, or is listed in bad_images.txt and dropped later
 FORCE = False              # rebuild caches even when they exist
+_RANGES = dict(SPLIT_SEED='[0, inf)', QUERY='[1, inf)', TRAIN='[1, inf)', AUG_VIEWS='[0, inf)', AUG_SEED='[0, inf)',
+               BATCH_SIZE='[1, inf)', NUM_WORKERS='[-1, inf)', CHUNK_BATCHES='[1, inf)')  # checked before any work
 _VERSION = 2               # bump when the features this script writes change meaning (2: augmented views in fp16)
 _T_MAX = 60                # train.py's EPOCHS: AUG_VIEWS None extracts a fresh pair of views for each of them
 
@@ -175,6 +177,7 @@ def main():
     cfg = configure(globals())
     if DATASET not in dataset.DATASETS:
         raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
+    dataset.check_ranges(globals(), _RANGES)
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
     DATA_PATH = DATA_PATH or os.path.join('data', DATASET)
     t0 = time.time()
@@ -190,8 +193,11 @@ def main():
     ddir = dataset_dir(CACHE_DIR, DATASET)
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
     rule = split_rule(DATASET, QUERY, TRAIN)
-    data_settings = dict(dataset=DATASET, n_images=len(images), names_sha=hash_names(images.names))
-    split_settings = dict(data_settings, split=tag, rule=rule, split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '')
+    # what every product is made from (one fingerprint each): the images and labels, the split files
+    data_settings = dict(dataset=DATASET, n_images=len(images), names_sha=hash_names(images.names),
+                         images_sha=images.fingerprint())
+    split_settings = dict(data_settings, split=tag, rule=rule, split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '',
+                          split_files=dataset.split_fingerprints(SPLIT_DIR) if SPLIT_DIR else {})
     if rank == 0:
         if not check_reuse(os.path.join(ddir, 'labels.npy'), data_settings):
             save_text(os.path.join(ddir, 'names.txt'), images.names)
@@ -264,5 +270,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (DataError, CacheError, models.WeightsUnavailable) as e:
-        raise SystemExit(f"error: {e}")
+    except (DataError, CacheError, models.WeightsUnavailable, OSError) as e:
+        raise SystemExit(dataset.user_error(e))

@@ -43,6 +43,8 @@ MEM_MB = 512             # memory one chunk of one worker may use: chunks shrink
 WORKERS = 2              # threads, each ranking its own block of queries (numpy releases the GIL)
 SUBSAMPLE = 32           # every SUBSAMPLE-th item estimates a query's top-K threshold (results never depend on it)
 
+_RANGES = dict(BITS='[1, 1024]', TOPK='[0, inf)', P_AT_N='[1, inf)', PR_POINTS='[2, inf)', RADIUS='[0, inf)',
+               EXAMPLES='[0, inf)', CHUNK='[1, inf)', MEM_MB='[1, inf)', WORKERS='[1, inf)', SUBSAMPLE='[1, inf)')
 _CONTINUOUS_LABEL = ("continuous-output MAP (authors' released evaluation: ranks by the tanh outputs "
                     "without sign(); not the paper's binary-code MAP)")
 
@@ -458,15 +460,28 @@ def draw_examples(run, bits, z, n):
 
 
 # -----------------------------------------------------------------------------
+def run_dataset(run, bits):
+    """The dataset a run was trained on (its result.json), or '?' when it does not say."""
+    try:
+        with open(os.path.join(run, f'{bits}bits', 'result.json')) as f:
+            return json.load(f).get('dataset', '?')
+    except (OSError, ValueError):
+        return '?'
+
+
 def _load_codes(path):
     """The arrays of one codes.npz (query_h, retrieval_h, query_labels, retrieval_labels, topk)."""
     if not os.path.exists(path):
         raise SystemExit(f'error: {path} does not exist (train.py writes it)')
-    with np.load(path) as z:
-        missing = {'query_h', 'retrieval_h', 'query_labels', 'retrieval_labels', 'topk'} - set(z.files)
-        if missing:
-            raise SystemExit(f'error: {path} lacks {sorted(missing)}')
-        return {key: z[key] for key in z.files}
+    try:
+        with np.load(path) as z:
+            missing = {'query_h', 'retrieval_h', 'query_labels', 'retrieval_labels', 'topk'} - set(z.files)
+            if missing:
+                raise SystemExit(f'error: {path} lacks {sorted(missing)}: rerun train.py for that code length')
+            return {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError, __import__('zipfile').BadZipFile) as e:
+        raise SystemExit(f'error: {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): it is damaged; rerun '
+                         f'train.py for that code length') from None
 
 
 def _score(path, name):
@@ -483,11 +498,17 @@ def _score(path, name):
 
 def main():
     cfg = configure(globals())
+    import dataset
+    dataset.check_ranges(globals(), _RANGES)
     if not RUN and not RUNS:
         raise SystemExit('error: give --run=<run dir> or --runs=<dir>,<dir> (see the docstring)')
     if RUN:
         found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(RUN, '*bits', 'codes.npz'))
                        if (m := re.fullmatch(r'(\d+)bits', os.path.basename(os.path.dirname(p)))))
+        unfinished = sorted(d for d in glob.glob(os.path.join(RUN, '*bits'))
+                            if re.fullmatch(r'\d+bits', os.path.basename(d)) and not os.path.exists(os.path.join(d, 'codes.npz')))
+        for d in unfinished:
+            print(f'note: {d} has no codes.npz (its training did not finish): that code length is left out; rerun train.py')
         if not found:
             raise SystemExit(f'error: no <bits>bits/codes.npz under {RUN}')
         print(f'eval run={RUN} code_lengths={[b for b, _ in found]}')
@@ -505,11 +526,21 @@ def main():
             if drawn:
                 print(f'wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {", ".join(map(os.path.basename, drawn))}')
     if RUNS:  # one line per run at BITS (Figures 3-4 compare methods at 64 bits)
+        runs = list(dict.fromkeys(os.path.normpath(r) for r in RUNS))  # keyed by the whole path: two 'run' folders stay two
+        datasets = {r: run_dataset(r, BITS) for r in runs}
+        if len(set(datasets.values())) > 1:
+            raise SystemExit('error: --runs mixes datasets (' + ', '.join(f'{r}: {d}' for r, d in datasets.items())
+                             + '): MAP is comparable only on one dataset and split; compare runs of one dataset')
+        for r in runs:
+            if not os.path.exists(os.path.join(r, f'{BITS}bits', 'codes.npz')):
+                have = sorted(int(os.path.basename(d)[:-4]) for d in glob.glob(os.path.join(r, '*bits'))
+                              if re.fullmatch(r'\d+bits', os.path.basename(d)))
+                raise SystemExit(f'error: {r} has no {BITS}-bit codes ({r}/{BITS}bits/codes.npz); its code lengths: '
+                                 f'{have or "none"}; choose --bits from those, or train {BITS} bits')
         os.makedirs(OUT, exist_ok=True)
         metrics = {}
-        for run in RUNS:
-            name = os.path.basename(os.path.normpath(run))
-            metrics[name] = _score(os.path.join(run, f'{BITS}bits', 'codes.npz'), f'run={name} ')
+        for run in runs:
+            metrics[run] = _score(os.path.join(run, f'{BITS}bits', 'codes.npz'), f'run={run} ')
         save_json(os.path.join(OUT, f'compare_{BITS}bits.json'), dict(config=cfg, runs=metrics))
         plot_curves({k: m['pr_curve_rank'] for k, m in metrics.items()},
                     os.path.join(OUT, f'pr_curve_{BITS}bits.png'), 'pr', f'Precision-recall, {BITS} bits')
@@ -519,4 +550,8 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    import dataset
+    try:
+        main()
+    except (OSError, ValueError, dataset.CacheError) as e:
+        raise SystemExit(dataset.user_error(e))

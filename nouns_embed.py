@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import CacheError, configure, reusable, load_array, save_array, save_json, save_text, sha256_file
+from dataset import (CacheError, configure, reusable, load_array, save_array, save_json, save_text, sha256_file,
+                     user_error)
 from models import WeightsUnavailable, clip_build, encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -62,6 +63,8 @@ DEVICE = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 THREADS = 0                        # torch CPU threads; 0 leaves torch's default (1 is faster on a busy CPU)
 FORCE = False                      # rebuild the cached features, K-means and selection
 # -----------------------------------------------------------------------------
+_RANGES = dict(BATCH_SIZE='[1, inf)', N_K='[1, inf)', T1='[-1, 4]', KMEANS_ITERS='[1, inf)', KMEANS_RESTARTS='[1, inf)',
+               KMEANS_TOL='[0, inf)', KMEANS_SEED='[0, inf)', THREADS='[0, inf)')  # checked before any work
 _CACHE_VERSION = 1                 # bump when the meaning of a cached file changes
 _KMEANS_DEFAULT = (40, 1, 1e-5, 'k-means++')  # (iterations, restarts, tolerance, seeding) for the None settings
 _KMEANS_RELEASED = (300, 10, 0.0, 'random')   # the same in the authors' code: faiss Kmeans(niter=300, nredo=10)
@@ -491,6 +494,10 @@ def resolve_settings(device):
     iters, restarts, tol, init = [d if v is None else v for v, d in zip(
         (KMEANS_ITERS, KMEANS_RESTARTS, KMEANS_TOL, KMEANS_INIT), _KMEANS_RELEASED if RELEASED else _KMEANS_DEFAULT)]
     precision = PRECISION or ('fp16' if RELEASED and device.startswith('cuda') else 'fp32')
+    if precision not in ('fp32', 'fp16', 'bf16'):
+        raise SystemExit(f"error: --precision={precision!r}: choose fp32, fp16 or bf16")
+    if precision == 'fp16' and not device.startswith('cuda'):  # refused before any cache is touched
+        raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     if RELEASED and PRECISION is None and precision == 'fp32':
         print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
     if iters < 1 or restarts < 1 or tol < 0:
@@ -505,6 +512,8 @@ def resolve_settings(device):
 
 def main():
     cfg = configure(globals())
+    from dataset import check_ranges
+    check_ranges(globals(), _RANGES)
     t_start = time.time()
     if any(p.count('{}') != 1 for p in PROMPTS):
         raise SystemExit(f"error: every prompt needs exactly one '{{}}' for the noun, got {PROMPTS}")
@@ -624,5 +633,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (CacheError, WeightsUnavailable) as e:
-        raise SystemExit(f"error: {e}")
+    except (CacheError, WeightsUnavailable, OSError, ValueError) as e:
+        raise SystemExit(user_error(e))

@@ -77,7 +77,7 @@ DRY_RUN = False             # list the cells, their state and train.py commands;
 TABLE4_CACHE_DIR = ''       # Table 4: '' reads CACHE_DIR's selection.json; an empty folder times every step anew
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-IGNORED = ('DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE')  # train.py settings that do not change a result
+IGNORED = train.NOT_RESULT  # train.py settings that do not change a result
 BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the dataset (train.T2_BEST)
 T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
 
@@ -293,9 +293,21 @@ def read_results(path):
     return out
 
 
+def changed_inputs(result, cfg):
+    """The inputs of a results line (train.input_paths: features, views, split, vocabulary) whose
+    fingerprint is no longer what the line recorded: the same rule as every cache's."""
+    recorded = result.get('inputs') or {}
+    return [name for name, path in train.input_paths(cfg).items()
+            if name in recorded and os.path.exists(path) and dataset.fingerprint(path) != recorded[name]]
+
+
 def find_result(cell, results, defaults):
     for r in reversed(results):  # the latest matching line
         if matches(r, cell.cfg, defaults):
+            changed = changed_inputs(r, cell.cfg)
+            if changed:
+                cell.why = f"trained again: its {', '.join(changed)} changed since the results line"
+                return None
             return r
     return None
 
@@ -719,6 +731,8 @@ def table4():
 # -----------------------------------------------------------------------------
 def main():
     configure(globals())
+    dataset.check_ranges(globals(), dict(BITS='[1, 1024]', SEEDS='[0, inf)', N_K='[1, inf)', T1='[-1, 4]', EPOCHS='[1, inf)',
+                                         T1_VALUES='[-1, 4]', T2_VALUES='(-1, 1]', FIG5_BITS='[1, 1024]'))
     tables = ('fig5a', 'fig5b') if TABLE == 'fig5' else (TABLE,)
     if any(t not in TABLES and t != '4' for t in tables):
         raise SystemExit(f"error: --table={TABLE!r}: choose 1, 2, 3, 4, 5, 6, fig5a, fig5b, fig5 or baselines")

@@ -69,6 +69,9 @@ RESULTS = 'runs/results.jsonl'  # every run appends one JSON line here
 TOPK = 0                    # MAP@K; 0 -> the dataset's K (1000 CIFAR-10, 5000 others)
 FORCE = False               # recompute the cached external features
 
+_RANGES = dict(SPLIT_SEED='[0, inf)', N_K='[1, inf)', T1='[-1, 4]', BITS='[1, 1024]', TAU1='(0, inf)', TAU2='[0, inf)',
+               T2='(-1, 1]', EPOCHS='[1, inf)', WARMUP='[0, inf)', LR_MIN='[0, inf)', LR_MAX='(0, inf)',
+               BATCH_SIZE='[2, inf)', SEED='[0, inf)', THREADS='[0, inf)', TOPK='[0, inf)')  # checked before any work
 TAU2_DEFAULT = {'mscoco': 0.2}            # the authors' code: 0.8 elsewhere
 T2_BEST = {'cifar10': 0.99, 'nuswide': 0.98, 'flickr25k': 0.97, 'mscoco': 0.95}  # Figure 5b
 
@@ -190,19 +193,90 @@ def vocabulary(clip_train):
     return t[np.union1d(rep, cen)]
 
 
+def input_paths(cfg):
+    """{name: path} of the cached files a run with config `cfg` (train.py's settings, resolved) is
+    made from: the features of Hv, their augmented views, the split and labels, and what the external
+    feature is built from (the training images in CLIP's space, the vocabulary). Their fingerprints
+    key the external-feature cache and each results line; reproduce.py compares them to tell a done
+    cell from one whose inputs changed."""
+    from nouns_embed import selection_dir, vocab_dir
+    r = released_settings(cfg)
+    tag = split_tag(cfg['SPLIT_SEED'], cfg['SPLIT_DIR'])
+    pretrained = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
+    fdir = feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['BACKBONE'], pretrained, r['VIEW_RECIPE'])
+    ddir = dataset_dir(cfg['CACHE_DIR'], cfg['DATASET'])
+    paths = dict(features=os.path.join(fdir, 'images.npy'), labels=os.path.join(ddir, 'labels.npy'),
+                 query=os.path.join(ddir, tag, 'query.npy'), retrieval=os.path.join(ddir, tag, 'retrieval.npy'),
+                 train=os.path.join(ddir, tag, 'train.npy'))
+    duheg = cfg['METHOD'] == 'duheg'
+    if duheg and cfg['AUG']:
+        paths['views'] = os.path.join(fdir, f'train_aug_{tag}.npy')
+    if duheg and cfg['EXTERNAL'] != 'none':
+        paths['clip'] = os.path.join(feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['CLIP_MODEL'],
+                                                 cfg['CLIP_PRETRAINED'], r['VIEW_RECIPE']), 'images.npy')
+        vocab = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
+        if cfg['EXTERNAL'] == 'efc':
+            paths['vocabulary'] = os.path.join(selection_dir(*vocab, cfg['N_K'], cfg['T1'], cfg['RELEASED'],
+                                                             r['T1_READING']), 'selected_feats.npy')
+        elif cfg['EXTERNAL'] in ('ek', 'imgcls'):
+            paths['vocabulary'] = os.path.join(vocab_dir(*vocab, cfg['RELEASED']), 'noun_feats.npy')
+    return paths
+
+
+def write_result(path, result):
+    """Put `result` into the JSON-lines file `path` as one whole line: the file is rewritten into a
+    temporary file and renamed, so a full disk or a kill leaves the old file; a partial line an older
+    writer left is dropped (and said); a line of the same run (same config but for where it was
+    written, same code length) is replaced, not repeated."""
+    import fcntl
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    key = lambda r: json.dumps([r.get('dataset'), r.get('bits'), r.get('method', 'duheg'),
+                                {k: v for k, v in (r.get('config') or {}).items() if k not in NOT_RESULT}],
+                               sort_keys=True, default=str)
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time
+        lines = []
+        if os.path.exists(path):
+            with open(path, encoding='utf-8', errors='replace') as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        lines.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        print(f"note: {path}:{n} is not a whole JSON line (left by an interrupted write); dropped")
+        same = [r for r in lines if key(r) == key(result)]
+        if same:
+            print(f"note: {path} held this run already ({len(same)} line{'s' if len(same) > 1 else ''}); replaced")
+        lines = [r for r in lines if key(r) != key(result)] + [result]
+        atomic_write(path, lambda f: f.write(''.join(json.dumps(r, default=str) + '\n' for r in lines).encode()))
+
+
+NOT_RESULT = ('DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS')  # settings that do not change a result
+
+
 def external_cache(clip_train, train, device='cpu'):
-    """e_i of every training image (Eq. 5-6), cached beside the features."""
+    """e_i of every training image (Eq. 5-6), cached beside the features; rebuilt when any input
+    changed (the CLIP features, the split, the vocabulary: their fingerprints are its settings)."""
     settings = dict(dataset=DATASET, split=split_tag(SPLIT_SEED, SPLIT_DIR), clip=CLIP_MODEL,
                     pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED),
                     vocab=VOCAB, n_k=N_K, t1=T1, t1_reading=T1_READING, tau1=TAU1,
-                    external=EXTERNAL, released=RELEASED, n_train=len(train))
+                    external=EXTERNAL, released=RELEASED, n_train=len(train),
+                    inputs=dataset.fingerprints(**{k: v for k, v in input_paths(globals()).items()
+                                                   if k in ('clip', 'train', 'vocabulary')}))
     name = (f"external_{EXTERNAL}_{os.path.basename(str(VOCAB))}_k{N_K}_t{T1}{'_sim' if T1_READING == 'similarity' else ''}"
             f"_tau{TAU1}{'_released' if RELEASED else ''}_{settings['split']}.npy")
     path = os.path.join(feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED, VIEW_RECIPE), name)
-    if reusable(path, settings, FORCE, 'train.py'):
+    status = dataset.cache_status(path, settings)
+    if status not in ('ok', 'missing'):
+        print(f"rebuilding the external features: {status}")
+    if reusable(path, settings, FORCE or status not in ('ok', 'missing'), 'train.py'):
         return load_array(path, settings, 'train.py --force')
     half = RELEASED and device.startswith('cuda')  # the authors' Eq. 5-6 runs in fp16 on the GPU
-    e = external_features(clip_train, vocabulary(clip_train), TAU1, device=device, half=half).numpy()
+    t = vocabulary(clip_train)
+    if t.shape[1] != clip_train.shape[1]:
+        raise CacheError(f"the training images' CLIP features are {clip_train.shape[1]}-d but the vocabulary "
+                         f"{t.shape[1]}-d: they come from different CLIP models; run dataset_extract.py and "
+                         f"nouns_embed.py with the same --clip_model and --clip_pretrained")
+    e = external_features(clip_train, t, TAU1, device=device, half=half).numpy()
     save_array(path, e, settings, 'train.py')
     return e
 
@@ -322,10 +396,12 @@ def main():
     cfg = configure(globals())
     if DATASET not in dataset.DATASETS:
         raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
-    if not BITS or any(not 1 <= b <= 1024 for b in BITS):
-        raise SystemExit(f"error: --bits={','.join(map(str, BITS))}: code lengths must be between 1 and 1024")
-    if BATCH_SIZE < 2 or EPOCHS < 1 or WARMUP < 0 or WARMUP >= EPOCHS:
-        raise SystemExit("error: --batch_size must be >= 2, --epochs >= 1 and 0 <= --warmup < --epochs")
+    dataset.check_ranges(globals(), _RANGES)
+    if not BITS:
+        raise SystemExit("error: --bits is empty: give the code lengths, e.g. --bits=16,32,64")
+    if WARMUP >= EPOCHS or LR_MIN > LR_MAX:
+        raise SystemExit(f"error: --warmup={WARMUP} must be below --epochs={EPOCHS}, and --lr_min={LR_MIN} at most "
+                         f"--lr_max={LR_MAX}")
     if EXTERNAL not in ('efc', 'ek', 'imgk', 'imgcls', 'none'):
         raise SystemExit(f"error: --external={EXTERNAL!r}: choose efc, ek, imgk, imgcls or none")
     if EXTERNAL == 'none' and not AUG:
@@ -358,6 +434,7 @@ def main():
         s = baselines.ssdh_similarity(feats[train])
     elif METHOD in SUPERVISED:
         s = baselines.label_similarity(labels[train])
+    inputs = dataset.fingerprints(**input_paths(cfg))  # what the results are made from, recorded with them
     for bits in BITS:
         t0 = time.time()
         if METHOD in UNTRAINED:  # a projection fitted on the training features
@@ -374,7 +451,7 @@ def main():
         os.makedirs(out, exist_ok=True)
         result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in SUPERVISED, bits=bits, topk=topk, map=round(float(mAP), 6),
                       map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
-                      run_dir=out, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR))
+                      run_dir=out, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR), inputs=inputs)
         ckpt = dict(hv=hv and hv.state_dict(), he=he and he.state_dict(), bits=bits, in_dim=feats.shape[1],
                     e_dim=e.shape[1] if e is not None else None, optimizer=opt and opt.state_dict(), epoch=EPOCHS,
                     config=result['config'])
@@ -383,9 +460,7 @@ def main():
             f, query_h=h_q, retrieval_h=h_r, query_labels=labels[query], retrieval_labels=labels[retrieval],
             query_index=query, retrieval_index=retrieval, topk=topk))
         save_json(os.path.join(out, 'result.json'), result)
-        os.makedirs(os.path.dirname(os.path.abspath(RESULTS)), exist_ok=True)
-        with open(RESULTS, 'a') as f:
-            f.write(json.dumps(result, default=str) + '\n')
+        write_result(RESULTS, result)
         print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "
               f"map_continuous@{topk}={mAP_cont:.4f} (released-code ranking, not binary) seconds={result['seconds']} "
               f"run={out}")
@@ -394,5 +469,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (DataError, CacheError, ValueError, models.WeightsUnavailable) as e:
-        raise SystemExit(f"error: {e}")
+    except (DataError, CacheError, ValueError, models.WeightsUnavailable, OSError) as e:
+        raise SystemExit(dataset.user_error(e))

@@ -42,3 +42,11 @@ def test_bench_kmeans_close_to_sklearn():
     r = result(run_script('benchmarks/bench_kmeans.py', '--n=3000', '--dim=32', '--topics=10', '--leaves=5',
                           '--n_k=20'), 'bench_kmeans')
     assert abs(float(r['mean_cos']) - float(r['sklearn_mean_cos'])) < 0.02
+
+
+def test_bench_search_agrees_and_reports_recall():
+    # the benchmark itself asserts that its numpy brute force returns the exact search's hits
+    r = result(run_script('benchmarks/bench_search.py', '--num_codes=20000', '--num_query=200', '--brute_queries=20',
+                          '--rounds=1', '--classes=100'), 'bench_search')
+    assert float(r['ours_qps']) > 0 and float(r['faiss_flat_qps']) > 0 and float(r['numpy_qps']) > 0
+    assert 0.5 < float(r['ivf_recall']) <= 1 and 0.5 < float(r['hnsw_recall']) <= 1

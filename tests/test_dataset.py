@@ -76,8 +76,10 @@ def test_read_list_file_and_its_errors(tmp_path):
         dataset.read_list_file(_list(tmp_path, 'a.png 0 1 1\nb.png 1 0\n'), str(tmp_path))
     with pytest.raises(DataError, match=r'list.txt:1: labels must be 0/1 integers'):
         dataset.read_list_file(_list(tmp_path, 'a.png 0 x 1\n'), str(tmp_path))
-    with pytest.raises(DataError, match=r'list.txt:1: expected'):
+    with pytest.raises(DataError, match=r'list.txt:1: labels must be 0/1'):
         dataset.read_list_file(_list(tmp_path, 'a.png 0 2 1\n'), str(tmp_path))
+    with pytest.raises(DataError, match=r"list.txt:1: expected 'path 0 1 0"):
+        dataset.read_list_file(_list(tmp_path, 'a.png\n'), str(tmp_path))
     with pytest.raises(DataError, match=r'3 of 4 images named in .*list.txt do not exist .* e.g. c.png, d.png, e.png'):
         dataset.read_list_file(_list(tmp_path, 'a.png 1\nc.png 1\nd.png 1\ne.png 1\n'), str(tmp_path))
 

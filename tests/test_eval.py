@@ -373,5 +373,6 @@ def test_cli_runs_compare(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert sum(l.startswith('eval run=') for l in out.stdout.splitlines()) == 2
-    assert set(json.load(open(tmp_path / 'cmp' / 'compare_16bits.json'))['runs']) == {'a', 'b'}
+    assert set(json.load(open(tmp_path / 'cmp' / 'compare_16bits.json'))['runs']) == {str(tmp_path / 'a'),
+                                                                                     str(tmp_path / 'b')}
     assert _png(tmp_path / 'cmp' / 'pr_curve_16bits.png').shape[:2] == (450, 600)

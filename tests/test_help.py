@@ -12,7 +12,7 @@ import pytest
 import dataset
 from conftest import ROOT, run_script
 
-SCRIPTS = ['dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py'] + \
+SCRIPTS = ['dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py', 'search.py'] + \
     sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'benchmarks', '*.py')))
 
 

@@ -101,9 +101,9 @@ def test_same_seed_same_codes(pipeline):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--bits=0'], 'code lengths must be between 1 and 1024'),
-    (['--bits=16,2048'], 'code lengths must be between 1 and 1024'),
-    (['--batch_size=1'], '--batch_size must be >= 2'),
+    (['--bits=0'], '--bits=0: 0 is outside [1, 1024]'),
+    (['--bits=16,2048'], '--bits=16,2048: 2048 is outside [1, 1024]'),
+    (['--batch_size=1'], '--batch_size=1: 1 is outside [2, inf)'),
     (['--dataset=imagenet'], "unknown --dataset='imagenet'; choose one of cifar10, nuswide, flickr25k, mscoco, folder"),
     (['--method=foo'], "--method='foo': choose one of duheg, ssdh, dhn, dch, lsh, itq"),
     (['--external=none', '--aug=false'], 'IMGAUG'),

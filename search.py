@@ -1,0 +1,610 @@
+"""Step 5, our extension (not in the paper): index your own images with a trained run's hash codes,
+then search them by an image, by an image already indexed, or by words.
+
+    python search.py --run=runs/cifar10/<run> --images=~/Pictures      # index a folder (again: updates it)
+    python search.py --query=cat.jpg                                    # the images nearest in Hamming distance
+    python search.py --item=holiday/0042.jpg                            # ... to an image of the index
+    python search.py --words="a red sports car"                         # ... to words (DUH-EG runs)
+    python search.py --serve                                            # a search page on http://127.0.0.1:8765
+
+The index (the folder INDEX) holds codes.npy, every image's code packed into L/8 bytes, and
+index.json: the run, its backbone and weights, the code length, every image with its size and
+modification time, the images that could not be read, checksums. Indexing again adds new and
+changed images and drops vanished ones; the others are not encoded again. Words become a code
+through the run's own machinery: their CLIP text feature (Eq. 2's prompts) is turned into an
+external feature by Eq. 5-6 over the run's vocabulary, which He maps to a code, so a DUH-EG run
+searches images by words with no further training. Results: results.json (top-k with Hamming
+distances, ties by index order) and one contact sheet PNG per query.
+"""
+import json
+import os
+import textwrap
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dataset
+import models
+from dataset import CacheError, DataError, atomic_write, configure, save_json, sha256_file
+
+# -----------------------------------------------------------------------------
+# the index
+RUN = ''                  # a train.py run folder holding <bits>bits/heads.pt: needed to build or update an index
+BITS = 64                 # which of the run's code lengths
+IMAGES = ''               # what to index: a folder of images (any nesting), a list file (a path a line, relative to
+                          # the file; labels after it are ignored), or dataset:<name> (the run's retrieval set,
+                          # from its cached features); '' searches the index as it is
+INDEX = 'runs/index'      # the index folder (codes.npy, index.json)
+# queries
+QUERY = ()                # image files to search with
+ITEM = ()                 # images of the index (their path as index.json lists it) to search with
+WORDS = ()                # words to search with (Eq. 2 prompts, Eq. 5-6 on the run's vocabulary, then He)
+TOPK = 10                 # hits per query
+OUT = ''                  # where results.json and the contact sheets go; '' -> INDEX/results
+# search
+SEARCH = 'exact'          # exact (every code, ties by index) | ivf | hnsw (faiss's approximate binary indexes)
+IVF_LISTS = 0             # IVF: inverted lists; 0 -> 4 x sqrt(number of codes)
+IVF_PROBE = 16            # IVF: lists visited per query
+HNSW_M = 32               # HNSW: neighbours of a node in the graph
+HNSW_EF = 64              # HNSW: candidates kept while searching
+# the search page
+SERVE = False             # serve a search page on HOST:PORT until interrupted
+HOST = '127.0.0.1'        # the page's address (this machine only)
+PORT = 8765               # its port
+# system
+DEVICE = 'auto'           # auto | cpu | cuda
+BATCH_SIZE = 64           # images per forward pass while indexing
+THUMB = 96                # thumbnail size of the contact sheets and the page, pixels
+_RANGES = dict(BITS='[1, 1024]', TOPK='[1, inf)', IVF_LISTS='[0, inf)', IVF_PROBE='[1, inf)', HNSW_M='[2, inf)',
+               HNSW_EF='[1, inf)', PORT='[0, 65535]', BATCH_SIZE='[1, inf)', THUMB='[16, 1024]')
+_EXTRA = 32               # should faiss not keep index order among ties: TOPK + _EXTRA candidates, then reordered
+
+
+# -----------------------------------------------------------------------------
+# the run: its heads, how its features were made, its vocabulary
+def load_run(run, bits):
+    """(config, Hv, He or None) of <run>/<bits>bits/heads.pt (read with weights_only: no code runs)."""
+    path = os.path.join(run, f'{bits}bits', 'heads.pt')
+    if not os.path.isfile(path):
+        have = sorted(d for d in os.listdir(run) if d.endswith('bits')) if os.path.isdir(run) else []
+        raise DataError(f"{path} does not exist: --run names a train.py run folder; its code lengths: {have or 'none'}")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    cfg = ckpt['config']
+    if ckpt.get('hv') is None:
+        raise DataError(f"{path} holds no trained Hv (method {cfg.get('METHOD')}: codes without a network); "
+                        f"index a DUH-EG or trained baseline run")
+    hv = models.HashHead(ckpt['in_dim'], bits)
+    hv.load_state_dict(ckpt['hv'])
+    he = None
+    if ckpt.get('he') is not None:
+        he = models.HashHead(ckpt['e_dim'], bits)
+        he.load_state_dict(ckpt['he'])
+    return cfg, hv.eval(), (he.eval() if he is not None else None), sha256_file(path)
+
+
+def run_identity(run, bits, run_sha, cfg):
+    """What an index's codes depend on: a query's code must come from the same."""
+    return dict(run=os.path.abspath(run), bits=bits, heads_sha256=run_sha, backbone=cfg['BACKBONE'],
+                backbone_pretrained=cfg['BACKBONE_PRETRAINED'], view_recipe=cfg.get('VIEW_RECIPE') or 'simclr',
+                norm_inputs=bool(cfg.get('NORM_INPUTS')))
+
+
+def image_encoder(cfg, device):
+    """(encode, preprocess) of the run's backbone: the plain view its features were extracted with."""
+    encode, preprocess, _ = models.load_backbone(cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device)
+    if (cfg.get('VIEW_RECIPE') or 'simclr') == 'released':
+        preprocess = dataset.released_views(cfg['DATASET'], models.preprocess_params(preprocess)[0])[0]
+    return encode, preprocess
+
+
+def pack(h):
+    """Codes b = sign(h) (sign(0) = +1) packed 8 bits a byte: L/8 bytes a code."""
+    return np.packbits(np.asarray(h) >= 0, axis=1)
+
+
+@torch.no_grad()
+def hash_features(x, hv, cfg):
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if cfg.get('NORM_INPUTS'):
+        x = torch.nn.functional.normalize(x, dim=1)
+    return pack(torch.cat([hv(x[a:a + 4096]) for a in range(0, len(x), 4096)]).numpy())
+
+
+def run_vocabulary(cfg):
+    """The features the run built its external features from (Eq. 5-6)."""
+    from nouns_embed import load_nouns, load_selection
+    args = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
+    if cfg['EXTERNAL'] == 'efc':
+        return load_selection(*args, cfg['N_K'], cfg['T1'], cfg['RELEASED'], cfg.get('T1_READING'))[0]
+    if cfg['EXTERNAL'] == 'ek':
+        return load_nouns(*args, cfg['RELEASED'])[0]
+    if cfg['EXTERNAL'] == 'imgk':
+        import train
+        paths = train.input_paths(cfg)
+        return dataset.load_array(paths['clip'], producer='dataset_extract.py')[dataset.load_array(paths['train'])]
+    raise DataError(f"word queries are not supported for EXTERNAL={cfg['EXTERNAL']} runs (use efc, ek or imgk)")
+
+
+def text_features(words, cfg, device):
+    """CLIP text features of free text, as Eq. 2 embeds a noun: the run's CLIP, its prompts."""
+    import nouns_embed
+    model, _, tok = models.load_clip(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device)
+    return nouns_embed.embed_words(list(words), model, tok, device=device, keep_underscores=bool(cfg['RELEASED']),
+                                   raw_mean=bool(cfg['RELEASED']))
+
+
+@torch.no_grad()
+def word_codes(words, cfg, he, device):
+    """Codes of word queries: text feature -> external feature (Eq. 5-6 on the run's vocabulary) -> He."""
+    if he is None:
+        raise DataError(f"this run ({cfg.get('METHOD')}, EXTERNAL={cfg.get('EXTERNAL')}) has no He, the head that "
+                        f"maps an external feature to a code: word queries need a DUH-EG run with a vocabulary")
+    import train
+    e = train.external_features(text_features(words, cfg, device), run_vocabulary(cfg), cfg['TAU1'])
+    return pack(he(e).numpy())
+
+
+# -----------------------------------------------------------------------------
+# the images to index
+def list_images(spec):
+    """[(name, path)] of a folder (every image below it, any nesting, sorted) or of a list file."""
+    spec = os.path.expanduser(spec)
+    if os.path.isdir(spec):
+        out = []
+        for d, dirs, files in os.walk(spec):
+            dirs.sort()
+            out += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(dataset.IMAGE_EXTS)]
+        return sorted((os.path.relpath(p, spec), p) for p in out)
+    if os.path.isfile(spec):
+        root = os.path.dirname(os.path.abspath(spec))
+        names = []
+        for line in dataset.read_lines(spec):
+            if line.strip():
+                m = dataset._LIST_PATH.match(line)
+                names.append(m.group(1).strip() if m else line.strip())
+        return sorted(dict.fromkeys((n, os.path.join(root, n)) for n in names))
+    raise DataError(f"--images={spec!r} is neither a folder, a list file nor dataset:<name>")
+
+
+def stat_key(path):
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+@torch.no_grad()
+def encode_files(paths, cfg, hv, device):
+    """(codes of the readable images, [(path, why)] of the unreadable ones)."""
+    encode, preprocess = image_encoder(cfg, device)
+    from PIL import Image
+    codes, bad, batch, feats = [], [], [], []
+
+    def flush():
+        if batch:
+            feats.append(encode(torch.stack(batch).to(device)).float().cpu().numpy())
+            batch.clear()
+    for p in tqdm(paths, desc='encoding images', unit='image', disable=len(paths) < 20):
+        try:
+            with Image.open(p) as im:
+                batch.append(preprocess(dataset.to_rgb(im)))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            bad.append((p, f'{type(e).__name__}: {str(e)[:120]}'))
+            continue
+        if len(batch) == BATCH_SIZE:
+            flush()
+    flush()
+    x = np.concatenate(feats) if feats else np.zeros((0, hv.net[0].in_features), np.float32)
+    codes = hash_features(x, hv, cfg) if len(x) else np.zeros((0, (hv.net[-1].out_features + 7) // 8), np.uint8)
+    return codes, bad
+
+
+def dataset_entries(name, cfg, hv):
+    """Index entries and codes of a dataset's retrieval set, from the run's cached features."""
+    import train
+    if name != cfg['DATASET']:
+        raise DataError(f"--images=dataset:{name}, but the run was trained on {cfg['DATASET']}")
+    paths = train.input_paths(cfg)
+    feats = dataset.load_array(paths['features'], producer='dataset_extract.py', mmap=True)
+    retrieval = dataset.load_array(paths['retrieval'], producer='dataset_extract.py')
+    names_file = os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], name), 'names.txt')
+    names = dataset.read_lines(names_file) if os.path.isfile(names_file) else [f'{name}/{i}' for i in range(len(feats))]
+    entries = [dict(name=names[i], dataset=name, row=int(i)) for i in retrieval]
+    return entries, hash_features(feats[retrieval], hv, cfg)
+
+
+# -----------------------------------------------------------------------------
+# the index on disk
+def read_index(index):
+    """(meta, codes) of an index folder, checked against its checksum; (None, None) when there is none."""
+    meta_path, codes_path = os.path.join(index, 'index.json'), os.path.join(index, 'codes.npy')
+    if not os.path.exists(meta_path):
+        return None, None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if not os.path.isfile(codes_path) or sha256_file(codes_path) != meta.get('codes_sha256'):
+        raise CacheError(f"{codes_path} is missing or does not match {meta_path} (a killed write?): index again "
+                         f"with --run and --images into an empty --index")
+    codes = np.load(codes_path, allow_pickle=False)
+    if codes.shape != (len(meta['images']), meta['bits'] // 8 + (meta['bits'] % 8 > 0)):
+        raise CacheError(f"{codes_path} has shape {codes.shape}, {meta_path} lists {len(meta['images'])} images")
+    return meta, codes
+
+
+def write_index(index, meta, codes):
+    """codes.npy first, then index.json with its checksum (renamed into place last)."""
+    codes_path = os.path.join(index, 'codes.npy')
+    atomic_write(codes_path, lambda f: np.save(f, np.ascontiguousarray(codes, dtype=np.uint8), allow_pickle=False))
+    save_json(os.path.join(index, 'index.json'), dict(meta, codes_sha256=sha256_file(codes_path), count=len(codes),
+                                                      written=time.strftime('%Y-%m-%d %H:%M:%S')))
+
+
+def update_index(index, spec, run, bits, device):
+    """Build or update the index of `spec` with the run's codes: new and changed images are encoded,
+    vanished ones dropped, unreadable ones listed and skipped. Returns (meta, codes)."""
+    cfg, hv, he, run_sha = load_run(run, bits)
+    ident = run_identity(run, bits, run_sha, cfg)
+    meta, codes = read_index(index)
+    if meta is not None and meta['identity'] != ident:
+        diff = ', '.join(f"{k}: {meta['identity'].get(k)} -> {v}" for k, v in ident.items() if meta['identity'].get(k) != v)
+        raise DataError(f"the index {index} holds codes of another run or code length ({diff}); use another --index "
+                        f"or delete {index}")
+    t0 = time.time()
+    if spec.startswith('dataset:'):
+        entries, new_codes = dataset_entries(spec.split(':', 1)[1], cfg, hv)
+        skipped = []
+    else:
+        files = list_images(spec)
+        old = {(e['name'], tuple(e.get('stat', ()))): i for i, e in enumerate(meta['images'])} if meta else {}
+        keys = [(n, tuple(stat_key(p))) for n, p in files]
+        todo = [f for f, k in zip(files, keys) if k not in old]
+        fresh, bad = encode_files([p for _, p in todo], cfg, hv, device)
+        bad_paths = {p for p, _ in bad}
+        fresh_rows = iter(range(len(fresh)))
+        new_of = {n: next(fresh_rows) for n, p in todo if p not in bad_paths}
+        entries, rows = [], []
+        for (n, p), k in zip(files, keys):
+            if k in old:
+                entries.append(dict(meta['images'][old[k]]))
+                rows.append(codes[old[k]])
+            elif n in new_of:
+                entries.append(dict(name=n, path=os.path.abspath(p), stat=list(k[1])))
+                rows.append(fresh[new_of[n]])
+        new_codes = np.array(rows, np.uint8).reshape(len(rows), -1) if rows else np.zeros((0, (bits + 7) // 8), np.uint8)
+        skipped = [dict(path=p, why=w) for p, w in bad]
+        kept = len(files) - len(todo)
+        print(f"index {index}: {len(todo) - len(bad)} images encoded, {kept} kept from before, "
+              f"{(len(meta['images']) if meta else 0) - kept} dropped (vanished or changed), {len(bad)} unreadable skipped"
+              + (f" (listed in {index}/index.json, e.g. {bad[0][0]}: {bad[0][1]})" if bad else ''))
+    meta = dict(identity=ident, bits=bits, images=entries, skipped=skipped, source=spec,
+                dataset=cfg['DATASET'], seconds=round(time.time() - t0, 2))
+    write_index(index, meta, new_codes)
+    return meta, new_codes
+
+
+# -----------------------------------------------------------------------------
+# search: Hamming distance, ties by index order
+def hamming_topk(codes, queries, k):
+    """(distances, rows), each Q x min(k, N), of the k nearest codes by Hamming distance, ties in index
+    order: eval_hash's ranking. faiss's IndexBinaryFlat scans the codes in order and keeps the first
+    of equal distances, which is this order; faiss does not promise it, so it is checked once on a
+    case with many ties (_faiss_keeps_index_order). Should it not hold, faiss gives k + _EXTRA
+    candidates, exact wherever the farthest is farther than the k-th, and a range search ranks the
+    rest. Without faiss, numpy ranks every code."""
+    n, k = len(codes), min(k, len(codes))
+    queries = np.ascontiguousarray(queries, dtype=np.uint8)
+    try:
+        import faiss
+    except ImportError:
+        return _numpy_topk(codes, queries, k)
+    flat = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    flat.add(np.ascontiguousarray(codes, dtype=np.uint8))
+    if _faiss_keeps_index_order():
+        d, i = flat.search(queries, k)
+        return d.astype(np.int64), i.astype(np.int64)
+    m = min(n, k + _EXTRA)
+    d, i = flat.search(queries, m)
+    order = np.lexsort((i, d), axis=-1)[:, :k]
+    out_d, out_i = np.take_along_axis(d, order, 1).astype(np.int64), np.take_along_axis(i, order, 1).astype(np.int64)
+    redo = np.flatnonzero(d[:, -1] == d[:, k - 1]) if m < n else []  # ties reach past the candidates
+    if len(redo):
+        lims, rd, ri = flat.range_search(queries[redo], int(d[redo, k - 1].max()) + 1)
+        for j, q in enumerate(redo):
+            dd, ii = rd[lims[j]:lims[j + 1]], ri[lims[j]:lims[j + 1]]
+            o = np.lexsort((ii, dd))[:k]
+            out_d[q], out_i[q] = dd[o], ii[o]
+    return out_d, out_i
+
+
+_TIE_CHECK = []
+
+
+def _faiss_keeps_index_order():
+    """Does faiss's IndexBinaryFlat return, of codes at equal distance, the lowest rows first, for one
+    query and for many? Checked once per process against numpy on 3,000 16-bit codes full of ties."""
+    if not _TIE_CHECK:
+        import faiss
+        rng = np.random.default_rng(0)
+        codes = np.packbits(rng.random((3000, 16)) < 0.5, axis=1)
+        codes[100:600] = codes[7]
+        flat = faiss.IndexBinaryFlat(16)
+        flat.add(codes)
+        q = codes[rng.integers(0, 3000, 50)]
+        ok = True
+        for queries in (q[:1], q):
+            d, i = flat.search(queries, 20)
+            nd, ni = _numpy_topk(codes, queries, 20)
+            ok &= np.array_equal(i, ni) and np.array_equal(d, nd)
+        _TIE_CHECK.append(bool(ok))
+    return _TIE_CHECK[0]
+
+
+def _numpy_topk(codes, queries, k):
+    """The same ranking by numpy alone (XOR, popcount), for when faiss is not installed."""
+    pad = (-codes.shape[1]) % 8
+    c = np.pad(codes, ((0, 0), (0, pad))).view(np.uint64)
+    qs = np.pad(queries, ((0, 0), (0, pad))).view(np.uint64)
+    out_d, out_i = np.empty((len(qs), k), np.int64), np.empty((len(qs), k), np.int64)
+    for q in range(len(qs)):
+        d = np.bitwise_count(c ^ qs[q]).sum(1, dtype=np.int64)
+        kth = np.partition(d, k - 1)[k - 1]
+        cand = np.flatnonzero(d <= kth)
+        order = cand[np.lexsort((cand, d[cand]))][:k]
+        out_d[q], out_i[q] = d[order], order
+    return out_d, out_i
+
+
+def approximate_index(codes, kind):
+    """A faiss approximate binary index over `codes`: IVF (k-means lists, IVF_PROBE visited) or HNSW."""
+    import faiss
+    bits = codes.shape[1] * 8
+    if kind == 'ivf':
+        lists = IVF_LISTS or max(1, int(4 * np.sqrt(len(codes))))
+        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, min(lists, len(codes)))
+        index.train(codes)
+        index.nprobe = IVF_PROBE
+    else:
+        index = faiss.IndexBinaryHNSW(bits, HNSW_M)
+        index.hnsw.efSearch = max(HNSW_EF, TOPK)
+    index.add(codes)
+    return index
+
+
+def search(codes, queries, k, kind='exact'):
+    if kind == 'exact':
+        return hamming_topk(codes, queries, k)
+    try:
+        index = approximate_index(np.ascontiguousarray(codes, dtype=np.uint8), kind)
+    except ImportError:
+        raise DataError(f"--search={kind} needs faiss: pip install faiss-cpu") from None
+    d, i = index.search(np.ascontiguousarray(queries, dtype=np.uint8), min(k, len(codes)))
+    for q in range(len(d)):  # the hits it found, in the exact search's order
+        order = np.lexsort((i[q], d[q]))
+        d[q], i[q] = d[q, order], i[q, order]
+    return d.astype(np.int64), i.astype(np.int64)
+
+
+# -----------------------------------------------------------------------------
+# pictures: thumbnails and contact sheets
+def thumbnail(entry, size):
+    """A size x size RGB thumbnail of an index entry (a file, or a dataset image), or a grey tile."""
+    from PIL import Image
+    try:
+        if 'path' in entry:
+            with Image.open(entry['path']) as im:
+                img = dataset.to_rgb(im)
+        else:
+            img = _dataset_images(entry['dataset']).load(entry['row'])
+        scale = size / max(img.size)  # down, or up for small images (CIFAR-10's 32 x 32)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+    except Exception:  # noqa: BLE001 - a picture that cannot be shown is drawn grey
+        img = Image.new('RGB', (size, size), (128, 128, 128))
+    tile = Image.new('RGB', (size, size), (255, 255, 255))
+    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return tile
+
+
+_IMAGES = {}
+
+
+def _dataset_images(name):
+    if name not in _IMAGES:
+        _IMAGES[name] = dataset.load_images(name, os.path.join('data', name), download=False)
+    return _IMAGES[name]
+
+
+def contact_sheet(query, hits, meta, path):
+    """The query (its picture, or its words), then each hit with its Hamming distance, in one PNG."""
+    from PIL import Image, ImageDraw
+    s, pad = THUMB, 18
+    sheet = Image.new('RGB', ((len(hits) + 1) * (s + 4) + 4, s + pad + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    if query.get('image'):
+        sheet.paste(thumbnail(dict(path=query['image']), s), (4, 4))
+    elif query.get('item') is not None:
+        sheet.paste(thumbnail(meta['images'][query['item']], s), (4, 4))
+    else:
+        draw.rectangle([4, 4, 4 + s, 4 + s], outline=(0, 0, 0))
+        draw.multiline_text((8, 8), '\n'.join(textwrap.wrap(query['words'], max(4, s // 7))), fill=(0, 0, 0))
+    draw.text((4, s + 8), 'query', fill=(0, 0, 160))
+    for j, h in enumerate(hits):
+        x = 4 + (j + 1) * (s + 4)
+        sheet.paste(thumbnail(meta['images'][h['row']], s), (x, 4))
+        draw.text((x, s + 8), f"{j + 1}: d={h['distance']}", fill=(0, 0, 0))
+    atomic_write(path, lambda f: sheet.save(f, format='PNG'))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# queries
+def query_codes(meta, codes, device):
+    """[(query description, code)] of QUERY images, ITEM entries and WORDS."""
+    out = []
+    if QUERY or WORDS:
+        cfg, hv, he, run_sha = load_run(meta['identity']['run'], meta['bits'])
+        ident = run_identity(meta['identity']['run'], meta['bits'], run_sha, cfg)
+        if ident != meta['identity']:
+            raise DataError(f"the run {ident['run']} changed since the index was made (its heads.pt differs): query "
+                            f"codes would not match the index's; index again with --run and --images")
+        if QUERY:
+            q, bad = encode_files([os.path.expanduser(p) for p in QUERY], cfg, hv, device)
+            if bad:
+                raise DataError(f"cannot read the query image {bad[0][0]} ({bad[0][1]})")
+            out += [(dict(image=os.path.abspath(os.path.expanduser(p))), c) for p, c in zip(QUERY, q)]
+        if WORDS:
+            out += [(dict(words=w), c) for w, c in zip(WORDS, word_codes(WORDS, cfg, he, device))]
+    names = {e['name']: i for i, e in enumerate(meta['images'])}
+    for item in ITEM:
+        if item not in names:
+            raise DataError(f"--item={item!r} is not in the index {INDEX} (index.json lists its {len(names)} images)")
+        out.append((dict(item=names[item], name=item), codes[names[item]]))
+    return out
+
+
+def answer(meta, codes, queries, k, kind):
+    """results: [{query, hits: [{rank, name, distance, row}]}] for [(query, code)]. A query that is an
+    image of the index (--item, or a --query file at an indexed path) finds itself first: it ranks
+    before the other codes at distance 0, which follow in index order."""
+    if not queries:
+        return []
+    d, rows = search(codes, np.stack([c for _, c in queries]), k, kind)
+    by_path = {e.get('path'): i for i, e in enumerate(meta['images'])}
+    out = []
+    for j, (q, code) in enumerate(queries):
+        hits = list(zip(d[j].tolist(), rows[j].tolist()))
+        me = q['item'] if q.get('item') is not None else by_path.get(q.get('image'))
+        if me is not None and not np.unpackbits(code ^ codes[me]).any():  # itself, at distance 0
+            hits = [(0, me)] + [h for h in hits if h[1] != me][:len(hits) - 1]
+        out.append(dict(query=q, hits=[dict(rank=r + 1, name=meta['images'][i]['name'], distance=int(dist), row=int(i))
+                                       for r, (dist, i) in enumerate(hits)]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the search page: a form for words or an image, and the hits as thumbnails (127.0.0.1 only)
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search</title>
+<style>body{{font-family:sans-serif;margin:1em}} .hit{{display:inline-block;margin:4px;text-align:center;font-size:12px}}
+</style></head><body><h1>Search {count} images</h1>
+<form action="/search" method="get"><input name="words" id="words" placeholder="words" value="{words}">
+<button id="go">search</button></form>
+<form action="/search" method="post" enctype="multipart/form-data"><input type="file" name="image" id="image" accept="image/*">
+<button id="upload">search with this image</button></form>
+<div id="results">{results}</div></body></html>"""
+
+
+def serve(meta, codes, device, host, port):
+    """A small web page over the index: type words or send an image, see the hits with distances."""
+    import html
+    import io
+    import tempfile
+    import urllib.parse
+    from email import policy
+    from email.parser import BytesParser
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    cfg, hv, he, _ = load_run(meta['identity']['run'], meta['bits'])
+    uploads = tempfile.mkdtemp(prefix='duheg-search-')
+
+    def results_html(query, qcode):
+        d, rows = search(codes, qcode[None], TOPK, SEARCH)
+        hits = ''.join(f'<div class="hit"><img src="/thumb/{i}" width="{THUMB}"><br>'
+                       f'<span class="name">{html.escape(meta["images"][i]["name"])}</span><br>'
+                       f'd=<span class="distance">{dist}</span></div>' for dist, i in zip(d[0], rows[0]))
+        return f'<p id="query">{html.escape(query)}</p>{hits}'
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def send(self, body, kind='text/html; charset=utf-8', code=200):
+            self.send_response(code)
+            self.send_header('Content-Type', kind)
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def page(self, results='', words=''):
+            self.send(PAGE.format(count=len(codes), results=results, words=html.escape(words)).encode())
+
+        def do_GET(self):
+            url = urllib.parse.urlparse(self.path)
+            try:
+                if url.path.startswith('/thumb/'):
+                    buf = io.BytesIO()
+                    thumbnail(meta['images'][int(url.path[7:])], THUMB).save(buf, format='JPEG')
+                    return self.send(buf.getvalue(), 'image/jpeg')
+                words = urllib.parse.parse_qs(url.query).get('words', [''])[0].strip()
+                if url.path == '/search' and words:
+                    return self.page(results_html(words, word_codes([words], cfg, he, device)[0]), words)
+                return self.page()
+            except Exception as e:  # noqa: BLE001 - whatever went wrong is shown on the page, the server goes on
+                return self.page(f'<p id="error">{html.escape(type(e).__name__ + ": " + str(e))}</p>')
+
+        def do_POST(self):
+            try:
+                body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                head = b'Content-Type: ' + self.headers['Content-Type'].encode() + b'\r\n\r\n'
+                msg = BytesParser(policy=policy.default).parsebytes(head + body)
+                part = next((p for p in msg.iter_parts() if p.get_param('name', header='content-disposition') == 'image'),
+                            None)
+                if part is None or not part.get_payload(decode=True):
+                    return self.page('<p id="error">choose an image file first</p>')
+                name = os.path.basename(part.get_filename() or 'upload')
+                path = os.path.join(uploads, f'{time.time_ns()}-{name}')
+                with open(path, 'wb') as f:
+                    f.write(part.get_payload(decode=True))
+                q, bad = encode_files([path], cfg, hv, device)
+                if bad:
+                    return self.page(f'<p id="error">cannot read {html.escape(name)}: {html.escape(bad[0][1])}</p>')
+                return self.page(results_html(name, q[0]))
+            except Exception as e:  # noqa: BLE001 - whatever went wrong is shown on the page, the server goes on
+                return self.page(f'<p id="error">{html.escape(type(e).__name__ + ": " + str(e))}</p>')
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    print(f"serve http://{host}:{server.server_address[1]}/ ({len(codes)} images); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# -----------------------------------------------------------------------------
+def main():
+    configure(globals())
+    dataset.check_ranges(globals(), _RANGES)
+    if SEARCH not in ('exact', 'ivf', 'hnsw'):
+        raise SystemExit(f"error: --search={SEARCH!r}: choose exact, ivf or hnsw")
+    if HOST not in ('127.0.0.1', 'localhost', '::1'):
+        raise SystemExit(f"error: --host={HOST!r}: the page serves this machine only (127.0.0.1, localhost, ::1)")
+    device = models.resolve_device(DEVICE)
+    t0 = time.time()
+    if IMAGES:
+        if not RUN:
+            raise SystemExit("error: --images needs --run (the train.py run whose codes index them)")
+        meta, codes = update_index(INDEX, IMAGES, RUN, BITS, device)
+    else:
+        meta, codes = read_index(INDEX)
+        if meta is None:
+            raise SystemExit(f"error: no index in {INDEX}: build one with --run=<train.py run> --images=<folder>")
+    if SERVE:
+        return serve(meta, codes, device, HOST, PORT)
+    results = answer(meta, codes, query_codes(meta, codes, device), TOPK, SEARCH)
+    if results:
+        out = OUT or os.path.join(INDEX, 'results')
+        for j, r in enumerate(results):
+            r['sheet'] = contact_sheet(r['query'], r['hits'], meta, os.path.join(out, f'query{j}.png'))
+            for h in r['hits']:
+                print(f"hit query={j} rank={h['rank']} distance={h['distance']} name={h['name']}")
+        save_json(os.path.join(out, 'results.json'), dict(index=os.path.abspath(INDEX), search=SEARCH, topk=TOPK,
+                                                          results=results))
+        print(f"wrote {out}/results.json and {len(results)} contact sheet(s)")
+    print(f"search index={INDEX} images={len(codes)} bits={meta['bits']} skipped={len(meta.get('skipped', []))} "
+          f"queries={len(results)} topk={TOPK} method={SEARCH} seconds={time.time() - t0:.1f}")
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (DataError, CacheError, models.WeightsUnavailable, OSError, ValueError) as e:
+        raise SystemExit(dataset.user_error(e))

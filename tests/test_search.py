@@ -1,0 +1,275 @@
+"""search.py: index a folder with a trained run, query by image, item and words, update the index,
+approximate search, bad input, and the search page driven in headless Chromium."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import dataset
+from conftest import ROOT, run_script, write_feature_set
+
+TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
+MODEL = ['--backbone=tiny-test', '--backbone_pretrained=random', *TINY]
+
+
+@pytest.fixture(scope='module')
+def run(image_folder, tmp_path_factory):
+    """A DUH-EG run (EXTERNAL imgk: no nouns needed) on the generated image set, 16 and 64 bits."""
+    tmp = tmp_path_factory.mktemp('search')
+    cache = str(tmp / 'cache')
+    run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', *MODEL, '--num_workers=0',
+               '--aug_views=2', f'--cache_dir={cache}')
+    run_script('train.py', '--dataset=folder', *MODEL, '--external=imgk', '--bits=16,64', '--epochs=10', '--warmup=2',
+               '--batch_size=100', f'--cache_dir={cache}', f'--run_dir={tmp}/run', f'--results={tmp}/r.jsonl')
+    return tmp, cache, str(tmp / 'run')
+
+
+def search(*args, check=True):
+    return run_script('search.py', *args, check=check)
+
+
+def test_indexed_image_finds_itself_first_and_codes_equal_train_py(run, image_folder, tmp_path):
+    tmp, cache, rundir = run
+    index = str(tmp_path / 'index')
+    out = search(f'--run={rundir}', '--bits=64', f'--images={image_folder}', f'--index={index}',
+                 f'--query={image_folder}/class03/007.png', '--item=class05/011.png', '--topk=5').stdout
+    res = json.load(open(os.path.join(index, 'results', 'results.json')))['results']
+    assert res[0]['hits'][0] == dict(rank=1, name='class03/007.png', distance=0, row=res[0]['hits'][0]['row'])
+    assert res[1]['hits'][0]['name'] == 'class05/011.png' and res[1]['hits'][0]['distance'] == 0
+    assert [h['distance'] for h in res[0]['hits']] == sorted(h['distance'] for h in res[0]['hits'])
+    assert out.strip().splitlines()[-1].startswith(f'search index={index} images=400 bits=64 skipped=0 queries=2')
+    png = os.path.join(index, 'results', 'query0.png')
+    from PIL import Image
+    assert Image.open(png).size == (6 * (96 + 4) + 4, 96 + 26)  # the query and its five hits
+    # the index's codes are the codes train.py saved for the same images (its retrieval set)
+    z = np.load(os.path.join(rundir, '64bits', 'codes.npz'))
+    names = dataset.read_lines(os.path.join(cache, 'folder', 'names.txt'))
+    meta = json.load(open(os.path.join(index, 'index.json')))
+    codes = np.load(os.path.join(index, 'codes.npy'))
+    row = {e['name']: i for i, e in enumerate(meta['images'])}
+    ours = codes[[row[names[i]] for i in z['retrieval_index']]]
+    assert codes.shape == (400, 8) and np.array_equal(ours, np.packbits(z['retrieval_h'] >= 0, axis=1))
+    # and indexing the retrieval set from the cached features gives them too
+    idx2 = str(tmp_path / 'index2')
+    search(f'--run={rundir}', '--bits=64', '--images=dataset:folder', f'--index={idx2}')
+    assert np.array_equal(np.load(os.path.join(idx2, 'codes.npy')), np.packbits(z['retrieval_h'] >= 0, axis=1))
+
+
+def test_adding_and_removing_images_equals_a_full_rebuild(run, image_folder, tmp_path):
+    tmp, cache, rundir = run
+    part = tmp_path / 'photos'
+    for c in range(5):  # first half the classes, nested one level deeper
+        shutil.copytree(os.path.join(image_folder, f'class{c:02d}'), part / 'a' / f'class{c:02d}')
+    index = str(tmp_path / 'index')
+    out = search(f'--run={rundir}', '--bits=16', f'--images={part}', f'--index={index}').stdout
+    assert '200 images encoded, 0 kept from before' in out
+    for c in range(5, 10):
+        shutil.copytree(os.path.join(image_folder, f'class{c:02d}'), part / 'b' / f'class{c:02d}')
+    os.remove(part / 'a' / 'class00' / '000.png')
+    out = search(f'--run={rundir}', '--bits=16', f'--images={part}', f'--index={index}').stdout
+    assert '200 images encoded, 199 kept from before, 1 dropped' in out
+    full = str(tmp_path / 'full')
+    search(f'--run={rundir}', '--bits=16', f'--images={part}', f'--index={full}')
+    a, b = (json.load(open(os.path.join(i, 'index.json'))) for i in (index, full))
+    assert [e['name'] for e in a['images']] == [e['name'] for e in b['images']] and len(a['images']) == 399
+    assert np.array_equal(np.load(os.path.join(index, 'codes.npy')), np.load(os.path.join(full, 'codes.npy')))
+
+
+def test_word_query_retrieves_its_class(tmp_path, monkeypatch):
+    """Generated features whose 'words' are the class directions: a word becomes a code by Eq. 5-6
+    over the run's vocabulary and He, and retrieves its class far above chance (1/8)."""
+    import search as s
+    cache = str(tmp_path / 'cache')
+    labels, (query, retrieval, train) = write_feature_set(cache, dim=32)
+    run_script('train.py', '--dataset=folder', *MODEL, '--external=imgk', '--aug=false', '--bits=32', '--epochs=30',
+               '--warmup=3', '--batch_size=120', f'--cache_dir={cache}', f'--run_dir={tmp_path}/run',
+               f'--results={tmp_path}/r.jsonl')
+    search(f'--run={tmp_path}/run', '--bits=32', '--images=dataset:folder', f'--index={tmp_path}/index')
+    feats = np.load(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'))
+    centre = {f'class{c}': feats[labels[:, c] > 0].mean(0) for c in range(labels.shape[1])}
+    monkeypatch.setattr(s, 'text_features', lambda words, cfg, device: np.stack([centre[w] for w in words]))
+    monkeypatch.setattr(s, 'INDEX', str(tmp_path / 'index'))
+    meta, codes = s.read_index(str(tmp_path / 'index'))
+    words = [f'class{c}' for c in range(8)]
+    monkeypatch.setattr(s, 'WORDS', tuple(words))
+    res = s.answer(meta, codes, s.query_codes(meta, codes, 'cpu'), 20, 'exact')
+    rows = np.array([[h['row'] for h in r['hits']] for r in res])
+    y = labels[retrieval].argmax(1)
+    precision = np.mean([np.mean(y[rows[c]] == c) for c in range(8)])
+    assert precision > 0.6, precision  # chance: 0.125
+
+
+def test_approximate_search_finds_the_exact_hits(run, image_folder, tmp_path):
+    tmp, cache, rundir = run
+    index = str(tmp_path / 'index')
+    search(f'--run={rundir}', '--bits=64', f'--images={image_folder}', f'--index={index}')
+    import search as s
+    meta, codes = s.read_index(index)
+    q = codes[::7]
+    d_exact, _ = s.search(codes, q, 10, 'exact')
+    for kind in ('ivf', 'hnsw'):
+        d, rows = s.search(codes, q, 10, kind)
+        assert np.mean(d <= d_exact[:, -1:]) >= 0.9, kind  # hits no farther than the exact 10th (tie-aware)
+
+
+@pytest.mark.parametrize('faiss_keeps_order', [True, False])
+def test_hamming_topk_ties_by_index_against_brute_force(monkeypatch, faiss_keeps_order):
+    """Both ways of the exact search (faiss's order where it holds, else candidates and a range
+    search) against a brute force written here, on codes with hundreds of ties."""
+    import search as s
+    assert s._faiss_keeps_index_order() in (True, False)
+    monkeypatch.setattr(s, '_TIE_CHECK', [faiss_keeps_order])
+    rng = np.random.default_rng(0)
+    codes = np.packbits(rng.random((3000, 16)) < 0.5, axis=1)
+    codes[100:400] = codes[7]                                   # many ties, past the extra candidates
+    q = np.concatenate([codes[[7, 5, 2999]], np.packbits(rng.random((20, 16)) < 0.5, axis=1)])
+    bits = np.unpackbits(codes, axis=1).astype(int)
+    for k in (1, 10, 64):
+        d, rows = s.hamming_topk(codes, q, k)
+        d2, rows2 = s._numpy_topk(codes, q, k)
+        for j in range(len(q)):
+            dist = np.abs(bits - np.unpackbits(q[j]).astype(int)).sum(1)
+            want = np.lexsort((np.arange(len(codes)), dist))[:k]     # by distance, then by index
+            assert rows[j].tolist() == want.tolist() and d[j].tolist() == dist[want].tolist()
+            assert rows2[j].tolist() == want.tolist()
+
+
+def test_bad_input(run, image_folder, tmp_path):
+    tmp, cache, rundir = run
+    photos = tmp_path / 'photos'
+    shutil.copytree(os.path.join(image_folder, 'class01'), photos / 'class01')
+    (photos / 'class01' / 'broken.png').write_bytes(b'not an image')
+    index = str(tmp_path / 'index')
+    out = search(f'--run={rundir}', '--bits=16', f'--images={photos}', f'--index={index}').stdout
+    assert '1 unreadable skipped' in out and 'broken.png' in out
+    meta = json.load(open(os.path.join(index, 'index.json')))
+    assert len(meta['images']) == 40 and [os.path.basename(x['path']) for x in meta['skipped']] == ['broken.png']
+    proc = search(f'--run={rundir}', '--bits=64', f'--images={photos}', f'--index={index}', check=False)
+    assert proc.returncode == 1 and 'holds codes of another run or code length (bits: 16 -> 64' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    proc = search(f'--index={index}', f'--query={photos}/class01/broken.png', check=False)
+    assert proc.returncode == 1 and 'cannot read the query image' in proc.stderr
+    # a baseline without He refuses words; an untrained one cannot index
+    run_script('train.py', '--dataset=folder', *MODEL, '--method=ssdh', '--bits=16', '--epochs=1', '--warmup=0',
+               f'--cache_dir={cache}', f'--run_dir={tmp_path}/ssdh', f'--results={tmp_path}/r.jsonl')
+    search(f'--run={tmp_path}/ssdh', '--bits=16', f'--images={photos}', f'--index={tmp_path}/ssdh_index')
+    proc = search(f'--index={tmp_path}/ssdh_index', '--words=cat', check=False)
+    assert proc.returncode == 1 and 'has no He' in proc.stderr
+    run_script('train.py', '--dataset=folder', *MODEL, '--method=lsh', '--bits=16', f'--cache_dir={cache}',
+               f'--run_dir={tmp_path}/lsh', f'--results={tmp_path}/r.jsonl')
+    proc = search(f'--run={tmp_path}/lsh', '--bits=16', f'--images={photos}', f'--index={tmp_path}/x', check=False)
+    assert proc.returncode == 1 and 'holds no trained Hv' in proc.stderr
+    proc = search(f'--index={tmp_path}/none', check=False)
+    assert proc.returncode == 1 and 'no index in' in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# the search page in a real browser: Debian's chromium, driven through chromedriver's W3C WebDriver
+# protocol (plain HTTP and JSON, so no client library is needed)
+class Browser:
+    """The few WebDriver commands the test uses, on a headless Chromium."""
+    ELEMENT = 'element-6066-11e4-a52e-4f735466cecf'
+
+    def __init__(self):
+        import socket
+        chrome, driver = shutil.which('chromium'), shutil.which('chromedriver')
+        if not chrome or not driver:
+            pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([driver, f'--port={port}'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f'http://127.0.0.1:{port}'
+        args = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+                '--disable-background-networking', '--disable-component-update', '--disable-sync']
+        for _ in range(100):  # chromedriver takes a moment to listen
+            try:
+                caps = {'alwaysMatch': {'browserName': 'chrome', 'goog:chromeOptions': {'binary': chrome, 'args': args}}}
+                self.session = self.call('POST', '/session', {'capabilities': caps})['sessionId']
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError('chromedriver did not start')
+
+    def call(self, method, path, body=None):
+        import urllib.request
+        req = urllib.request.Request(self.base + path, method=method, headers={'Content-Type': 'application/json'},
+                                     data=json.dumps(body).encode() if body is not None else None)
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())['value']
+
+    def s(self, path):
+        return f'/session/{self.session}{path}'
+
+    def get(self, url):
+        self.call('POST', self.s('/url'), {'url': url})
+
+    def find(self, css):
+        return [e[self.ELEMENT] for e in self.call('POST', self.s('/elements'), {'using': 'css selector', 'value': css})]
+
+    def text(self, element):
+        return self.call('GET', self.s(f'/element/{element}/text'))
+
+    def type(self, element, text):  # also sets a file input's path
+        self.call('POST', self.s(f'/element/{element}/value'), {'text': text})
+
+    def click(self, element):
+        self.call('POST', self.s(f'/element/{element}/click'), {})
+
+    def script(self, js, *args):
+        return self.call('POST', self.s('/execute/sync'), {'script': js, 'args': [{self.ELEMENT: a} for a in args]})
+
+    def wait_for(self, css, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = self.find(css)
+            if found:
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f'no {css} on the page within {timeout} s')
+
+    def quit(self):
+        try:
+            self.call('DELETE', self.s(''))
+        finally:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
+    tmp, cache, rundir = run
+    index = str(tmp_path / 'index')
+    search(f'--run={rundir}', '--bits=64', f'--images={image_folder}', f'--index={index}')
+    browser = Browser()
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, 'search.py'), f'--index={index}', '--serve',
+                               '--port=0', '--topk=6'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        line = server.stdout.readline()  # 'serve http://127.0.0.1:<port>/ (...)'
+        assert line.startswith('serve http://127.0.0.1:'), line + server.stderr.read()[-2000:]
+        browser.get(line.split()[1])
+        assert 'Search 400 images' in browser.text(browser.find('h1')[0])
+        # send an image through the upload form
+        browser.type(browser.find('#image')[0], os.path.join(image_folder, 'class04', '012.png'))
+        browser.click(browser.find('#upload')[0])
+        browser.wait_for('.hit')
+        names = [browser.text(e) for e in browser.find('.name')]
+        dists = [int(browser.text(e)) for e in browser.find('.distance')]
+        assert len(names) == 6 and dists[0] == 0 and dists == sorted(dists), (names, dists)
+        assert sum(n.startswith('class04/') for n in names) >= 4, names
+        assert all(browser.script('return arguments[0].naturalWidth', i) == 96 for i in browser.find('.hit img'))
+        # type words: this run has no nouns (imgk), so words go through its training images' features
+        browser.type(browser.find('#words')[0], 'a striped thing')
+        browser.click(browser.find('#go')[0])
+        browser.wait_for('#query')
+        assert browser.text(browser.find('#query')[0]) == 'a striped thing'
+        assert len(browser.find('.hit')) == 6 and not browser.find('#error')
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
