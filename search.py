@@ -64,6 +64,16 @@ _EXTRA = 32               # should faiss not keep index order among ties: TOPK +
 
 # -----------------------------------------------------------------------------
 # the run: its heads, how its features were made, its vocabulary
+_LOADED = {}  # what a process loads once and the search page reuses: models, vocabularies, indexes
+
+
+def once(key, make):
+    """make(), computed on the first call with `key` and kept for the process."""
+    if key not in _LOADED:
+        _LOADED[key] = make()
+    return _LOADED[key]
+
+
 def load_run(run, bits):
     """(config, Hv, He or None) of <run>/<bits>bits/heads.pt (read with weights_only: no code runs)."""
     path = os.path.join(run, f'{bits}bits', 'heads.pt')
@@ -93,7 +103,8 @@ def run_identity(run, bits, run_sha, cfg):
 
 def image_encoder(cfg, device):
     """(encode, preprocess) of the run's backbone: the plain view its features were extracted with."""
-    encode, preprocess, _ = models.load_backbone(cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device)
+    encode, preprocess, _ = once(('backbone', cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device),
+                                 lambda: models.load_backbone(cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device))
     if (cfg.get('VIEW_RECIPE') or 'simclr') == 'released':
         preprocess = dataset.released_views(cfg['DATASET'], models.preprocess_params(preprocess)[0])[0]
     return encode, preprocess
@@ -113,7 +124,11 @@ def hash_features(x, hv, cfg):
 
 
 def run_vocabulary(cfg):
-    """The features the run built its external features from (Eq. 5-6)."""
+    """The features the run built its external features from (Eq. 5-6), loaded once."""
+    return once(('vocabulary', json.dumps(cfg, sort_keys=True, default=str)), lambda: _read_vocabulary(cfg))
+
+
+def _read_vocabulary(cfg):
     from nouns_embed import load_nouns, load_selection
     args = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
     if cfg['EXTERNAL'] == 'efc':
@@ -130,7 +145,8 @@ def run_vocabulary(cfg):
 def text_features(words, cfg, device):
     """CLIP text features of free text, as Eq. 2 embeds a noun: the run's CLIP, its prompts."""
     import nouns_embed
-    model, _, tok = models.load_clip(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device)
+    model, _, tok = once(('clip', cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device),
+                         lambda: models.load_clip(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device))
     return nouns_embed.embed_words(list(words), model, tok, device=device, keep_underscores=bool(cfg['RELEASED']),
                                    raw_mean=bool(cfg['RELEASED']))
 
@@ -373,8 +389,9 @@ def approximate_index(codes, kind):
 def search(codes, queries, k, kind='exact'):
     if kind == 'exact':
         return hamming_topk(codes, queries, k)
-    try:
-        index = approximate_index(np.ascontiguousarray(codes, dtype=np.uint8), kind)
+    try:  # built once per set of codes and kind: the page's queries reuse it
+        index = once(('index', kind, id(codes)),  # the entry holds `codes`, so its id stays theirs
+                     lambda: (codes, approximate_index(np.ascontiguousarray(codes, dtype=np.uint8), kind)))[1]
     except ImportError:
         raise DataError(f"--search={kind} needs faiss: pip install faiss-cpu") from None
     d, i = index.search(np.ascontiguousarray(queries, dtype=np.uint8), min(k, len(codes)))
@@ -404,13 +421,8 @@ def thumbnail(entry, size):
     return tile
 
 
-_IMAGES = {}
-
-
 def _dataset_images(name):
-    if name not in _IMAGES:
-        _IMAGES[name] = dataset.load_images(name, os.path.join('data', name), download=False)
-    return _IMAGES[name]
+    return once(('images', name), lambda: dataset.load_images(name, os.path.join('data', name), download=False))
 
 
 def contact_sheet(query, hits, meta, path):
