@@ -446,11 +446,12 @@ def _read_lines(path):
         return f.read().split('\n')[:-1]
 
 
-def _load_checked(path, settings, companions=()):
+def _load_checked(path, settings, companions=(), verify=True):
     """A cached array after load_array's checks, and its sidecar's settings; each companion
-    text file must still have the sha256 that the sidecar recorded when the array was written."""
+    text file must still have the sha256 that the sidecar recorded when the array was written.
+    verify=False skips the array's checksum where `reusable` has just checked it."""
     try:
-        arr = load_array(path, settings, 'nouns_embed.py')
+        arr = load_array(path, settings, 'nouns_embed.py', verify=verify)
     except CacheError as e:
         raise SystemExit(f"error: {e}")
     with open(path + '.json') as f:
@@ -538,7 +539,7 @@ def main():
     vdir = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
     feats_path = os.path.join(vdir, 'noun_feats.npy')
     if reusable(feats_path, embed_set, FORCE, 'nouns_embed.py'):
-        t, feats_meta = _load_checked(feats_path, embed_set, ['noun_words.txt'])
+        t, feats_meta = _load_checked(feats_path, embed_set, ['noun_words.txt'], verify=False)
         kept = _read_lines(os.path.join(vdir, 'noun_words.txt'))
         print(f"reusing {feats_path}: {len(t)} noun features (embedded in {feats_meta['settings']['seconds']:.1f} s)")
     else:
@@ -571,7 +572,7 @@ def main():
                   kmeans_tol=tol, kmeans_init=init, noun_feats_sha256=feats_meta['sha256'])
     c_path, a_path = os.path.join(kdir, 'centres.npy'), os.path.join(kdir, 'assign.npy')
     if reusable(c_path, km_set, FORCE, 'nouns_embed.py') and os.path.exists(a_path + '.json'):
-        centres, c_meta = _load_checked(c_path, km_set)
+        centres, c_meta = _load_checked(c_path, km_set, verify=False)
         assign, _ = _load_checked(a_path, dict(km_set, centres_sha256=c_meta['sha256']))
         print(f"reusing {kdir}: {N_K} clusters (clustered in {c_meta['settings']['seconds']:.1f} s)")
     else:
@@ -590,7 +591,7 @@ def main():
     sel_path = os.path.join(sdir, 'selected_feats.npy')
     sel_set = dict(km_set, t1=T1, t1_reading=reading, centres_sha256=c_meta['sha256'])
     if reusable(sel_path, sel_set, FORCE, 'nouns_embed.py'):
-        _load_checked(sel_path, sel_set, ['selected_words.txt', 'selection.json'])
+        _load_checked(sel_path, sel_set, ['selected_words.txt', 'selection.json'], verify=False)
         with open(os.path.join(sdir, 'selection.json')) as f:
             counts = json.load(f)
         print(f"reusing {sdir}")
