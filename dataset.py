@@ -144,13 +144,19 @@ def settings_doc(path):
 _SETTING_TYPES = (int, float, str, bool, tuple, list, type(None))
 
 
-def _setting_keys(g):
-    """{lower-case key: NAME} of the settings of the script whose globals are `g`: its settings
-    block (settings_doc) when `g` comes from a file, else every UPPER_CASE constant of a plain type."""
+def _setting_rows(g):
+    """[(group, NAME, comment)] of the settings of the script whose globals are `g`: its settings
+    block (settings_doc) when `g` comes from a file, else every UPPER_CASE constant; those of a plain
+    type only."""
     path = g.get('__file__')
-    names = [n for _, n, _ in settings_doc(path)] if path and str(path).endswith('.py') and os.path.isfile(path) \
-        else [k for k in g if k.isupper() and not k.startswith('_')]
-    return {n.lower(): n for n in names if n in g and isinstance(g[n], _SETTING_TYPES)}
+    rows = settings_doc(path) if path and str(path).endswith('.py') and os.path.isfile(path) \
+        else [('', k, '') for k in g if k.isupper() and not k.startswith('_')]
+    return [r for r in rows if r[1] in g and isinstance(g[r[1]], _SETTING_TYPES)]
+
+
+def _setting_keys(g):
+    """{lower-case key: NAME} of a script's settings (_setting_rows)."""
+    return {n.lower(): n for _, n, _ in _setting_rows(g)}
 
 
 def cli_value(v):
@@ -168,18 +174,13 @@ def help_text(g):
     """--help of a script: usage, the first paragraph of its docstring, then its settings in
     the file's groups, each as --key=default and the comment written beside the constant."""
     script = os.path.basename(g.get('__file__') or 'script.py')
-    keys = _setting_keys(g)
     doc = (g.get('__doc__') or '').strip().split('\n\n')[0]
     out = [f"usage: python {script} [--key=value ...]", '', doc, '',
            "Settings (the constants at the top of the file; --flag alone sets a boolean to true):"]
-    rows = settings_doc(g['__file__']) if g.get('__file__') and os.path.isfile(g['__file__']) else \
-        [('', n, '') for n in keys.values()]
-    width = max((len(f"--{n.lower()}={cli_value(g[n])}") for _, n, _ in rows if n.lower() in keys), default=0)
-    width = min(width, 38)
+    rows = _setting_rows(g)
+    width = min(max((len(f"--{n.lower()}={cli_value(g[n])}") for _, n, _ in rows), default=0), 38)
     group = None
     for grp, name, comment in rows:
-        if name.lower() not in keys:
-            continue
         if grp != group:
             out += [''] + textwrap.wrap(f"{grp}:" if grp else 'settings:', 100)
             group = grp
@@ -193,10 +194,9 @@ def help_text(g):
 def settings_markdown(path, values):
     """The README's settings table of the script `path` (values: its constants' defaults)."""
     rows = ['| setting | default | meaning |', '|---|---|---|']
-    for _, name, comment in settings_doc(path):
-        if isinstance(values.get(name, object()), _SETTING_TYPES):
-            default = cli_value(values[name]).replace('|', '\\|')
-            rows.append(f"| `--{name.lower()}` | `{default}` | {comment.replace('|', chr(92) + '|')} |")
+    for _, name, comment in _setting_rows(dict(values, __file__=path)):
+        default = cli_value(values[name]).replace('|', '\\|')
+        rows.append(f"| `--{name.lower()}` | `{default}` | {comment.replace('|', chr(92) + '|')} |")
     return '\n'.join(rows)
 
 
@@ -286,19 +286,17 @@ def sha256_file(path, chunk=1 << 22):
             h.update(b)
 
 
-def atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside `path`, fsync, then rename. On any failure
-    (a full disk, a read-only folder, a kill) the temporary file is removed and `path` is as it was;
-    an OSError names `path`."""
+def _atomic(path, fill):
+    """Call fill(temporary path) for a temporary file beside `path`, then rename it into place. On
+    any failure (a full disk, a read-only folder, a kill) the temporary file is removed and `path`
+    is as it was; an OSError names `path`."""
     d = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=d)
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        fill(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         if tmp and os.path.exists(tmp):
@@ -306,6 +304,16 @@ def atomic_write(path, write):
         if isinstance(e, OSError) and (e.filename is None or e.filename == tmp or str(e.filename).startswith(d)):
             e.filename = path  # name the file being written, not its temporary twin
         raise
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file beside `path`, fsync, then rename (see _atomic)."""
+    def fill(tmp):
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    _atomic(path, fill)
 
 
 def save_json(path, obj):
@@ -322,7 +330,12 @@ def save_array(path, arr, settings, producer):
     if os.path.exists(path + '.json'):
         os.remove(path + '.json')  # the old sidecar must not vouch for the new file
     atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
-    meta = dict(producer=producer, settings=settings, shape=list(arr.shape), dtype=str(arr.dtype),
+    return _write_sidecar(path, settings, producer, arr.shape, arr.dtype)
+
+
+def _write_sidecar(path, settings, producer, shape, dtype):
+    """The sidecar that vouches for the array just written at `path` (written last)."""
+    meta = dict(producer=producer, settings=settings, shape=list(shape), dtype=str(np.dtype(dtype)),
                 sha256=sha256_file(path), written=time.strftime('%Y-%m-%d %H:%M:%S'))
     save_json(path + '.json', meta)
     return meta
@@ -334,11 +347,8 @@ def save_array_by_parts(path, shape, dtype, settings, producer, parts):
     into place before its sidecar is written."""
     if os.path.exists(path + '.json'):
         os.remove(path + '.json')
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=d)
-    os.close(fd)
-    try:
+
+    def fill(tmp):
         out = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=tuple(shape))
         for index, values in parts:
             out[index] = values
@@ -346,15 +356,8 @@ def save_array_by_parts(path, shape, dtype, settings, producer, parts):
         del out
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    meta = dict(producer=producer, settings=settings, shape=list(shape), dtype=str(np.dtype(dtype)),
-                sha256=sha256_file(path), written=time.strftime('%Y-%m-%d %H:%M:%S'))
-    save_json(path + '.json', meta)
-    return meta
+    _atomic(path, fill)
+    return _write_sidecar(path, settings, producer, shape, dtype)
 
 
 def cache_status(path, settings):

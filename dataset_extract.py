@@ -162,8 +162,8 @@ def resolve_settings(device):
         PRECISION = 'fp16' if RELEASED and device.startswith('cuda') else 'fp32'
         if RELEASED and PRECISION == 'fp32':
             print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
-    if BATCH_SIZE < 1 or CHUNK_BATCHES < 1 or not isinstance(AUG_VIEWS, int) or AUG_VIEWS < 0 or NUM_WORKERS < -1:
-        raise SystemExit("error: --batch_size, --chunk_batches must be >= 1, --aug_views >= 0 and --num_workers >= -1")
+    if not isinstance(AUG_VIEWS, int):  # its range was checked with the others (_RANGES)
+        raise SystemExit(f"error: --aug_views={AUG_VIEWS!r} is not a whole number of views")
     if PRECISION not in ('fp32', 'bf16', 'fp16') or BAD_IMAGES not in ('stop', 'skip'):
         raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
     if PRECISION == 'fp16' and not device.startswith('cuda'):
@@ -242,8 +242,7 @@ def main():
                                view_paths[v], dict(aug_settings, view=v), rank, world, device, seed=AUG_SEED, view=v,
                                keep=False)
                 if rank == 0:  # Nt x V x F in fp16, filled view by view: memory holds one view, not V
-                    first = load_array(view_paths[0], dict(aug_settings, view=0), 'dataset_extract.py', mmap=True)
-                    dataset.save_array_by_parts(out, (len(train), views, first.shape[1]), np.float16, aug_settings,
+                    dataset.save_array_by_parts(out, (len(train), views, dims[backbone]), np.float16, aug_settings,
                                                 'dataset_extract.py',
                                                 ((np.s_[:, v], load_array(p, dict(aug_settings, view=v),
                                                                           'dataset_extract.py'))

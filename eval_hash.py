@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -460,6 +461,12 @@ def draw_examples(run, bits, z, n):
 
 
 # -----------------------------------------------------------------------------
+def bits_dirs(run):
+    """{code length: its <run>/<L>bits folder} of a training run."""
+    return {int(m.group(1)): d for d in glob.glob(os.path.join(run, '*bits'))
+            if (m := re.fullmatch(r'(\d+)bits', os.path.basename(d)))}
+
+
 def run_dataset(run, bits):
     """The dataset a run was trained on (its result.json), or '?' when it does not say."""
     try:
@@ -479,7 +486,7 @@ def _load_codes(path):
             if missing:
                 raise SystemExit(f'error: {path} lacks {sorted(missing)}: rerun train.py for that code length')
             return {key: z[key] for key in z.files}
-    except (OSError, ValueError, EOFError, __import__('zipfile').BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SystemExit(f'error: {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): it is damaged; rerun '
                          f'train.py for that code length') from None
 
@@ -503,11 +510,10 @@ def main():
     if not RUN and not RUNS:
         raise SystemExit('error: give --run=<run dir> or --runs=<dir>,<dir> (see the docstring)')
     if RUN:
-        found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(RUN, '*bits', 'codes.npz'))
-                       if (m := re.fullmatch(r'(\d+)bits', os.path.basename(os.path.dirname(p)))))
-        unfinished = sorted(d for d in glob.glob(os.path.join(RUN, '*bits'))
-                            if re.fullmatch(r'\d+bits', os.path.basename(d)) and not os.path.exists(os.path.join(d, 'codes.npz')))
-        for d in unfinished:
+        dirs = bits_dirs(RUN)
+        found = sorted((b, os.path.join(d, 'codes.npz')) for b, d in dirs.items()
+                       if os.path.exists(os.path.join(d, 'codes.npz')))
+        for d in sorted(d for d in dirs.values() if not os.path.exists(os.path.join(d, 'codes.npz'))):
             print(f'note: {d} has no codes.npz (its training did not finish): that code length is left out; rerun train.py')
         if not found:
             raise SystemExit(f'error: no <bits>bits/codes.npz under {RUN}')
@@ -533,8 +539,7 @@ def main():
                              + '): MAP is comparable only on one dataset and split; compare runs of one dataset')
         for r in runs:
             if not os.path.exists(os.path.join(r, f'{BITS}bits', 'codes.npz')):
-                have = sorted(int(os.path.basename(d)[:-4]) for d in glob.glob(os.path.join(r, '*bits'))
-                              if re.fullmatch(r'\d+bits', os.path.basename(d)))
+                have = sorted(bits_dirs(r))
                 raise SystemExit(f'error: {r} has no {BITS}-bit codes ({r}/{BITS}bits/codes.npz); its code lengths: '
                                  f'{have or "none"}; choose --bits from those, or train {BITS} bits')
         os.makedirs(OUT, exist_ok=True)

@@ -201,14 +201,14 @@ def load_clip(name='ViT-B-16', pretrained='openai', device='cpu'):
         raise ValueError(f"unknown CLIP model {name!r}; choose one of {', '.join(CLIP_MODELS)} "
                          f"(or any of open_clip.list_models())")
     tag = pretrained_tag(pretrained)
-    if tag not in ('random',) and not tag.startswith('file-'):
-        url = open_clip.get_pretrained_url(base, pretrained) if open_clip.get_pretrained_cfg(base, pretrained) else ''
-        if not open_clip.get_pretrained_cfg(base, pretrained):
+    if tag != 'random' and not tag.startswith('file-'):
+        cfg = open_clip.get_pretrained_cfg(base, pretrained)
+        if not cfg:
             raise WeightsUnavailable(f"{pretrained!r} is neither a file nor a folder nor an open_clip tag of {name} "
                                      f"({', '.join(t for m, t in open_clip.list_pretrained() if m == base)})")
-        local = os.path.join(OPENAI_CACHE, os.path.basename(url)) if url else ''
-        if local and os.path.isfile(local):  # OpenAI's clip package already downloaded it
-            pretrained, tag = local, 'openai-cache'
+        local = os.path.join(OPENAI_CACHE, os.path.basename(cfg['url'])) if cfg.get('url') else ''
+        if local and os.path.isfile(local):  # OpenAI's clip package already downloaded it: read that file
+            pretrained = local
     quick = clip_quick_gelu(name, pretrained)
     if tag == 'random':
         torch.manual_seed(MODEL_SEED)

@@ -501,8 +501,6 @@ def resolve_settings(device):
         raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     if RELEASED and PRECISION is None and precision == 'fp32':
         print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
-    if iters < 1 or restarts < 1 or tol < 0:
-        raise SystemExit("error: --kmeans_iters and --kmeans_restarts must be >= 1, --kmeans_tol >= 0")
     if init not in ('k-means++', 'random'):
         raise SystemExit(f"error: --kmeans_init={init!r}: choose k-means++ or random")
     reading = t1_reading(T1_READING, RELEASED)
