@@ -4,7 +4,9 @@ Codes are b = sign(h) in {-1, +1}^L with sign(0) = +1. The retrieval set is rank
 distance (L - <b_q, b_r>) / 2, ties by retrieval index. An item is relevant when it shares at
 least one label with the query. Metrics: MAP@K (Table 1), precision@N and recall@N (Figure 4),
 precision-recall curves by rank position and by Hamming radius (Figure 3), precision within
-Hamming radius 2, and the plots of Figures 3, 4, 6 and 7.
+Hamming radius 2, and the plots of Figures 3, 4, 6 and 7. The quantization baselines (DQN, DVSQ,
+DTQ) store product-quantized codes instead; they are ranked by asymmetric quantizer distance
+(`map_aqd`), ties by index, and scored by the same AP@K code.
 
 The authors' released code ranks by the continuous tanh outputs instead, without sign();
 `map_continuous` reproduces that for comparison and is always labelled as such.
@@ -210,11 +212,15 @@ def mean_average_precision(q_codes, r_codes, q_labels, r_labels, topk):
     retrieval size. Continuous outputs are turned into codes with sign() first."""
     qw, rw, L = _code_words(q_codes, r_codes)
     qlw, rlw = _label_words(q_labels, r_labels, qw.shape[1], rw.shape[1])
+    return _map_of(lambda lo, hi, bar: _ranked_chunks(qw[:, lo:hi], rw, L, topk, bar=bar), qlw, rlw, 'map')
 
+
+def _map_of(ranked, qlw, rlw, desc):
+    """MAP@K of a ranking: ranked(lo, hi, bar) yields (s, e, idx, _), the top-K retrieval items of the
+    queries lo + s .. lo + e - 1 in rank order. The one AP@K code of every method (Hamming or AQD)."""
     def block(lo, hi, bar):
-        return [_average_precision(_relevance(qlw[:, lo + s:lo + e], rlw, idx))
-                for s, e, idx, _ in _ranked_chunks(qw[:, lo:hi], rw, L, topk, bar=bar)]
-    return float(np.concatenate(sum(_blocks(block, qw.shape[1], 'map'), [])).mean())
+        return [_average_precision(_relevance(qlw[:, lo + s:lo + e], rlw, idx)) for s, e, idx, _ in ranked(lo, hi, bar)]
+    return float(np.concatenate(sum(_blocks(block, qlw.shape[1], desc), [])).mean())
 
 
 def map_continuous(q_h, r_h, q_labels, r_labels, topk):
@@ -245,13 +251,18 @@ def precision_recall_at(q_codes, r_codes, q_labels, r_labels, ns):
     query with no relevant item has no defined recall and is left out of the recall mean (its
     precision counts, as 0). Returns dict(n, precision, recall, queries_without_relevant)."""
     qw, rw, L = _code_words(q_codes, r_codes)
-    nq, n = qw.shape[1], rw.shape[1]
-    qlw, rlw = _label_words(q_labels, r_labels, nq, n)
+    qlw, rlw = _label_words(q_labels, r_labels, qw.shape[1], rw.shape[1])
+    return _precision_recall_of(lambda lo, hi, k, bar: _ranked_chunks(qw[:, lo:hi], rw, L, k, bar=bar), qlw, rlw, ns)
+
+
+def _precision_recall_of(ranked, qlw, rlw, ns):
+    """precision_recall_at of a ranking: ranked(lo, hi, k, bar) yields (s, e, idx, _) as in _map_of."""
+    nq, n = qlw.shape[1], rlw.shape[1]
     ns = np.clip(np.asarray(ns, np.int64), 1, n)
     hits, total = np.zeros((nq, len(ns))), np.zeros(nq)
 
     def block(lo, hi, bar):
-        for s, e, idx, _ in _ranked_chunks(qw[:, lo:hi], rw, L, int(ns.max()), bar=bar):
+        for s, e, idx, _ in ranked(lo, hi, int(ns.max()), bar):
             rel = _relevance(qlw[:, lo + s:lo + e], rlw)  # [c, n] in index order
             total[lo + s:lo + e] = np.count_nonzero(rel, axis=1)
             hits[lo + s:lo + e] = np.cumsum(np.take_along_axis(rel, idx, 1), axis=1, dtype=np.int32)[:, ns - 1]
@@ -330,6 +341,106 @@ def evaluate_all(q_h, r_h, q_labels, r_labels, topk, ns=None, pr_points=None, ra
         radius=r, precision_radius=curve['precision'][r],  # = precision_radius(...): empty ball counts 0
         p_at_n=pick(n_at), pr_curve_rank=pick(positions), pr_curve_radius=curve,
         queries_without_relevant=at['queries_without_relevant'])
+
+
+# -----------------------------------------------------------------------------
+# product-quantized codes (DQN, DVSQ, DTQ): ranking by asymmetric quantizer distance
+AQD_METRICS = ('ip', 'l2')
+
+
+def aqd_tables(q_z, codebooks, metric='ip'):
+    """Lookup tables T [nq, M, K] (float64): what word k of codebook m adds to the asymmetric
+    quantizer distance of each query: 'ip' -<z_q^m, c_mk> (DeepHash's ranking), 'l2' ||z_q^m - c_mk||^2;
+    z_q^m the query's m-th subvector."""
+    c = np.asarray(codebooks, np.float64)
+    m, _, d = c.shape
+    q = np.asarray(q_z, np.float64).reshape(len(q_z), m, d)
+    if metric == 'ip':
+        return -np.einsum('qmd,mkd->qmk', q, c)
+    if metric == 'l2':
+        return ((q[:, :, None, :] - c[None]) ** 2).sum(3)
+    raise ValueError(f"unknown AQD metric {metric!r}; choose one of {', '.join(AQD_METRICS)}")
+
+
+def _check_pq(q_z, r_codes, codebooks):
+    q, codes, c = np.asarray(q_z), np.asarray(r_codes), np.asarray(codebooks)
+    if c.ndim != 3 or codes.ndim != 2 or codes.shape[1] != c.shape[0] or q.ndim != 2 or q.shape[1] != c.shape[0] * c.shape[2]:
+        raise ValueError(f'product-quantized codes {codes.shape} / codebooks {c.shape} / queries {q.shape} do not fit: '
+                         f'expected N x M codes, M x K x D/M codebooks and nq x D queries')
+    if codes.size and (codes.min() < 0 or codes.max() >= c.shape[1]):
+        raise ValueError(f'product-quantized codes hold word indices outside 0..{c.shape[1] - 1}')
+    if not np.isfinite(q).all() or not np.isfinite(c).all():
+        raise ValueError('queries or codebooks hold NaN or infinite values')
+    return q, codes.astype(np.intp), c
+
+
+def _aqd_ranked(q_z, codes, codebooks, metric, k, chunk=None, bar=None):
+    """Yield (s, e, idx, dist): the top-k retrieval items of queries s..e-1 by (AQD, index). The
+    distance of query q to item r is sum_m T[q, m, code_rm], added in subspace order."""
+    n = len(codes)
+    c = max(1, _chunk_size(n, chunk) // 2)  # float64 distances and the gathered term: 16 bytes per pair
+    for s in range(0, len(q_z), c):
+        e = min(s + c, len(q_z))
+        t = aqd_tables(q_z[s:e], codebooks, metric)
+        D = np.take(t[:, 0], codes[:, 0], axis=1)
+        for m in range(1, t.shape[1]):
+            D += np.take(t[:, m], codes[:, m], axis=1)
+        idx, dist = _topk_rows(D, k)
+        yield s, e, idx, dist
+        if bar is not None:
+            bar.update(e - s)
+
+
+def aqd_rank_topk(q_z, r_codes, codebooks, k, metric='ip'):
+    """Top-k retrieval indices of every query by asymmetric quantizer distance, ties by retrieval
+    index: (idx int64 [nq, k], dist float64 [nq, k])."""
+    q, codes, c = _check_pq(q_z, r_codes, codebooks)
+    k = min(int(k), len(codes))
+    parts = list(_aqd_ranked(q, codes, c, metric, k))
+    return np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+
+
+def map_aqd(q_z, r_codes, codebooks, q_labels, r_labels, topk, metric='ip'):
+    """MAP@K of the quantization methods: the retrieval set ranked by the asymmetric quantizer
+    distance between each query's continuous z and the items' quantized z (codes [N, M] into
+    codebooks [M, K, D/M]), ties by index, scored by the same AP@K as mean_average_precision."""
+    q, codes, c = _check_pq(q_z, r_codes, codebooks)
+    qlw, rlw = _label_words(q_labels, r_labels, len(q), len(codes))
+    return _map_of(lambda lo, hi, bar: _aqd_ranked(q[lo:hi], codes, c, metric, topk, bar=bar), qlw, rlw, 'map (aqd)')
+
+
+def evaluate_quantized(q_z, r_z, r_codes, codebooks, q_labels, r_labels, topk, metric='ip', ns=None, pr_points=None):
+    """evaluate_all for product-quantized codes: MAP@K, precision/recall@N and the PR curve by rank
+    position, all by AQD; the continuous-feature MAP (inner product of z, labelled). Hamming-radius
+    metrics do not exist for these codes (None)."""
+    ns = P_AT_N if ns is None else ns
+    pr_points = PR_POINTS if pr_points is None else pr_points
+    q, codes, c = _check_pq(q_z, r_codes, codebooks)
+    qlw, rlw = _label_words(q_labels, r_labels, len(q), len(codes))
+    n, K = len(codes), min(int(topk), len(codes))
+    positions = np.unique(np.linspace(1, n, pr_points).round().astype(np.int64))
+    n_at = np.clip(np.asarray(ns, np.int64), 1, n)
+    both = np.unique(np.concatenate([n_at, positions]))
+    at = _precision_recall_of(lambda lo, hi, k, bar: _aqd_ranked(q[lo:hi], codes, c, metric, k, bar=bar), qlw, rlw, both)
+
+    def pick(want):
+        i = np.searchsorted(both, want)
+        return {key: [at[key][j] for j in i] for key in ('n', 'precision', 'recall')}
+    return dict(
+        bits=int(c.shape[0] * np.log2(c.shape[1])), num_query=int(len(q)), num_retrieval=int(n), topk=int(K),
+        ranking=f'aqd-{metric}', map=map_aqd(q, codes, c, q_labels, r_labels, K, metric),
+        map_continuous=dict(value=map_continuous(q_z, r_z, q_labels, r_labels, K), label=_CONTINUOUS_LABEL),
+        radius=None, precision_radius=None, p_at_n=pick(n_at), pr_curve_rank=pick(positions), pr_curve_radius=None,
+        queries_without_relevant=at['queries_without_relevant'])
+
+
+def rank_topk(z, k, n=None):
+    """Top-k retrieval items of the first n queries of a codes.npz `z`: by AQD for product-quantized
+    codes, by Hamming distance otherwise."""
+    n = len(z['query_h']) if n is None else n
+    if 'codebooks' in z:
+        return aqd_rank_topk(z['query_h'][:n], z['retrieval_codes'], z['codebooks'], k, str(z['aqd']))
+    return hamming_rank_topk(to_codes(z['query_h'][:n]), to_codes(z['retrieval_h']), k)
 
 
 # -----------------------------------------------------------------------------
@@ -423,7 +534,7 @@ def draw_examples(run, bits, z, n):
         print(f'no Figure 6-7 pictures: the images of {name} cannot be read ({str(e)[:200]})')
         return []
     q_idx, r_idx = z['query_index'][:n], z['retrieval_index']
-    top, _ = hamming_rank_topk(to_codes(z['query_h'][:n]), to_codes(z['retrieval_h']), min(10, len(r_idx)))
+    top, _ = rank_topk(z, min(10, len(r_idx)), n)
     paths = []
     for j, q in enumerate(q_idx):
         ret = r_idx[top[j]]
@@ -495,6 +606,13 @@ def _score(path, name):
     """evaluate_all on one codes.npz, and its printed line."""
     z = _load_codes(path)
     topk = TOPK or int(z['topk'])
+    if 'codebooks' in z:  # DQN, DVSQ, DTQ: product-quantized codes ranked by AQD
+        m = evaluate_quantized(z['query_h'], z['retrieval_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],
+                               z['retrieval_labels'], topk, str(z['aqd']))
+        print(f"eval {name}bits={m['bits']} map@{m['topk']}={m['map']:.4f} (AQD ranking of product-quantized codes) "
+              f"p@{m['p_at_n']['n'][-1]}={m['p_at_n']['precision'][-1]:.4f} "
+              f"map_continuous@{m['topk']}={m['map_continuous']['value']:.4f} (continuous features)", flush=True)
+        return m
     m = evaluate_all(z['query_h'], z['retrieval_h'], z['query_labels'], z['retrieval_labels'], topk)
     print(f"eval {name}bits={m['bits']} map@{m['topk']}={m['map']:.4f} p@r{m['radius']}={m['precision_radius']:.4f} "
           f"p@{m['p_at_n']['n'][-1]}={m['p_at_n']['precision'][-1]:.4f} "

@@ -85,6 +85,9 @@ def load_run(run, bits):
     if ckpt.get('hv') is None:
         raise DataError(f"{path} holds no trained Hv (method {cfg.get('METHOD')}: codes without a network); "
                         f"index a DUH-EG or trained baseline run")
+    if ckpt.get('codebooks') is not None:
+        raise DataError(f"{path} is a {cfg.get('METHOD')} run: product-quantized codes ranked by asymmetric quantizer "
+                        f"distance, not binary codes; search.py indexes binary codes: index a DUH-EG or hashing run")
     hv = models.HashHead(ckpt['in_dim'], bits)
     hv.load_state_dict(ckpt['hv'])
     he = None

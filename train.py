@@ -3,8 +3,9 @@ contrastive loss, then score binary codes by MAP@K.
 
 Reads what dataset_extract.py and nouns_embed.py left in CACHE_DIR; writes, per code length,
 RUN_DIR/<bits>bits/heads.pt (the trained heads and the config), codes.npz (continuous outputs
-and labels of query and retrieval sets, for eval_hash.py --run) and result.json, and appends
-one JSON line per run to RESULTS.
+and labels of query and retrieval sets, for eval_hash.py --run; the quantization baselines add the
+retrieval set's product-quantized codes and the codebooks) and result.json, and appends one JSON
+line per run to RESULTS.
 """
 import json
 import math
@@ -40,8 +41,11 @@ T1_READING = None           # Eq. 3 read as 'distance' (paper) or 'similarity' (
                             # similarity with --released (nouns_embed.py --t1_reading)
 VIEW_RECIPE = None          # the views dataset_extract.py made: simclr | released; None: simclr, or released with --released
 # method
-METHOD = 'duheg'            # duheg (this paper) | ssdh (unsupervised) | dhn, dch (SUPERVISED: read labels)
-                            # | lsh, itq (no training); baselines train Hv alone on the plain view (baselines.py)
+METHOD = 'duheg'            # duheg (this paper) | ssdh, cibhash (unsupervised) | dhn, dch, dqn, dvsq, dtq (SUPERVISED:
+                            # read labels; dqn, dvsq, dtq: product quantization, ranked by AQD) | lsh, itq (no training);
+                            # baselines train Hv alone, on the plain view (cibhash: two augmented views) (baselines.py)
+CLASS_NAMES = ''            # dvsq: the labels' names, one a line in label order, whose CLIP text features (Eq. 2) are
+                            # DVSQ's word vectors; '' -> the dataset's classes.txt (dataset_extract.py writes it)
 BITS = (16, 32, 64)         # code lengths L, one run each
 TAU1 = 0.004                # Eq. 6 temperature (not printed in the paper; the authors' code)
 TAU2 = 0.0                  # Eq. 9 temperature; 0 -> the authors' per-dataset value (TAU2_DEFAULT)
@@ -141,11 +145,14 @@ def load_features():
         raise CacheError(f"{fdir}/images.npy has {len(feats)} rows but {dataset_dir(CACHE_DIR, DATASET)}/labels.npy "
                          f"{len(labels)}: the two come from different datasets; rerun dataset_extract.py --force")
     aug = None
-    if METHOD == 'duheg' and AUG:  # IMGAUG (EXTERNAL none) requires AUG, checked in main
+    if (METHOD == 'duheg' and AUG) or METHOD in TWO_VIEWS:  # IMGAUG (EXTERNAL none) requires AUG, checked in main
         aug = load_array(os.path.join(fdir, f'train_aug_{tag}.npy'),
                          producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE} (AUG_VIEWS >= 1)')
         if aug.shape[1] < 1 or aug.shape[0] != len(train):
             raise CacheError(f"{fdir}/train_aug_{tag}.npy has shape {aug.shape}, expected ({len(train)}, views, F)")
+        if METHOD in TWO_VIEWS and aug.shape[1] < 2:
+            raise CacheError(f"{fdir}/train_aug_{tag}.npy holds {aug.shape[1]} view of each image; --method={METHOD} "
+                             f"trains on two: rerun dataset_extract.py --aug_views=2 (or more) --force")
     clip = None  # the training images in CLIP's space, for the external feature
     if METHOD == 'duheg' and EXTERNAL != 'none':
         clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED, VIEW_RECIPE)
@@ -209,8 +216,10 @@ def input_paths(cfg):
                  query=os.path.join(ddir, tag, 'query.npy'), retrieval=os.path.join(ddir, tag, 'retrieval.npy'),
                  train=os.path.join(ddir, tag, 'train.npy'))
     duheg = cfg['METHOD'] == 'duheg'
-    if duheg and cfg['AUG']:
+    if (duheg and cfg['AUG']) or cfg['METHOD'] in TWO_VIEWS:
         paths['views'] = os.path.join(fdir, f'train_aug_{tag}.npy')
+    if cfg['METHOD'] == 'dvsq':
+        paths['classes'] = cfg.get('CLASS_NAMES') or os.path.join(ddir, 'classes.txt')
     if duheg and cfg['EXTERNAL'] != 'none':
         paths['clip'] = os.path.join(feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['CLIP_MODEL'],
                                                  cfg['CLIP_PRETRAINED'], r['VIEW_RECIPE']), 'images.npy')
@@ -281,25 +290,57 @@ def external_cache(clip_train, train, device='cpu'):
     return e
 
 
-METHODS = {'duheg': 'this paper', 'ssdh': 'SSDH, unsupervised', 'dhn': 'DHN, supervised', 'dch': 'DCH, supervised',
+METHODS = {'duheg': 'this paper', 'ssdh': 'SSDH, unsupervised', 'cibhash': 'CIBHash, unsupervised',
+           'dhn': 'DHN, supervised', 'dch': 'DCH, supervised', 'dqn': 'DQN, supervised, quantization',
+           'dvsq': 'DVSQ, supervised, quantization', 'dtq': 'DTQ, supervised, quantization',
            'lsh': 'random projection, no training', 'itq': 'PCA-ITQ, no training'}
-SUPERVISED = frozenset({'dhn', 'dch'})  # baselines that read the training labels
+SUPERVISED = frozenset({'dhn', 'dch', 'dqn', 'dvsq', 'dtq'})  # baselines that read the training labels
 UNTRAINED = frozenset({'lsh', 'itq'})   # baselines fitted in closed form: no heads, no epochs
+QUANTIZED = frozenset({'dqn', 'dvsq', 'dtq'})  # product-quantized codes, ranked by AQD (eval_hash.map_aqd)
+TWO_VIEWS = frozenset({'cibhash'})      # baselines trained on two augmented views, as DUH-EG
 PAIR_LOSSES = {'ssdh': baselines.ssdh_loss, 'dhn': baselines.dhn_loss, 'dch': baselines.dch_loss}
+QUANT_LAMBDA = {'dqn': baselines.DQN_LAMBDA, 'dvsq': baselines.DVSQ_LAMBDA, 'dtq': baselines.DTQ_LAMBDA}
 
 
-def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
+def class_vectors(n_classes, device='cpu'):
+    """DVSQ's word vectors of the labels (n_classes x D, unit rows, label order): CLIP_MODEL's text
+    features of the class names through Eq. 2's prompt ensemble (word2vec in the DVSQ paper)."""
+    from nouns_embed import embed_words
+    path = CLASS_NAMES or os.path.join(dataset_dir(CACHE_DIR, DATASET), 'classes.txt')
+    if not os.path.isfile(path):
+        raise CacheError(f"{path} does not exist: DVSQ needs the labels' names (dataset_extract.py writes classes.txt; "
+                         f"or give --class_names=FILE, one name a line in label order)")
+    names = [w.strip() for w in dataset.read_lines(path)]
+    if len(names) != n_classes or not all(names):
+        raise DataError(f"{path} has {len(names)} names{' (some empty)' if not all(names) else ''} but the labels have "
+                        f"{n_classes} classes: give one name a line, in label order")
+    if all(w.isdigit() for w in names):
+        raise DataError(f"{path} holds class numbers, not names: DVSQ's word vectors are the CLIP text features of the "
+                        f"names; write them one a line in label order and pass --class_names=FILE")
+    model, _, tokenizer = models.load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
+    return embed_words(names, model, tokenizer, device=device)
+
+
+def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None):
     """Algorithm 2: Adam on Hv and He, per-epoch learning rate of Eq. 10-11, in-batch positives.
-    With a pairwise similarity `s` (N x N), a baseline's loss on Hv alone replaces L_BCL."""
+    A baseline's loss on Hv alone replaces L_BCL: with a pairwise similarity `s` (N x N), with the
+    labels `y` and word vectors `v` (DVSQ), or on two views (CIBHash). The quantization methods'
+    Hv outputs a D-dimensional z; their codebooks are fitted after epoch 0 (when the quantization
+    loss starts, as in DeepHash) and refitted after every epoch. Returns (hv, he, opt, codebooks)."""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    hv = HashHead(x_train.shape[1], bits).to(device)
+    quantized = METHOD in QUANTIZED
+    out_dim = (len(v[0]) if METHOD == 'dvsq' else baselines.PQ_DIM) if quantized else bits
+    m = baselines.pq_shape(bits, out_dim) if quantized else 0
+    hv = HashHead(x_train.shape[1], out_dim).to(device)
     he = HashHead(e.shape[1], bits).to(device) if e is not None else None
     params = list(hv.parameters()) + (list(he.parameters()) if he is not None else [])
     opt = torch.optim.Adam(params, lr=LR_MIN)
+    x_cpu = x_train
     x_train = torch.as_tensor(x_train).to(device)
-    e, aug, s = (torch.as_tensor(a).to(device) if a is not None else None for a in (e, aug, s))
+    e, aug, s, y, v = (torch.as_tensor(a).to(device) if a is not None else None for a in (e, aug, s, y, v))
     n = len(x_train)
+    codebooks = codes = None  # the quantizer, and the training items' codes (fixed during an epoch)
     bar = tqdm(range(EPOCHS), desc=f'train {bits} bits', unit='epoch')
     for epoch in bar:
         lr = lr_at(epoch, LR_MIN, LR_MAX, WARMUP, EPOCHS)
@@ -314,8 +355,22 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
             idx = perm[a:a + BATCH_SIZE]
             if len(idx) < 2 or (RELEASED and len(idx) < BATCH_SIZE):  # BatchNorm needs two; drop_last (released)
                 continue
-            if s is not None:  # a pairwise baseline on Hv alone
+            if quantized:  # DQN, DVSQ, DTQ: similarity loss + lambda * quantization loss (lambda 0 in epoch 0)
+                z = hv(x_train[idx])
+                if METHOD == 'dvsq':
+                    loss = baselines.dvsq_loss(z, y[idx], v)
+                elif METHOD == 'dtq':  # Group-Hard negatives drawn with the run's generator
+                    loss = baselines.dtq_loss(z, s[idx][:, idx], gen=gen)
+                else:
+                    loss = baselines.dqn_loss(z, s[idx][:, idx])
+                if codebooks is not None:
+                    q = baselines.pq_decode(codes[idx], codebooks)
+                    quant = baselines.dvsq_quant_loss(z, q, v) if METHOD == 'dvsq' else baselines.pq_loss(z, q)
+                    loss = loss + QUANT_LAMBDA[METHOD] * quant
+            elif s is not None:  # a pairwise baseline on Hv alone
                 loss = PAIR_LOSSES[METHOD](hv(x_train[idx]), s[idx][:, idx])
+            elif METHOD in TWO_VIEWS:  # CIBHash: two augmented views of each image (stored in fp16)
+                loss = baselines.cibhash_loss(hv(aug[idx, views[0][idx]].float()), hv(aug[idx, views[1][idx]].float()))
             else:
                 if e is not None:
                     pos, he_b = positives(e[idx], t2, SIM), he(e[idx])  # Eq. 8, He(e)
@@ -331,7 +386,13 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None):
             opt.step()
             total += loss.detach() * len(idx)
         bar.set_postfix(loss=f'{total.item() / n:.4f}', lr=f'{lr:.2e}')
-    return hv, he, opt
+        if quantized:  # codebooks and codes from the embeddings of every training item
+            z_all = torch.as_tensor(encode(hv, x_cpu, device))
+            first = codebooks is None
+            codebooks = baselines.pq_fit(z_all, m, baselines.PQ_FIT_ITERS if first else baselines.PQ_UPDATE_ITERS,
+                                         None if first else codebooks.cpu(), seed=SEED).to(device)
+            codes = baselines.pq_encode(z_all, codebooks.cpu()).to(device)
+    return hv, he, opt, (codebooks.cpu() if codebooks is not None else None)
 
 
 def pick_views(n, n_views, gen, epoch=0):
@@ -425,45 +486,59 @@ def main():
     feats, aug, clip_train, labels, query, retrieval, train = load_features()
     print(f"{DATASET}: {len(query)} query, {len(retrieval)} retrieval, {len(train)} train images; features "
           f"{feats.shape[1]}-d; method {METHOD}{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
-    e = s = None
+    e = s = v = None
     if METHOD == 'duheg' and EXTERNAL != 'none':
         e = external_cache(clip_train, train, device)  # Eq. 5-6
         n_pos = positives(torch.as_tensor(e[:BATCH_SIZE]), T2).sum(1).float().mean().item()
         print(f"mean in-batch positives at T2={T2}: {n_pos:.1f} of {min(BATCH_SIZE, len(e))}")
     elif METHOD == 'ssdh':
         s = baselines.ssdh_similarity(feats[train])
+    elif METHOD == 'dvsq':
+        v = class_vectors(labels.shape[1], device)
+        print(f"DVSQ word vectors: {CLIP_MODEL} text features of {len(v)} class names")
     elif METHOD in SUPERVISED:
         s = baselines.label_similarity(labels[train])
+    if METHOD in QUANTIZED and len(train) < baselines.PQ_WORDS:
+        print(f"note: {len(train)} training items for {baselines.PQ_WORDS}-word codebooks: some words stay unused")
     inputs = dataset.fingerprints(**input_paths(cfg))  # what the results are made from, recorded with them
     for bits in BITS:
         t0 = time.time()
         if METHOD in UNTRAINED:  # a projection fitted on the training features
             fit = baselines.lsh_codes if METHOD == 'lsh' else baselines.itq_codes
             h_q, h_r = (fit(feats[train], feats[p], bits, seed=SEED) for p in (query, retrieval))
-            hv = he = opt = None
+            hv = he = opt = codebooks = None
         else:
-            hv, he, opt = train_heads(bits, feats[train], aug, e, device, tau2, T2, s)
+            hv, he, opt, codebooks = train_heads(bits, feats[train], aug, e, device, tau2, T2, s,
+                                                 labels[train] if METHOD == 'dvsq' else None, v)
             h_q, h_r = encode(hv, feats[query], device), encode(hv, feats[retrieval], device)
-        q_codes, r_codes = eval_hash.to_codes(h_q), eval_hash.to_codes(h_r)
-        mAP = eval_hash.mean_average_precision(q_codes, r_codes, labels[query], labels[retrieval], topk)
+        if codebooks is not None:  # product quantization: the retrieval set's codes, ranked by AQD
+            r_words = baselines.pq_encode(h_r, codebooks).numpy().astype(np.uint8 if baselines.PQ_WORDS <= 256 else np.uint16)
+            pq = dict(retrieval_codes=r_words, codebooks=codebooks.numpy(), aqd=baselines.AQD)
+            mAP = eval_hash.map_aqd(h_q, r_words, pq['codebooks'], labels[query], labels[retrieval], topk, baselines.AQD)
+        else:
+            pq = {}
+            mAP = eval_hash.mean_average_precision(eval_hash.to_codes(h_q), eval_hash.to_codes(h_r), labels[query],
+                                                   labels[retrieval], topk)
         mAP_cont = eval_hash.map_continuous(h_q, h_r, labels[query], labels[retrieval], topk)
         out = os.path.join(RUN_DIR, f'{bits}bits')
         os.makedirs(out, exist_ok=True)
-        result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in SUPERVISED, bits=bits, topk=topk, map=round(float(mAP), 6),
+        result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in SUPERVISED, bits=bits, topk=topk,
+                      ranking=f'aqd-{baselines.AQD}' if pq else 'hamming', map=round(float(mAP), 6),
                       map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
                       run_dir=out, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR), inputs=inputs)
         ckpt = dict(hv=hv and hv.state_dict(), he=he and he.state_dict(), bits=bits, in_dim=feats.shape[1],
                     e_dim=e.shape[1] if e is not None else None, optimizer=opt and opt.state_dict(), epoch=EPOCHS,
-                    config=result['config'])
+                    config=result['config'], codebooks=codebooks, out_dim=h_q.shape[1])
         atomic_write(os.path.join(out, 'heads.pt'), lambda f: torch.save(ckpt, f))
         atomic_write(os.path.join(out, 'codes.npz'), lambda f: np.savez(
             f, query_h=h_q, retrieval_h=h_r, query_labels=labels[query], retrieval_labels=labels[retrieval],
-            query_index=query, retrieval_index=retrieval, topk=topk))
+            query_index=query, retrieval_index=retrieval, topk=topk, **pq))
         save_json(os.path.join(out, 'result.json'), result)
         write_result(RESULTS, result)
         print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "
-              f"map_continuous@{topk}={mAP_cont:.4f} (released-code ranking, not binary) seconds={result['seconds']} "
-              f"run={out}")
+              f"{'(AQD ranking of product-quantized codes) ' if pq else ''}"
+              f"map_continuous@{topk}={mAP_cont:.4f} ({'continuous features' if pq else 'released-code ranking, not binary'}) "
+              f"seconds={result['seconds']} run={out}")
 
 
 if __name__ == '__main__':

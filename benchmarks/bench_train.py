@@ -119,7 +119,7 @@ def main():
             torch.set_num_threads(t)
             stamps.clear()
             t0 = time.perf_counter()
-            hv, _, _ = train.train_heads(bits, x_train, aug, e, device, TAU2, T2)
+            hv = train.train_heads(bits, x_train, aug, e, device, TAU2, T2)[0]
             if device.startswith('cuda'):
                 torch.cuda.synchronize()
             epochs[t, bits] += np.diff(stamps + [time.perf_counter()]).tolist()

@@ -28,6 +28,16 @@ def make_image_folder(root, n_classes=10, per_class=40, size=32, seed=0):
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster than two fighting for a busy 2-core machine."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='session')
 def image_folder(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp('images')))
@@ -42,10 +52,17 @@ def run_script(script, *args, check=True, env=None):
     return proc
 
 
-def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, seed=0):
+VIEW_KEEP = 0.8  # correlation of a view's nuisance with the item's: augmentations remove only part of it
+CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, seed=0, views=0):
     """A feature cache as dataset_extract.py leaves it (labels, split, images.npy of the 'folder'
-    dataset with backbone tiny-test/random) whose classes live in 16 of `dim` dimensions and
-    a nuisance of the given strength fills the rest: raw similarity only half knows the class."""
+    dataset with backbone tiny-test/random, classes.txt) whose classes live in 16 of `dim`
+    dimensions and a nuisance of the given strength fills the rest: raw similarity only half knows
+    the class. views: that many augmented views of each training item (train_aug_split_s0.npy,
+    fp16), as an augmentation does: the class part kept, the nuisance partly drawn anew (VIEW_KEEP),
+    fresh noise."""
     import dataset
     import models
     rng = np.random.default_rng(seed)
@@ -62,4 +79,12 @@ def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, se
         dataset.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
     build = models.backbone_build('tiny-test', 'random')  # as dataset_extract.py records it
     dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
+    dataset.save_text(os.path.join(d, 'classes.txt'), CLASS_NAMES[:n_classes])
+    if views:
+        train = split[2]
+        v = np.repeat(x[train][:, None], views, 1)  # the item's nuisance, a part of it drawn anew per view
+        fresh = nuisance * rng.normal(0, 1, v[:, :, 16:].shape) * np.linspace(1.5, 0.5, dim - 16)
+        v[:, :, 16:] = VIEW_KEEP * v[:, :, 16:] + np.sqrt(1 - VIEW_KEEP ** 2) * fresh
+        v += rng.normal(0, 0.3, v.shape)
+        dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
     return labels, split

@@ -9,13 +9,7 @@ import baselines
 from models import HashHead
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting for a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: tiny tensors run on one thread
 
 
 # -----------------------------------------------------------------------------

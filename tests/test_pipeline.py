@@ -105,7 +105,7 @@ def test_same_seed_same_codes(pipeline):
     (['--bits=16,2048'], '--bits=16,2048: 2048 is outside [1, 1024]'),
     (['--batch_size=1'], '--batch_size=1: 1 is outside [2, inf)'),
     (['--dataset=imagenet'], "unknown --dataset='imagenet'; choose one of cifar10, nuswide, flickr25k, mscoco, folder"),
-    (['--method=foo'], "--method='foo': choose one of duheg, ssdh, dhn, dch, lsh, itq"),
+    (['--method=foo'], "--method='foo': choose one of duheg, ssdh, cibhash, dhn, dch, dqn, dvsq, dtq, lsh, itq"),
     (['--external=none', '--aug=false'], 'IMGAUG'),
     (['--bits=16,x'], "--bits='16,x': 'x' is not an integer"),
     (['--epoch=3'], 'unknown setting --epoch;'),

@@ -79,13 +79,29 @@ def test_paper_numbers_are_spec_md():
     assert reproduce.PAPER[('table3 imgaug', 'mscoco')] == (.733, .785, .819)
     assert reproduce.PAPER[('table6 vit-b-32', 'nuswide')] == (.855, .856, .860)
     assert reproduce.PAPER[('table5 glove', 'flickr25k')] == (.870, .882, .887)
-    assert len(reproduce.PAPER) == 14 * 4
-    # every row of every table names a paper row that exists (or none)
+    assert reproduce.PAPER[('table1 cibhash', 'mscoco')] == (.737, .760, .775)
+    assert ('table1 cibhash', 'flickr25k') not in reproduce.PAPER  # '-' in the paper's Table 1
+    assert len(reproduce.PAPER) == 14 * 4 + 3
+    # every row of every table names a paper row that exists (or none; a row may lack a dataset, as CIBHash Flickr25k)
     for table in ('1', '2', '3', '5', '6', 'fig5a', 'fig5b', 'baselines'):
         for row in reproduce.table_rows(table):
             for d in reproduce.PAPER_DATASETS:
                 key = row.paper.get(d) if isinstance(row.paper, dict) else row.paper
-                assert key is None or (key, d) in reproduce.PAPER, (table, row.id, key)
+                assert key is None or key in {r for r, _ in reproduce.PAPER}, (table, row.id, key)
+
+
+def test_baselines_rows_every_method_and_cibhash_on_vgg16():
+    rows = {r.id: r for r in reproduce.table_rows('baselines')}
+    assert list(rows) == list(reproduce.METHODS) + ['cibhash-vgg16']
+    assert set(reproduce.METHODS) == set(train.METHODS)  # every method of train.py has a row
+    assert 'supervised' in rows['dvsq'].label and 'AQD' in rows['dvsq'].label and 'AQD' not in rows['dhn'].label
+    assert 'supervised' not in rows['cibhash'].label
+    cells = {(c.row.id, c.dataset): c.settings for c in cells_of('baselines')}
+    assert cells[('cibhash-vgg16', 'cifar10')]['BACKBONE'] == 'vgg16'
+    assert cells[('cibhash', 'cifar10')]['BACKBONE'] == 'ViT-B-16'
+    assert [reproduce.paper_value(rows['cibhash-vgg16'], 'cifar10', b) for b in (16, 32, 64)] == [.590, .622, .641]
+    assert reproduce.paper_value(rows['cibhash-vgg16'], 'flickr25k', 16) is None
+    assert reproduce.paper_value(rows['cibhash'], 'cifar10', 16) is None  # CLIP features: not the paper's protocol
 
 
 def test_paper_as_maps_a_dataset_to_another_rows_numbers(settings):
