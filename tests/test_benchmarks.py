@@ -50,3 +50,9 @@ def test_bench_search_agrees_and_reports_recall():
                           '--rounds=1', '--classes=100'), 'bench_search')
     assert float(r['ours_qps']) > 0 and float(r['faiss_flat_qps']) > 0 and float(r['numpy_qps']) > 0
     assert 0.5 < float(r['ivf_recall']) <= 1 and 0.5 < float(r['hnsw_recall']) <= 1
+
+
+def test_bench_aqd_agrees_with_faiss_index_pq():
+    r = result(run_script('benchmarks/bench_aqd.py', '--num_query=200', '--num_retrieval=5000', '--topk=100',
+                          '--rounds=1'), 'bench_aqd')
+    assert r['ok'] == 'True' and float(r['max_abs_diff']) <= 1e-4 and float(r['ours_s']) > 0

@@ -178,6 +178,27 @@ def test_aqd_ranking_and_map_equal_brute_force_with_ties(metric, monkeypatch):
         pytest.approx(eval_hash.mean_average_precision(b_q, b_r, q_labels, r_labels, 50), abs=1e-12)
 
 
+@pytest.mark.parametrize('metric', ['ip', 'l2'])
+def test_aqd_ranking_equals_faiss_index_pq(metric):
+    # faiss's IndexPQ, given our codebooks, encodes the items to our codes and ranks by its own
+    # lookup tables (asymmetric distance computation): the same lists and distances
+    import faiss
+    rng = np.random.default_rng(1)
+    m, d = 4, 32
+    codebooks = rng.standard_normal((m, 256, d // m)).astype(np.float32)
+    codes = rng.integers(0, 256, (2000, m)).astype(np.uint8)
+    q = rng.standard_normal((30, d)).astype(np.float32)
+    index = faiss.IndexPQ(d, m, 8, faiss.METRIC_INNER_PRODUCT if metric == 'ip' else faiss.METRIC_L2)
+    faiss.copy_array_to_vector(codebooks.ravel(), index.pq.centroids)
+    index.is_trained = True
+    index.add(baselines.pq_decode(codes, torch.tensor(codebooks)).numpy())
+    assert np.array_equal(faiss.vector_to_array(index.codes).reshape(len(codes), m), codes)
+    d_f, i_f = index.search(q, 50)
+    idx, dist = eval_hash.aqd_rank_topk(q, codes, codebooks, 50, metric)
+    np.testing.assert_allclose(dist, -d_f if metric == 'ip' else d_f, atol=1e-4)
+    assert (idx == i_f).mean() > 0.99  # random float distances: near ties are rare
+
+
 def test_aqd_refuses_codes_that_do_not_fit():
     cb = np.zeros((2, 4, 3))
     with pytest.raises(ValueError, match='do not fit'):
