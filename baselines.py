@@ -354,7 +354,9 @@ def dvsq_loss(z, labels, v):
     of its labels y and each label j it does not have,
         max(0, delta_yj - cos(z_i, v_y) + cos(z_i, v_j)),  delta_yj = 1 - cos(v_y, v_j)
     (a margin as wide as the two labels are far apart), summed and divided by C times the number
-    of (item, label) pairs, as DeepHash's cos_softmargin_multi_label."""
+    of (item, label) pairs. The j are the labels the item lacks, as the DVSQ paper writes it;
+    DeepHash's cos_softmargin_multi_label (same margin and divisor) also runs j over the item's
+    other labels, which differs on multi-label items only."""
     y = torch.as_tensor(labels, device=z.device).to(z.dtype)
     v = F.normalize(torch.as_tensor(v, device=z.device).to(z.dtype), dim=1)
     cos = F.normalize(z, dim=1) @ v.T                          # [N, C]
@@ -380,11 +382,9 @@ def dtq_triplets(z, s, margin=DTQ_MARGIN, gen=None):
         d = torch.cdist(z, z) ** 2
         neg_d = d.masked_fill(s, float('inf'))                   # non-negatives sorted last
         sorted_d, order = neg_d.sort(1)
-        a, p = (s & _pair_mask(s)).nonzero(as_tuple=True)
-        bound = (d[a, p] + margin).unsqueeze(1)
-        count = torch.searchsorted(sorted_d[a].contiguous(), bound, right=False).squeeze(1)  # negatives below it
-        keep = count > 0
-        a, p, count = a[keep], p[keep], count[keep]
+        below = torch.searchsorted(sorted_d, d + margin, right=False)  # [a, p]: negatives of a within d(a, p) + margin
+        a, p = (s & _pair_mask(s) & (below > 0)).nonzero(as_tuple=True)
+        count = below[a, p]
         u = torch.rand(len(a), generator=gen).to(z.device) if gen is not None else torch.rand(len(a), device=z.device)
         n = order[a, (u * count).long().clamp(max=count - 1)]
     return a, p, n

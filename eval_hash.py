@@ -324,14 +324,7 @@ def evaluate_all(q_h, r_h, q_labels, r_labels, topk, ns=None, pr_points=None, ra
     radius = RADIUS if radius is None else radius
     qb, rb = to_codes(q_h), to_codes(r_h)
     n, L, K = len(rb), qb.shape[1], min(int(topk), len(rb))
-    positions = np.unique(np.linspace(1, n, pr_points).round().astype(np.int64))
-    n_at = np.clip(np.asarray(ns, np.int64), 1, n)
-    both = np.unique(np.concatenate([n_at, positions]))
-    at = precision_recall_at(qb, rb, q_labels, r_labels, both)  # one ranking serves both lists
-
-    def pick(want):  # the entries of `at` at the positions `want`
-        i = np.searchsorted(both, want)
-        return {key: [at[key][j] for j in i] for key in ('n', 'precision', 'recall')}
+    curves = _rank_curves(lambda at: precision_recall_at(qb, rb, q_labels, r_labels, at), n, ns, pr_points)
     curve = pr_curve_radius(qb, rb, q_labels, r_labels)
     r = min(int(radius), L)
     return dict(
@@ -339,8 +332,23 @@ def evaluate_all(q_h, r_h, q_labels, r_labels, topk, ns=None, pr_points=None, ra
         map=mean_average_precision(qb, rb, q_labels, r_labels, K),
         map_continuous=dict(value=map_continuous(q_h, r_h, q_labels, r_labels, K), label=_CONTINUOUS_LABEL),
         radius=r, precision_radius=curve['precision'][r],  # = precision_radius(...): empty ball counts 0
-        p_at_n=pick(n_at), pr_curve_rank=pick(positions), pr_curve_radius=curve,
-        queries_without_relevant=at['queries_without_relevant'])
+        pr_curve_radius=curve, **curves)
+
+
+def _rank_curves(precision_recall, n, ns, pr_points):
+    """Precision/recall@N at the N of `ns` (Figure 4) and the PR curve at `pr_points` rank positions
+    spread over the n retrieval items (Figure 3), from one ranking: precision_recall(positions) is
+    precision_recall_at (or its AQD twin) at the sorted positions. Returns dict(p_at_n,
+    pr_curve_rank, queries_without_relevant)."""
+    positions = np.unique(np.linspace(1, n, pr_points).round().astype(np.int64))
+    n_at = np.clip(np.asarray(ns, np.int64), 1, n)
+    both = np.unique(np.concatenate([n_at, positions]))
+    at = precision_recall(both)  # one ranking serves both lists
+
+    def pick(want):  # the entries of `at` at the positions `want`
+        i = np.searchsorted(both, want)
+        return {key: [at[key][j] for j in i] for key in ('n', 'precision', 'recall')}
+    return dict(p_at_n=pick(n_at), pr_curve_rank=pick(positions), queries_without_relevant=at['queries_without_relevant'])
 
 
 # -----------------------------------------------------------------------------
@@ -418,20 +426,15 @@ def evaluate_quantized(q_z, r_z, r_codes, codebooks, q_labels, r_labels, topk, m
     q, codes, c = _check_pq(q_z, r_codes, codebooks)
     qlw, rlw = _label_words(q_labels, r_labels, len(q), len(codes))
     n, K = len(codes), min(int(topk), len(codes))
-    positions = np.unique(np.linspace(1, n, pr_points).round().astype(np.int64))
-    n_at = np.clip(np.asarray(ns, np.int64), 1, n)
-    both = np.unique(np.concatenate([n_at, positions]))
-    at = _precision_recall_of(lambda lo, hi, k, bar: _aqd_ranked(q[lo:hi], codes, c, metric, k, bar=bar), qlw, rlw, both)
 
-    def pick(want):
-        i = np.searchsorted(both, want)
-        return {key: [at[key][j] for j in i] for key in ('n', 'precision', 'recall')}
+    def ranked(lo, hi, k, bar):  # the top-k of queries lo..hi-1 by AQD
+        return _aqd_ranked(q[lo:hi], codes, c, metric, k, bar=bar)
+    curves = _rank_curves(lambda at: _precision_recall_of(ranked, qlw, rlw, at), n, ns, pr_points)
     return dict(
         bits=int(c.shape[0] * np.log2(c.shape[1])), num_query=int(len(q)), num_retrieval=int(n), topk=int(K),
-        ranking=f'aqd-{metric}', map=map_aqd(q, codes, c, q_labels, r_labels, K, metric),
+        ranking=f'aqd-{metric}', map=_map_of(lambda lo, hi, bar: ranked(lo, hi, K, bar), qlw, rlw, 'map (aqd)'),
         map_continuous=dict(value=map_continuous(q_z, r_z, q_labels, r_labels, K), label=_CONTINUOUS_LABEL),
-        radius=None, precision_radius=None, p_at_n=pick(n_at), pr_curve_rank=pick(positions), pr_curve_radius=None,
-        queries_without_relevant=at['queries_without_relevant'])
+        radius=None, precision_radius=None, pr_curve_radius=None, **curves)
 
 
 def rank_topk(z, k, n=None):

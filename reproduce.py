@@ -644,6 +644,7 @@ def plot_figure5(parts, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from nouns_embed import t1_reading
     fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4), squeeze=False)
     for ax, (table, cells) in zip(axes[0], parts):
         rows = table_rows(table)
@@ -671,7 +672,7 @@ def plot_figure5(parts, path):
         ticks = [float(r.id) for r in rows]
         if len(ticks) <= 12:
             ax.set_xticks(ticks, [r.id for r in rows], fontsize=8)
-        reading = train.released_settings(dict(RELEASED=RELEASED, T1_READING=T1_READING or None))['T1_READING']
+        reading = t1_reading(T1_READING or None, RELEASED)
         ax.set_xlabel(f'{reading} threshold T1 (Eq. 3)' if table == 'fig5a' else 'similarity threshold T2 (Eq. 8)')
         ax.set_ylabel(f'MAP ({FIG5_BITS} bits)')
         ax.set_title(f"({table[-1]}) measured; star: best measured, hollow: paper", fontsize=9)

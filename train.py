@@ -340,7 +340,7 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None)
     x_train = torch.as_tensor(x_train).to(device)
     e, aug, s, y, v = (torch.as_tensor(a).to(device) if a is not None else None for a in (e, aug, s, y, v))
     n = len(x_train)
-    codebooks = codes = None  # the quantizer, and the training items' codes (fixed during an epoch)
+    codebooks = codes = words = None  # the quantizer, the training items' codes (fixed during an epoch), words on device
     bar = tqdm(range(EPOCHS), desc=f'train {bits} bits', unit='epoch')
     for epoch in bar:
         lr = lr_at(epoch, LR_MIN, LR_MAX, WARMUP, EPOCHS)
@@ -349,7 +349,7 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None)
         hv.train()
         he is not None and he.train()
         perm = torch.randperm(n, generator=gen).to(device)
-        views = [v.to(device) for v in pick_views(n, aug.shape[1] if aug is not None else 0, gen, epoch)]
+        views = [w.to(device) for w in pick_views(n, aug.shape[1] if aug is not None else 0, gen, epoch)]
         total = torch.zeros((), device=device)  # summed on the device: no GPU sync at every step
         for a in range(0, n, BATCH_SIZE):
             idx = perm[a:a + BATCH_SIZE]
@@ -364,7 +364,7 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None)
                 else:
                     loss = baselines.dqn_loss(z, s[idx][:, idx])
                 if codebooks is not None:
-                    q = baselines.pq_decode(codes[idx], codebooks)
+                    q = baselines.pq_decode(codes[idx], words)
                     quant = baselines.dvsq_quant_loss(z, q, v) if METHOD == 'dvsq' else baselines.pq_loss(z, q)
                     loss = loss + QUANT_LAMBDA[METHOD] * quant
             elif s is not None:  # a pairwise baseline on Hv alone
@@ -386,13 +386,13 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None)
             opt.step()
             total += loss.detach() * len(idx)
         bar.set_postfix(loss=f'{total.item() / n:.4f}', lr=f'{lr:.2e}')
-        if quantized:  # codebooks and codes from the embeddings of every training item
+        if quantized:  # codebooks (kept on the CPU, where they are fitted) and codes from every training item's z
             z_all = torch.as_tensor(encode(hv, x_cpu, device))
             first = codebooks is None
             codebooks = baselines.pq_fit(z_all, m, baselines.PQ_FIT_ITERS if first else baselines.PQ_UPDATE_ITERS,
-                                         None if first else codebooks.cpu(), seed=SEED).to(device)
-            codes = baselines.pq_encode(z_all, codebooks.cpu()).to(device)
-    return hv, he, opt, (codebooks.cpu() if codebooks is not None else None)
+                                         codebooks, seed=SEED)
+            codes, words = baselines.pq_encode(z_all, codebooks).to(device), codebooks.to(device)
+    return hv, he, opt, codebooks
 
 
 def pick_views(n, n_views, gen, epoch=0):
