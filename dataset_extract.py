@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dataset
-from dataset import (CacheError, DataError, ViewDataset, augment_settings, augment_transform,
+from dataset import (CacheError, DataError, augment_settings, augment_transform,
                      configure, dataset_dir, feature_dir, load_array, load_images, make_split,
                      read_split_dir, reusable, save_array, save_json, save_text, split_rule, split_tag)
 import models
@@ -52,7 +52,10 @@ RELEASED = False           # the authors' released code: their view recipe, one 
 # system
 CACHE_DIR = 'cache'        # where the three steps hand each other files
 DEVICE = 'auto'            # auto | cpu | cuda | cuda:1 ...
-PRECISION = None           # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only); None: fp32, or fp16 with --released on a GPU
+PRECISION = None           # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only); None: fp16 on a GPU (as OpenAI's clip.load
+                           # runs CLIP on CUDA), fp32 on the CPU
+VIEW_PATH = 'tensor'       # tensor: each image decoded once, its views made batched on DEVICE; pil: torchvision's PIL
+                           # pipeline per view in the workers (the reference; same random draws, within 1-16/255)
 BATCH_SIZE = 128           # images per forward pass
 NUM_WORKERS = -1           # data-loading processes; -1: one per usable CPU core
 CHUNK_BATCHES = 8          # batches per saved chunk (the unit of resuming and of sharding across ranks)
@@ -60,7 +63,8 @@ BAD_IMAGES = 'stop'        # stop | skip: an unreadable image stops the run, or 
 FORCE = False              # rebuild caches even when they exist
 _RANGES = dict(SPLIT_SEED='[0, inf)', QUERY='[1, inf)', TRAIN='[1, inf)', AUG_VIEWS='[0, inf)', AUG_SEED='[0, inf)',
                BATCH_SIZE='[1, inf)', NUM_WORKERS='[-1, inf)', CHUNK_BATCHES='[1, inf)')  # checked before any work
-_VERSION = 2               # bump when the features this script writes change meaning (2: augmented views in fp16)
+_VERSION = 3               # bump when the features this script writes change meaning (2: augmented views in fp16;
+                           # 3: one random stream per (seed, image, view), views made on the device)
 _T_MAX = 60                # train.py's EPOCHS: AUG_VIEWS None extracts a fresh pair of views for each of them
 
 
@@ -105,52 +109,73 @@ def check_reuse(path, settings):
     return False
 
 
+def loader_for(data, batches, device):
+    """One DataLoader for a whole pass: its workers decode each image once (pinned memory for a GPU)."""
+    cuda = device.startswith('cuda')
+    return torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=NUM_WORKERS, pin_memory=cuda,
+                                       collate_fn=dataset.collate_decoded, prefetch_factor=4 if NUM_WORKERS else None)
+
+
 @torch.no_grad()
-def encode_all(name, images, indices, transform, encode, out_path, settings, rank, world, device, seed=None, view=0,
-               keep=True):
-    """Features of `images[indices]` under `transform`, saved chunk by chunk (resumable, each
-    rank its share), then merged in order into `out_path`. Returns the merged array on rank 0
-    (None when not `keep`)."""
+def encode_views(name, images, indices, transform, n_views, encode, out_path, settings, rank, world, device,
+                 seed=None, keep=True):
+    """Features of n_views views of each image of images[indices] (seed None: the one plain view), in one
+    pass: each image decoded once, its views made on `device` (VIEW_PATH 'tensor') or by PIL in the
+    workers ('pil'), BATCH_SIZE views per forward. Saved chunk by chunk (the unit of resuming, each
+    rank its share), then merged in order into `out_path`: N x F float32 for the plain view, N x V x F
+    float16 for views. Returns the merged array on rank 0 (None when not `keep`)."""
     if check_reuse(out_path, settings):
         return load_array(out_path, settings, 'dataset_extract.py') if rank == 0 and keep else None
-    chunk = BATCH_SIZE * CHUNK_BATCHES
+    per_chunk = max(1, BATCH_SIZE * CHUNK_BATCHES // n_views)  # images per chunk: about CHUNK_BATCHES forwards
+    per_load = max(1, BATCH_SIZE // n_views)                   # images per loader batch
     chunk_dir = os.path.join(os.path.dirname(out_path), '.chunks', os.path.basename(out_path)[:-4])
-    chunk_settings = dict(settings, batch_size=BATCH_SIZE, chunk=chunk)
+    chunk_settings = dict(settings, batch_size=BATCH_SIZE, chunk=per_chunk)
     if FORCE and rank == 0 and os.path.isdir(chunk_dir):
         shutil.rmtree(chunk_dir)
     barrier(world)
-    n_chunks = math.ceil(len(indices) / chunk)
+    n_chunks = math.ceil(len(indices) / per_chunk)
+    span = [(c * per_chunk, min((c + 1) * per_chunk, len(indices))) for c in range(n_chunks)]
     paths = [os.path.join(chunk_dir, f'{c:05d}.npy') for c in range(n_chunks)]
     todo = [c for c in range(rank, n_chunks, world)  # this rank's chunks not saved by an earlier run
             if not reusable(paths[c], chunk_settings, False, 'dataset_extract.py')]
-    if todo:
-        pos = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, len(indices))) for c in todo])
-        data = ViewDataset(images, np.asarray(indices)[pos], transform, seed, view, BAD_IMAGES)
-        cuda = device.startswith('cuda')
-        loader = torch.utils.data.DataLoader(data, batch_size=BATCH_SIZE, shuffle=False, num_workers=NUM_WORKERS,
-                                             pin_memory=cuda, persistent_workers=False)
-        dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[PRECISION]
-        buf, bad, c_i = [], [], 0
-        for x, k, ok in tqdm(loader, desc=f'{name} [rank {rank}]' if world > 1 else name, unit='batch',
-                             disable=rank > 0 and world > 1):
-            with torch.autocast(device.split(':')[0], dtype=dtype or torch.float32, enabled=dtype is not None):
-                f = encode(x.to(device, non_blocking=cuda))
-            buf.append(f.float().cpu().numpy())
-            bad += [int(data.indices[j]) for j, o in zip(k.tolist(), ok.tolist()) if not o]
+    steps = dataset.view_steps(transform)
+    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[PRECISION]
+    # on a GPU the GPU makes the views; on the CPU the loader's workers make them beside the forward
+    data = dataset.DecodedImages(images, indices, transform, n_views, seed, VIEW_PATH, BAD_IMAGES,
+                                 make_here=not device.startswith('cuda'))
+    batches = [list(range(a, min(a + per_load, span[c][1]))) for c in todo for a in range(*span[c], per_load)]
+    with tqdm(total=sum(span[c][1] - span[c][0] for c in todo) * n_views, desc=name, unit='view', unit_scale=True,
+              disable=(rank > 0 and world > 1) or not todo) as bar:
+        pending, feats, bad, c_i, seen = [], [], [], 0, 0
+        for x, draws, k, ok in (loader_for(data, batches, device) if todo else []):
+            pending.append(dataset.make_views(x, draws, steps, device))
+            bad += [int(indices[j]) for j, o in zip(k.tolist(), ok.tolist()) if not o]
+            seen += len(k)
             c = todo[c_i]
-            if sum(len(b) for b in buf) == min((c + 1) * chunk, len(indices)) - c * chunk:
-                save_array(paths[c], np.concatenate(buf), dict(chunk_settings, bad=bad), 'dataset_extract.py')
-                buf, bad, c_i = [], [], c_i + 1
+            done = seen == span[c][1] - span[c][0]
+            while pending and (done or sum(len(p) for p in pending) >= BATCH_SIZE):  # forwards of BATCH_SIZE views
+                v = torch.cat(pending)
+                pending = [v[BATCH_SIZE:]] if len(v) > BATCH_SIZE else []
+                with torch.autocast(device.split(':')[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+                    feats.append(encode(v[:BATCH_SIZE]).float())
+                bar.update(min(len(v), BATCH_SIZE))
+            if done:  # a chunk's features in image order, views of an image together
+                f = torch.cat(feats).cpu().numpy().reshape(seen, n_views, -1)
+                f = f[:, 0] if seed is None else f.astype(np.float16)
+                save_array(paths[c], f, dict(chunk_settings, bad=bad), 'dataset_extract.py')
+                feats, bad, c_i, seen = [], [], c_i + 1, 0
     barrier(world)
     feats = None
     if rank == 0:
-        parts = [load_array(p, chunk_settings, 'dataset_extract.py') for p in paths]
-        bad = sorted(sum((read_meta(p)['settings'].get('bad', []) for p in paths), []))
-        feats = np.concatenate(parts)
-        save_array(out_path, feats, dict(settings, bad=bad), 'dataset_extract.py')
+        metas = [read_meta(p) for p in paths]
+        bad = sorted(sum((m['settings'].get('bad', []) for m in metas), []))
+        shape, dt = (len(indices), *metas[0]['shape'][1:]), metas[0]['dtype']
+        parts = ((np.s_[a:e], load_array(p, chunk_settings, 'dataset_extract.py')) for (a, e), p in zip(span, paths))
+        dataset.save_array_by_parts(out_path, shape, dt, dict(settings, bad=bad), 'dataset_extract.py', parts)
         shutil.rmtree(chunk_dir, ignore_errors=True)
+        feats = load_array(out_path, verify=False) if keep else None
     barrier(world)
-    return feats if keep else None
+    return feats
 
 
 def resolve_settings(device):
@@ -159,7 +184,7 @@ def resolve_settings(device):
     AUG_VIEWS = (2 if RELEASED else 2 * _T_MAX) if AUG_VIEWS is None else AUG_VIEWS
     VIEW_RECIPE = VIEW_RECIPE or ('released' if RELEASED else 'simclr')
     if PRECISION is None:
-        PRECISION = 'fp16' if RELEASED and device.startswith('cuda') else 'fp32'
+        PRECISION = 'fp16' if device.startswith('cuda') else 'fp32'
         if RELEASED and PRECISION == 'fp32':
             print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
     if not isinstance(AUG_VIEWS, int):  # its range was checked with the others (_RANGES)
@@ -168,6 +193,8 @@ def resolve_settings(device):
         raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
     if PRECISION == 'fp16' and not device.startswith('cuda'):
         raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
+    if VIEW_PATH not in dataset.VIEW_PATHS:
+        raise SystemExit(f"error: --view_path={VIEW_PATH!r}: choose one of {', '.join(dataset.VIEW_PATHS)}")
     if VIEW_RECIPE not in dataset.VIEW_RECIPES:
         raise SystemExit(f"error: --view_recipe={VIEW_RECIPE!r}: choose one of {', '.join(dataset.VIEW_RECIPES)}")
 
@@ -226,30 +253,15 @@ def main():
             augment = augment_transform(preprocess)
         settings = dict(data_settings, backbone=backbone, pretrained=pretrained_tag(pretrained),
                         build=models.backbone_build(backbone, pretrained), transform=repr(preprocess),
-                        precision=PRECISION, version=_VERSION)
-        out = os.path.join(fdir, 'images.npy')
-        if not check_reuse(out, settings):
-            encode_all(f'{backbone} images', images, np.arange(len(images)), preprocess, encode, out,
-                       settings, rank, world, device)
-        if views:
+                        precision=PRECISION, view_path=VIEW_PATH, version=_VERSION)
+        encode_views(f'{backbone} images', images, np.arange(len(images)), preprocess, 1, encode,
+                     os.path.join(fdir, 'images.npy'), settings, rank, world, device, keep=False)
+        if views:  # all views of a train image from one decode (views 2t, 2t+1 are train.py's epoch t)
             aug = augment_settings() if VIEW_RECIPE == 'simclr' else repr(augment)
             aug_settings = dict(settings, split=split_settings, aug=aug, aug_views=views, aug_seed=AUG_SEED)
-            out = os.path.join(fdir, f'train_aug_{tag}.npy')
-            if not check_reuse(out, aug_settings):
-                view_paths = [os.path.join(fdir, f'.train_aug_{tag}_v{v}.npy') for v in range(views)]
-                for v in range(views):  # one view at a time, each resumable
-                    encode_all(f'{backbone} train view {v + 1}/{views}', images, train, augment, encode,
-                               view_paths[v], dict(aug_settings, view=v), rank, world, device, seed=AUG_SEED, view=v,
-                               keep=False)
-                if rank == 0:  # Nt x V x F in fp16, filled view by view: memory holds one view, not V
-                    dataset.save_array_by_parts(out, (len(train), views, dims[backbone]), np.float16, aug_settings,
-                                                'dataset_extract.py',
-                                                ((np.s_[:, v], load_array(p, dict(aug_settings, view=v),
-                                                                          'dataset_extract.py'))
-                                                 for v, p in enumerate(view_paths)))
-                    for p in view_paths:
-                        for suffix in ('', '.json'):
-                            os.remove(p + suffix)
+            encode_views(f'{backbone} train views', images, train, augment, views, encode,
+                         os.path.join(fdir, f'train_aug_{tag}.npy'), aug_settings, rank, world, device, seed=AUG_SEED,
+                         keep=False)
         barrier(world)
         if rank == 0:
             bad = read_meta(os.path.join(fdir, 'images.npy'))['settings'].get('bad', [])

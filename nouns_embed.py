@@ -39,8 +39,9 @@ PROMPTS = ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo 
 # text encoder (Eq. 2)
 CLIP_MODEL = 'ViT-B-16'            # open_clip name: ViT-B-16, ViT-B-32 (Table 6), tiny-test
 CLIP_PRETRAINED = 'openai'         # open_clip tag, a local checkpoint file, or 'random' (tests)
-BATCH_SIZE = 128                   # prompts per text-encoder batch (fastest on a CPU; a GPU likes 1024)
-PRECISION = None                   # 'fp32', 'fp16' (GPU) or 'bf16' autocast; None: fp32, or fp16 with --released on a GPU
+BATCH_SIZE = None                  # prompts per text-encoder batch; None: 1024 on a GPU, 128 on the CPU (fastest on each)
+PRECISION = None                   # 'fp32', 'fp16' (GPU) or 'bf16' autocast; None: fp16 on a GPU (as OpenAI's clip.load
+                                   # runs CLIP on CUDA), fp32 on the CPU
 # clustering (Eq. 3-4)
 N_K = 800                          # N_k, number of K-means clusters
 T1 = 0.9                           # Eq. 3 threshold, read as T1_READING says
@@ -197,7 +198,7 @@ def prompt_texts(words, prompts=PROMPTS, keep_underscores=False):
 
 
 @torch.no_grad()
-def embed_words(words, model, tokenizer, batch_size=BATCH_SIZE, device='cpu', prompts=PROMPTS,
+def embed_words(words, model, tokenizer, batch_size=128, device='cpu', prompts=PROMPTS,
                 precision='fp32', keep_underscores=False, raw_mean=False):
     """Eq. 2: t_w (len(words) x D float32, unit rows), the L2-normalised mean of the
     L2-normalised CLIP features of the word's prompts (as in CLIP's prompt-engineering
@@ -494,7 +495,7 @@ def resolve_settings(device):
     """The None settings resolved by RELEASED: (iters, restarts, tol, init, reading, precision)."""
     iters, restarts, tol, init = [d if v is None else v for v, d in zip(
         (KMEANS_ITERS, KMEANS_RESTARTS, KMEANS_TOL, KMEANS_INIT), _KMEANS_RELEASED if RELEASED else _KMEANS_DEFAULT)]
-    precision = PRECISION or ('fp16' if RELEASED and device.startswith('cuda') else 'fp32')
+    precision = PRECISION or ('fp16' if device.startswith('cuda') else 'fp32')
     if precision not in ('fp32', 'fp16', 'bf16'):
         raise SystemExit(f"error: --precision={precision!r}: choose fp32, fp16 or bf16")
     if precision == 'fp16' and not device.startswith('cuda'):  # refused before any cache is touched
@@ -509,6 +510,11 @@ def resolve_settings(device):
     return iters, restarts, tol, init, reading, precision
 
 
+def batch_size_for(device):
+    """The BATCH_SIZE setting resolved: as given, else what suits the device (1024 prompts on a GPU, 128 on a CPU)."""
+    return BATCH_SIZE or (1024 if device.startswith('cuda') else 128)
+
+
 def main():
     cfg = configure(globals())
     from dataset import check_ranges
@@ -519,7 +525,7 @@ def main():
     device = resolve_device(DEVICE)
     iters, restarts, tol, init, reading, precision = resolve_settings(device)
     cfg.update(KMEANS_ITERS=iters, KMEANS_RESTARTS=restarts, KMEANS_TOL=tol, KMEANS_INIT=init, T1_READING=reading,
-               PRECISION=precision)
+               PRECISION=precision, BATCH_SIZE=batch_size_for(device))
     if THREADS:
         torch.set_num_threads(THREADS)
 
@@ -543,7 +549,7 @@ def main():
     else:
         model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
         t0 = time.time()
-        t_all = embed_words(words, model, tokenizer, BATCH_SIZE, device, PROMPTS, precision, RELEASED, RELEASED)
+        t_all = embed_words(words, model, tokenizer, batch_size_for(device), device, PROMPTS, precision, RELEASED, RELEASED)
         keep = delete_2nn(t_all) if RELEASED else drop_duplicates(t_all)
         t, kept = t_all[keep], [words[i] for i in keep]
         dropped = np.setdiff1d(np.arange(len(words)), keep)

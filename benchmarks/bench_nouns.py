@@ -29,7 +29,7 @@ N_WORDS = 40                # WordNet nouns drawn at random, 7 prompts each
 WORDS_SEED = 0              # seed of the draw
 CACHE_DIR = 'cache'         # where nouns_embed keeps its WordNet copy
 # system
-BATCH_SIZE = nouns_embed.BATCH_SIZE  # prompts per batch, both ways
+BATCH_SIZE = nouns_embed.BATCH_SIZE  # prompts per batch, both ways; None: nouns_embed.py's default for the device
 DEVICE = 'auto'             # 'auto', 'cpu', 'cuda'
 THREADS = 0                 # torch CPU threads; 0 leaves torch's default
 REPEATS = 2                 # timed runs of each way, alternating; the fastest of each is reported (as timeit does)
@@ -39,7 +39,10 @@ def main():
     configure(globals())
     if THREADS:
         torch.set_num_threads(THREADS)
+    global BATCH_SIZE
     device = resolve_device(DEVICE)
+    nouns_embed.BATCH_SIZE = BATCH_SIZE
+    BATCH_SIZE = nouns_embed.batch_size_for(device)
     words = random.Random(WORDS_SEED).sample(nouns_embed.read_words('wordnet', CACHE_DIR)[0], N_WORDS)
     model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
     texts = nouns_embed.prompt_texts(words, nouns_embed.PROMPTS)

@@ -42,9 +42,7 @@ CPU_CORES = 8               # CPU cores of the GPU machine: dataset_extract.py r
 # measured on this project's 2-core machine (AMD EPYC, no GPU), 2026-11-25, randomly initialised weights
 CPU_VIT_B16 = 4.2           # images/s of the ViT-B/16 image tower on these 2 cores (bench_extract.py, bare)
 WORKER_PHOTO = 291.0        # images/s one worker decodes and preprocesses: 500 x 375 JPEGs, plain view (bench_extract)
-WORKER_PHOTO_AUG = 85.0     # the same, augmented view
 WORKER_CIFAR = 1114.0       # the same for 32 x 32 images (CIFAR-10), plain view (--image_w=32 --image_h=32)
-WORKER_CIFAR_AUG = 95.0     # the same, augmented view
 STEP_S = 0.00185            # a training step's fixed CPU cost: its ops on tiny tensors, 1 thread (bench_train.py
                             # step_overhead_ms); its arithmetic (about 3 GFLOP at batch 512) is far less on a GPU
 KERNELS_PER_STEP = 700      # ops a step dispatches (torch.profiler: 420 calls from Python, 700 at the bottom) ...
@@ -86,10 +84,12 @@ def gpu_images_per_s(backbone):
 
 def extract_s(d, backbone, views):
     """dataset_extract.py: every image's plain view and, where the backbone feeds Hv, `views`
-    augmented views of each train image; the slower of the GPU and CPU_CORES workers sets the pace."""
-    plain, aug = (WORKER_CIFAR, WORKER_CIFAR_AUG) if d == 'cifar10' else (WORKER_PHOTO, WORKER_PHOTO_AUG)
+    augmented views of each train image, made on the GPU from one decode; the slower of the GPU
+    (its forwards) and CPU_CORES workers (their decodes, at the plain view's rate) sets the pace."""
+    plain = WORKER_CIFAR if d == 'cifar10' else WORKER_PHOTO
     gpu = gpu_images_per_s(backbone)
-    return numbers('IMAGES')[d] / min(gpu, CPU_CORES * plain) + views * numbers('TRAIN')[d] / min(gpu, CPU_CORES * aug)
+    decode = CPU_CORES * plain
+    return numbers('IMAGES')[d] / min(gpu, decode) + numbers('TRAIN')[d] * max(views / gpu, 1 / decode)
 
 
 def nouns_s(words):

@@ -19,9 +19,12 @@ def test_bench_eval_fast_path_agrees_with_the_loop():
 def test_bench_extract_default_workers_and_agreement():
     # NUM_WORKERS keeps dataset_extract.py's default (-1: one per core)
     r = result(run_script('benchmarks/bench_extract.py', '--backbone=tiny-test', '--n_images=8', '--batch_size=4',
-                          '--rounds=1'), 'bench_extract')
-    assert r['ok'] == 'True' and float(r['max_abs_diff']) == 0.0
-    assert int(r['workers']) >= 1 and float(r['data_plain_ips']) > 0 and float(r['data_aug_ips']) > 0
+                          '--rounds=1', '--views=3', '--full_views=6', '--full_images=10'), 'bench_extract')
+    assert r['ok'] == 'True' and float(r['max_abs_diff']) == 0.0  # the PIL plain path is the bare forward's input
+    assert float(r['cos_plain']) >= 0.999 and float(r['cos_aug']) >= 0.999  # the tensor path's features are PIL's
+    assert int(r['workers']) >= 1 and r['views'] == '3' and r['full_views'] == '6' and r['full_images'] == '10'
+    for k in ('aug_ratio', 'aug_vs_pil', 'plain_ratio', 'plain_vs_pil', 'full_ratio'):  # every figure is reported
+        assert float(r[k]) > 0, k
 
 
 def test_bench_train_reports_epochs_overhead_and_eval():

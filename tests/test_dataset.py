@@ -119,10 +119,13 @@ def test_folder_dataset_and_views(image_folder):
     assert len(images) == 400 and images.labels.shape == (400, 10) and images.classes[0] == 'class00'
     _, preprocess, _ = load_clip('tiny-test', 'random')
     aug = dataset.augment_transform(preprocess)
-    a = dataset.ViewDataset(images, [0, 5], aug, seed=3, view=1)
-    x1, x2 = a[1][0], a[1][0]
-    assert x1.shape == (3, 32, 32) and (x1 == x2).all()  # the same seed, index and view give the same view
-    assert not (a[1][0] == dataset.ViewDataset(images, [0, 5], aug, seed=3, view=0)[1][0]).all()
+    steps = dataset.view_steps(aug)
+    a = dataset.DecodedImages(images, [0, 5], aug, n_views=3, seed=3)
+    x1, x2 = (dataset.make_views(*dataset.collate_decoded([a[1]])[:2], steps, 'cpu') for _ in range(2))
+    assert x1.shape == (3, 3, 32, 32) and (x1 == x2).all()  # the same seed, image and view give the same view
+    assert all((x1[u] - x1[v]).abs().max() > 0.1 for u in range(3) for v in range(u))  # three different views
+    b = dataset.DecodedImages(images, [5], aug, n_views=3, seed=4)  # another seed, other views
+    assert (dataset.make_views(*dataset.collate_decoded([b[0]])[:2], steps, 'cpu') - x1).abs().amax((1, 2, 3)).min() > 0.1
 
 
 def test_unreadable_image_stops_or_is_skipped(tmp_path):
@@ -131,10 +134,11 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path):
     (tmp_path / 'c0' / 'bad.png').write_bytes(b'not a png')
     images = dataset.load_images('folder', str(tmp_path))
     _, preprocess, _ = load_clip('tiny-test', 'random')
-    with pytest.raises(DataError, match=r'cannot read image .*bad.png.*--bad_images=skip'):
-        dataset.ViewDataset(images, [0], preprocess)[0]
-    x, k, ok = dataset.ViewDataset(images, [0], preprocess, bad_images='skip')[0]
-    assert ok is False and x.shape == (3, 32, 32)
+    for path in dataset.VIEW_PATHS:
+        with pytest.raises(DataError, match=r'cannot read image .*bad.png.*--bad_images=skip'):
+            dataset.DecodedImages(images, [0], preprocess, path=path)[0]
+        x, draws, k, ok = dataset.DecodedImages(images, [0], preprocess, path=path, bad_images='skip')[0]
+        assert ok is False and x.shape[-3:] == ((3, 64, 64) if path == 'tensor' else (3, 32, 32))
 
 
 def _png(path):

@@ -68,7 +68,7 @@ def test_resume_after_sigkill_is_bit_identical(reference, image_folder, tmp_path
     assert 5 <= done < 25, 'the run was not killed part-way'
     assert not os.path.exists(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy.json'))
     again = run_script('dataset_extract.py', *cmd[2:], env=dict(OMP_NUM_THREADS='1'))
-    assert f'{25 - done}/{25 - done}' in again.stderr  # only the missing chunks were encoded
+    assert f'{(25 - done) * 16}/{(25 - done) * 16}' in again.stderr  # only the missing chunks' views were encoded
     for name in ('images.npy', 'train_aug_split_s0.npy'):
         assert np.array_equal(load(cache, name), load(ref_cache, name)), name
 
@@ -110,3 +110,56 @@ def test_bad_settings_and_inputs(image_folder, tmp_path):
         proc = run_script('dataset_extract.py', *BASE, f'--cache_dir={tmp_path}', f'--data_path={image_folder}',
                           *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_views_identical_in_any_worker_count_and_chunk_size(reference, image_folder, tmp_path):
+    """Two workers making the views beside the forward (on the CPU), and another chunk size, give the
+    one-process run's features: every view comes from its own (seed, image, view) stream."""
+    ref_cache, _ = reference
+    extract(str(tmp_path / 'w2'), f'--data_path={image_folder}', '--batch_size=16', '--chunk_batches=1',
+            '--num_workers=2', env=dict(OMP_NUM_THREADS='1'))
+    extract(str(tmp_path / 'c3'), f'--data_path={image_folder}', '--batch_size=16', '--chunk_batches=3',
+            env=dict(OMP_NUM_THREADS='1'))
+    for name in ('images.npy', 'train_aug_split_s0.npy'):
+        assert np.array_equal(load(str(tmp_path / 'w2'), name), load(ref_cache, name)), name
+        assert np.array_equal(load(str(tmp_path / 'c3'), name), load(ref_cache, name)), name
+
+
+def test_features_of_the_old_view_seeding_are_reported_stale(reference, image_folder):
+    """A cache written before the views had one stream each (version 2) is not reused."""
+    import json
+    cache, _ = reference
+    side = os.path.join(cache, 'folder', 'tiny-test-random', 'train_aug_split_s0.npy.json')
+    meta = json.load(open(side))
+    old = dict(meta, settings=dict(meta['settings'], version=2))
+    try:
+        json.dump(old, open(side, 'w'))
+        proc = extract(cache, f'--data_path={image_folder}', '--batch_size=16', '--chunk_batches=1', check=False)
+        assert proc.returncode != 0 and 'version=2' in proc.stderr and 'version=3' in proc.stderr
+    finally:
+        json.dump(meta, open(side, 'w'))
+
+
+def test_default_precision_follows_the_device():
+    """fp16 on a GPU (as OpenAI's clip.load runs CLIP on CUDA), fp32 on the CPU; nouns_embed.py's batch likewise."""
+    import dataset_extract
+    import nouns_embed
+    for device, want in (('cuda', 'fp16'), ('cuda:1', 'fp16'), ('cpu', 'fp32')):
+        dataset_extract.PRECISION = None
+        dataset_extract.resolve_settings(device)
+        assert dataset_extract.PRECISION == want
+        assert nouns_embed.resolve_settings(device)[-1] == want
+    dataset_extract.PRECISION = None
+    assert nouns_embed.batch_size_for('cuda') == 1024 and nouns_embed.batch_size_for('cpu') == 128
+
+
+@pytest.mark.skipif(not __import__('torch').cuda.is_available(), reason='needs a CUDA GPU')
+def test_fp16_features_close_to_fp32_on_a_gpu(image_folder, tmp_path):
+    """The GPU default (fp16) against fp32 on the same views: cosine >= 0.999 for every image."""
+    out = {}
+    for p in ('fp16', 'fp32'):
+        extract(str(tmp_path / p), f'--data_path={image_folder}', '--device=cuda', f'--precision={p}', '--aug_views=0')
+        out[p] = load(str(tmp_path / p))
+    a, b = out['fp16'], out['fp32']
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.999 and np.abs(a - b).max() > 0
