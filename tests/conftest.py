@@ -10,6 +10,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _wordnet_available():
+    """nltk's own wordnet data, or Debian's wordnet-base where nouns_embed.py looks for it."""
+    try:
+        from nltk.corpus import wordnet
+        wordnet.ensure_loaded()
+        return True
+    except LookupError:
+        import nouns_embed
+        return os.path.isfile(os.path.join(nouns_embed.WORDNET_DIR, 'data.noun'))
+
+
+needs_wordnet = pytest.mark.skipif(not _wordnet_available(), reason='no WordNet: nltk has no wordnet data and '
+                                   '/usr/share/wordnet is absent (apt-get install wordnet-base)')
+
+
 def make_image_folder(root, n_classes=10, per_class=40, size=32, seed=0):
     """DATA_PATH/<class>/<i>.png: each class a base colour and a stripe direction, with noise
     and a random shift, so classes are told apart by a random-weight encoder too."""
@@ -41,6 +56,14 @@ def one_thread():
 @pytest.fixture(scope='session')
 def image_folder(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp('images')))
+
+
+def saved_map(run_dir):
+    """MAP@K of the codes a train.py run saved (codes.npz), recomputed from them by eval_hash."""
+    import eval_hash
+    z = np.load(os.path.join(run_dir, 'codes.npz'))
+    return eval_hash.mean_average_precision(z['query_h'], z['retrieval_h'], z['query_labels'], z['retrieval_labels'],
+                                            int(z['topk']))
 
 
 def run_script(script, *args, check=True, env=None):
@@ -88,3 +111,58 @@ def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, se
         v += rng.normal(0, 0.3, v.shape)
         dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
     return labels, split
+
+
+# the method's generated set: its ingredients matter as in the paper's Tables 2-3
+METHOD_SET = dict(n_k=16, t1=0.5)  # the noun selection the set is made for (train.py --n_k --t1)
+
+
+def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nuisance_dims=4, keep=0.8, views=8,
+                     synonyms=5, crowd=1000, seed=0):
+    """A feature cache (images, views, split, labels) and a noun cache (noun_feats.npy, the selection
+    t_com of nouns_embed.select_vocabulary) on which DUH-EG's ingredients matter:
+    - an image is its class direction (length 1) plus a strong nuisance of its own (length `nuisance`
+      in a few dimensions), so raw similarity barely sees the class: the class is partly visible;
+    - its views keep `keep` of that nuisance and draw the rest anew (what an augmentation does);
+    - the vocabulary carries the class: `synonyms` nouns near each class direction; and between each
+      pair of classes a crowd of `crowd` near-duplicate nouns (a broader concept named many times).
+    With every noun (EK), a crowd outweighs the class's few nouns in Eq. 5-6's softmax and merges
+    two classes; the selection (EFC) keeps one noun of each crowd (Eq. 4) and the class nouns (Eq. 3).
+    Returns (labels, split, vocabulary, selected rows)."""
+    import dataset
+    import models
+    import nouns_embed
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = np.zeros((len(y), dim), np.float32)
+    x[np.arange(len(y)), y] = 1.0
+    x[:, n_classes:n_classes + nuisance_dims] = nuisance * rng.normal(0, 1, (len(y), nuisance_dims)) / np.sqrt(nuisance_dims)
+    x += 0.1 * rng.normal(0, 1, x.shape)
+    labels = np.eye(n_classes, dtype=np.int8)[y]
+    d = os.path.join(cache, 'folder')
+    dataset.save_array(os.path.join(d, 'labels.npy'), labels, {}, 'test')
+    split = dataset.make_split(labels, dict(query_per_class=10, train_per_class=30), 0)
+    for name, idx in zip(('query', 'retrieval', 'train'), split):
+        dataset.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
+    build = models.backbone_build('tiny-test', 'random')
+    dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
+    dataset.save_text(os.path.join(d, 'classes.txt'), CLASS_NAMES[:n_classes])
+    nd = slice(n_classes, n_classes + nuisance_dims)
+    v = np.repeat(x[split[2]][:, None], views, 1)
+    fresh = nuisance * rng.normal(0, 1, v[:, :, nd].shape) / np.sqrt(nuisance_dims)
+    v[:, :, nd] = keep * v[:, :, nd] + np.sqrt(1 - keep ** 2) * fresh
+    v += 0.1 * rng.normal(0, 1, v.shape)
+    dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
+    eye = np.eye(dim)
+    groups = [eye[k] + 0.02 * rng.normal(0, 1, (synonyms, dim)) for k in range(n_classes)]
+    groups += [(eye[k] + eye[k + 1]) / np.sqrt(2) + 0.02 * rng.normal(0, 1, (crowd, dim)) for k in range(0, n_classes, 2)]
+    t = np.concatenate(groups).astype(np.float32)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    nb = dict(clip_build=models.clip_build('tiny-test', 'random'))  # what train.py checks of a noun cache
+    dataset.save_array(os.path.join(nouns_embed.vocab_dir(cache, 'wordnet', 'tiny-test', 'random'), 'noun_feats.npy'),
+                       t, nb, 'test')
+    rep, cen = nouns_embed.select_vocabulary(t, METHOD_SET['n_k'], METHOD_SET['t1'], 40, 1, 0, verbose=False)
+    com = np.union1d(rep, cen)
+    sdir = nouns_embed.selection_dir(cache, 'wordnet', 'tiny-test', 'random', METHOD_SET['n_k'], METHOD_SET['t1'])
+    dataset.save_array(os.path.join(sdir, 'selected_feats.npy'), t[com], nb, 'test')
+    return labels, split, t, com

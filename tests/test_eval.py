@@ -160,9 +160,10 @@ def test_topk_rows_fallback_when_sample_misleads():
 
 def test_chunk_size_bounds_memory():
     assert E._chunk_size(117_218) == 32
-    c = E._chunk_size(50_000_000)
-    assert c == 1 and 64 * 50_000_000 * c > 0
-    assert 64 * E._chunk_size(5_000_000) * 5_000_000 <= E.MEM_MB << 20
+    assert E._chunk_size(50_000_000) == 1  # one query at a time, however large the retrieval set
+    for n in (1_000, 117_218, 5_000_000):   # ~64 bytes per (query, item) stay within MEM_MB, and only just
+        c = E._chunk_size(n)
+        assert 64 * c * n <= E.MEM_MB << 20 and (c == E.CHUNK or 64 * (c + 1) * n > E.MEM_MB << 20), n
     assert E._chunk_size(10, chunk=5) == 5
 
 

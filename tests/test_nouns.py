@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import nouns_embed as ne  # noqa: E402
 from models import load_clip  # noqa: E402
+from conftest import needs_wordnet  # noqa: E402
 
 
 def circle(deg):
@@ -159,17 +160,7 @@ def test_cut_equals_padded(name, n_words):
 
 # -----------------------------------------------------------------------------
 # WordNet
-def _wordnet_available():
-    try:
-        from nltk.corpus import wordnet
-        wordnet.ensure_loaded()
-        return True
-    except LookupError:
-        return os.path.isfile(os.path.join(ne.WORDNET_DIR, 'data.noun'))
-
-
-@pytest.mark.skipif(not _wordnet_available(), reason=f'no WordNet: nltk has no wordnet data and {ne.WORDNET_DIR} '
-                                                      f'is absent (apt-get install wordnet-base)')
+@needs_wordnet
 def test_wordnet_nouns(tmp_path):
     words, tag, source = ne.read_words('wordnet', str(tmp_path))
     assert tag == 'wordnet' and 'WordNet 3.0' in source

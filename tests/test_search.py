@@ -80,28 +80,43 @@ def test_adding_and_removing_images_equals_a_full_rebuild(run, image_folder, tmp
     assert np.array_equal(np.load(os.path.join(index, 'codes.npy')), np.load(os.path.join(full, 'codes.npy')))
 
 
-def test_word_query_retrieves_its_class(tmp_path, monkeypatch):
-    """Generated features whose 'words' are the class directions: a word becomes a code by Eq. 5-6
-    over the run's vocabulary and He, and retrieves its class far above chance (1/8)."""
-    import search as s
+def test_word_query_retrieves_its_class(tmp_path):
+    """Nothing mocked: words go through the tiny CLIP's text tower with Eq. 2's prompts, Eq. 5-6 over
+    the run's vocabulary (its training images, EXTERNAL imgk) and He. The generated images sit at
+    their class names' text features (plus noise), so a class's name retrieves that class far above
+    chance (1/8), and different words give different codes."""
+    import dataset as ds
+    import models
+    import nouns_embed
+    from conftest import CLASS_NAMES
     cache = str(tmp_path / 'cache')
     labels, (query, retrieval, train) = write_feature_set(cache, dim=32)
+    model, _, tok = models.load_clip('tiny-test', 'random')
+    names = list(CLASS_NAMES[:8])
+    text = nouns_embed.embed_words(names, model, tok)                         # unit rows, 32-d
+    gap = min(np.linalg.norm(text[i] - text[j]) for i in range(8) for j in range(i))
+    rng = np.random.default_rng(0)
+    x = text[labels.argmax(1)] + 0.3 * gap * rng.normal(0, 1, (len(labels), 32)) / np.sqrt(32)
+    build = models.backbone_build('tiny-test', 'random')
+    ds.save_array(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'), x.astype(np.float32),
+                  dict(build=build), 'test')
     run_script('train.py', '--dataset=folder', *MODEL, '--external=imgk', '--aug=false', '--bits=32', '--epochs=30',
                '--warmup=3', '--batch_size=120', f'--cache_dir={cache}', f'--run_dir={tmp_path}/run',
                f'--results={tmp_path}/r.jsonl')
-    search(f'--run={tmp_path}/run', '--bits=32', '--images=dataset:folder', f'--index={tmp_path}/index')
-    feats = np.load(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'))
-    centre = {f'class{c}': feats[labels[:, c] > 0].mean(0) for c in range(labels.shape[1])}
-    monkeypatch.setattr(s, 'text_features', lambda words, cfg, device: np.stack([centre[w] for w in words]))
-    monkeypatch.setattr(s, 'INDEX', str(tmp_path / 'index'))
-    meta, codes = s.read_index(str(tmp_path / 'index'))
-    words = [f'class{c}' for c in range(8)]
-    monkeypatch.setattr(s, 'WORDS', tuple(words))
-    res = s.answer(meta, codes, s.query_codes(meta, codes, 'cpu'), 20, 'exact')
-    rows = np.array([[h['row'] for h in r['hits']] for r in res])
+    index = str(tmp_path / 'index')
+    search(f'--run={tmp_path}/run', '--bits=32', '--images=dataset:folder', f'--index={index}')
+    out = search(f'--index={index}', f'--words={",".join(names + names[:1])}', '--topk=20').stdout
+    assert 'queries=9' in out.strip().splitlines()[-1]
+    res = json.load(open(os.path.join(index, 'results', 'results.json')))['results']
     y = labels[retrieval].argmax(1)
-    precision = np.mean([np.mean(y[rows[c]] == c) for c in range(8)])
+    precision = np.mean([np.mean(y[[h['row'] for h in r['hits']]] == c) for c, r in enumerate(res[:8])])
     assert precision > 0.6, precision  # chance: 0.125
+    import search as s
+    cfg = dict(CLIP_MODEL='tiny-test', CLIP_PRETRAINED='random', RELEASED=False)
+    np.testing.assert_allclose(s.text_features(names, cfg, 'cpu'), text, atol=1e-6)  # the words' own Eq. 2 features
+    hits = [tuple(h['row'] for h in r['hits']) for r in res]
+    assert hits[8] == hits[0]  # the same words, the same code and hits
+    assert len(set(hits[:8])) == 8  # different words, different hits
 
 
 def test_approximate_search_finds_the_exact_hits(run, image_folder, tmp_path):
@@ -122,7 +137,17 @@ def test_hamming_topk_ties_by_index_against_brute_force(monkeypatch, faiss_keeps
     """Both ways of the exact search (faiss's order where it holds, else candidates and a range
     search) against a brute force written here, on codes with hundreds of ties."""
     import search as s
-    assert s._faiss_keeps_index_order() in (True, False)
+    import faiss  # the check's answer is what faiss does on its case, against a brute force written here
+    rng = np.random.default_rng(0)
+    codes = np.packbits(rng.random((3000, 16)) < 0.5, axis=1)
+    codes[100:600] = codes[7]
+    flat = faiss.IndexBinaryFlat(16)
+    flat.add(codes)
+    q = codes[rng.integers(0, 3000, 50)]
+    dist = np.unpackbits(q[:, None] ^ codes[None], axis=-1).sum(-1)
+    want = np.lexsort((np.broadcast_to(np.arange(3000), dist.shape), dist), axis=-1)[:, :20]
+    keeps = all(np.array_equal(flat.search(qs, 20)[1], want[:len(qs)]) for qs in (q[:1], q))
+    assert s._faiss_keeps_index_order() == keeps
     monkeypatch.setattr(s, '_TIE_CHECK', [faiss_keeps_order])
     rng = np.random.default_rng(0)
     codes = np.packbits(rng.random((3000, 16)) < 0.5, axis=1)
@@ -241,6 +266,13 @@ class Browser:
             self.proc.wait(timeout=30)
 
 
+def cli_hits(index, *args):
+    """The hits search.py's command line gives for one query (results.json), six of them as the page shows."""
+    out = os.path.join(index, 'cli')
+    search(f'--index={index}', *args, '--topk=6', f'--out={out}')
+    return json.load(open(os.path.join(out, 'results.json')))['results'][0]['hits']
+
+
 def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
     tmp, cache, rundir = run
     index = str(tmp_path / 'index')
@@ -262,6 +294,9 @@ def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
         dists = [int(browser.text(e)) for e in browser.find('.distance')]
         assert len(names) == 6 and dists[0] == 0 and dists == sorted(dists), (names, dists)
         assert sum(n.startswith('class04/') for n in names) >= 4, names
+        shutil.copy(os.path.join(image_folder, 'class04', '012.png'), tmp_path / 'upload.png')  # not an indexed path
+        cli = cli_hits(index, f'--query={tmp_path / "upload.png"}')
+        assert [(h['name'], h['distance']) for h in cli] == list(zip(names, dists))  # the page answers as the CLI
         assert all(browser.script('return arguments[0].naturalWidth', i) == 96 for i in browser.find('.hit img'))
         # type words: this run has no nouns (imgk), so words go through its training images' features
         browser.type(browser.find('#words')[0], 'a striped thing')
@@ -269,6 +304,8 @@ def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
         browser.wait_for('#query')
         assert browser.text(browser.find('#query')[0]) == 'a striped thing'
         assert len(browser.find('.hit')) == 6 and not browser.find('#error')
+        names = [browser.text(e) for e in browser.find('.name')]
+        assert [h['name'] for h in cli_hits(index, '--words=a striped thing')] == names
     finally:
         browser.quit()
         server.terminate()

@@ -250,6 +250,36 @@ def test_views_made_in_a_worker_equal_views_made_on_the_device(name, one_thread)
     assert d.max() <= 2.0 and (d == 0).float().mean() > 0.999
 
 
+@pytest.mark.parametrize('backbone', ['CLIP', 'VGG-16'])
+def test_default_recipe_is_torchvisions_with_the_backbones_own_normalisation(backbone):
+    """dataset.augment_transform against the recipe written out with torchvision's classes and the
+    backbone's normalisation from its own source (open_clip's OpenAI constants; torchvision's ImageNet
+    values): the same tensor on the same stream, 20 streams; and the tensor path normalises alike."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    if backbone == 'CLIP':
+        preprocess, mean, std, interp = clip_preprocess(), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, T.InterpolationMode.BICUBIC
+    else:
+        preprocess = PLAIN['VGG-16 (torchvision weights preset)']()
+        mean, std, interp = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), T.InterpolationMode.BILINEAR
+    reference = T.Compose([
+        T.RandomResizedCrop(224, scale=dataset.AUG_CROP_SCALE, interpolation=interp),
+        T.RandomHorizontalFlip(dataset.AUG_FLIP_P),
+        T.RandomApply([T.ColorJitter(*dataset.AUG_JITTER)], p=dataset.AUG_JITTER_P),
+        T.RandomGrayscale(dataset.AUG_GRAY_P),
+        T.RandomApply([T.GaussianBlur(23, dataset.AUG_BLUR_SIGMA)], p=dataset.AUG_BLUR_P),  # SimCLR's 10% kernel
+        T.ToTensor(), T.Normalize(mean, std)])
+    ours = dataset.augment_transform(preprocess)
+    img = photos([(375, 500)]).load(0)
+    for s in range(20):
+        with torch.random.fork_rng():
+            torch.manual_seed(s)
+            a = ours(img)
+            torch.manual_seed(s)
+            assert torch.equal(a, reference(img)), s
+    norm = dataset.view_steps(ours)[-1]
+    assert norm[0] == 'normalize' and np.allclose(norm[1], mean) and np.allclose(norm[2], std)
+
+
 def test_unknown_transform_names_the_way_out():
     with pytest.raises(ValueError, match='does not know the transform.*--view_path=pil'):
         dataset.view_steps(T.Compose([T.RandomRotation(10), T.ToTensor()]))
