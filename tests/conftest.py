@@ -79,21 +79,11 @@ VIEW_KEEP = 0.8  # correlation of a view's nuisance with the item's: augmentatio
 CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
-def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, seed=0, views=0):
-    """A feature cache as dataset_extract.py leaves it (labels, split, images.npy of the 'folder'
-    dataset with backbone tiny-test/random, classes.txt) whose classes live in 16 of `dim`
-    dimensions and a nuisance of the given strength fills the rest: raw similarity only half knows
-    the class. views: that many augmented views of each training item (train_aug_split_s0.npy,
-    fp16), as an augmentation does: the class part kept, the nuisance partly drawn anew (VIEW_KEEP),
-    fresh noise."""
+def _write_features(cache, x, y, n_classes):
+    """The files dataset_extract.py leaves for the 'folder' dataset with backbone tiny-test/random: labels of
+    the classes y, the split (10 query and 30 train a class), features x, class names. (labels, split, folder)."""
     import dataset
     import models
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(n_classes), per_class)
-    x = np.zeros((len(y), dim), np.float32)
-    x[:, :16] = rng.normal(0, 1, (n_classes, 16))[y]
-    x[:, 16:] = nuisance * rng.normal(0, 1, (len(y), dim - 16)) * np.linspace(1.5, 0.5, dim - 16)
-    x += rng.normal(0, 0.3, x.shape)
     labels = np.eye(n_classes, dtype=np.int8)[y]
     d = os.path.join(cache, 'folder')
     dataset.save_array(os.path.join(d, 'labels.npy'), labels, {}, 'test')
@@ -103,6 +93,24 @@ def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, se
     build = models.backbone_build('tiny-test', 'random')  # as dataset_extract.py records it
     dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
     dataset.save_text(os.path.join(d, 'classes.txt'), CLASS_NAMES[:n_classes])
+    return labels, split, d
+
+
+def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, seed=0, views=0):
+    """A feature cache as dataset_extract.py leaves it (labels, split, images.npy of the 'folder'
+    dataset with backbone tiny-test/random, classes.txt) whose classes live in 16 of `dim`
+    dimensions and a nuisance of the given strength fills the rest: raw similarity only half knows
+    the class. views: that many augmented views of each training item (train_aug_split_s0.npy,
+    fp16), as an augmentation does: the class part kept, the nuisance partly drawn anew (VIEW_KEEP),
+    fresh noise."""
+    import dataset
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = np.zeros((len(y), dim), np.float32)
+    x[:, :16] = rng.normal(0, 1, (n_classes, 16))[y]
+    x[:, 16:] = nuisance * rng.normal(0, 1, (len(y), dim - 16)) * np.linspace(1.5, 0.5, dim - 16)
+    x += rng.normal(0, 0.3, x.shape)
+    labels, split, d = _write_features(cache, x, y, n_classes)
     if views:
         train = split[2]
         v = np.repeat(x[train][:, None], views, 1)  # the item's nuisance, a part of it drawn anew per view
@@ -138,15 +146,7 @@ def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nu
     x[np.arange(len(y)), y] = 1.0
     x[:, n_classes:n_classes + nuisance_dims] = nuisance * rng.normal(0, 1, (len(y), nuisance_dims)) / np.sqrt(nuisance_dims)
     x += 0.1 * rng.normal(0, 1, x.shape)
-    labels = np.eye(n_classes, dtype=np.int8)[y]
-    d = os.path.join(cache, 'folder')
-    dataset.save_array(os.path.join(d, 'labels.npy'), labels, {}, 'test')
-    split = dataset.make_split(labels, dict(query_per_class=10, train_per_class=30), 0)
-    for name, idx in zip(('query', 'retrieval', 'train'), split):
-        dataset.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
-    build = models.backbone_build('tiny-test', 'random')
-    dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
-    dataset.save_text(os.path.join(d, 'classes.txt'), CLASS_NAMES[:n_classes])
+    labels, split, d = _write_features(cache, x, y, n_classes)
     nd = slice(n_classes, n_classes + nuisance_dims)
     v = np.repeat(x[split[2]][:, None], views, 1)
     fresh = nuisance * rng.normal(0, 1, v[:, :, nd].shape) / np.sqrt(nuisance_dims)
