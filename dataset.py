@@ -1087,18 +1087,15 @@ class DecodedImages:
 
 
 def collate_decoded(items):
-    """A loader batch: (x, draws, k, ok). Path 'tensor': x is B x 3 x H x W uint8, every image
-    zero-padded to the batch's largest height and width (no view reads the padding), draws {key: B x V x ...};
-    path 'pil': x is B x V x 3 x h x w uint8 views, draws None."""
+    """A loader batch: (x, draws, k, ok). Path 'tensor': x is the list of the B decoded images (3 x H x W
+    uint8, each its own size), draws {key: B x V x ...}; views made here or by the PIL path: x is
+    B x V x 3 x h x w uint8, draws None."""
     import torch
     xs, draws, ks, oks = zip(*items)
     k, ok = torch.tensor(ks), torch.tensor(oks)
     if draws[0] is None:
         return torch.stack(xs), None, k, ok
-    x = torch.zeros((len(xs), 3, max(im.shape[1] for im in xs), max(im.shape[2] for im in xs)), dtype=torch.uint8)
-    for b, im in enumerate(xs):
-        x[b, :, :im.shape[1], :im.shape[2]] = im
-    return x, {key: torch.from_numpy(np.stack([d[key] for d in draws])) for key in VIEW_KEYS}, k, ok
+    return list(xs), {key: torch.from_numpy(np.stack([d[key] for d in draws])) for key in VIEW_KEYS}, k, ok
 
 
 def _pil_filter(x, interp):
@@ -1112,7 +1109,7 @@ def _pil_filter(x, interp):
 
 
 def resample_weights(n_in, start, length, out_len, first, n_out, interp):
-    """(V, n_out, n_in) float64: Pillow's resampling weights (Resample.c, precompute_coeffs) for
+    """(V, n_out, n_in) float32: Pillow's resampling weights (Resample.c, precompute_coeffs) for
     resizing the span [start, start + length) of a row to out_len samples, rows first..first +
     n_out of the result; the span's neighbours outside it get no weight (PIL crops, then resizes).
     start, length, out_len, first: (V,) float64 tensors. Only the filter's taps are computed."""
@@ -1127,9 +1124,9 @@ def resample_weights(n_in, start, length, out_len, first, n_out, interp):
     taps = int(np.ceil(support * float(fs.max()))) * 2 + 1
     pos = lo[..., None] + torch.arange(taps, dtype=torch.float64, device=start.device)  # (V, n_out, taps)
     w = _pil_filter((pos - center[..., None] + 0.5) / fs[..., None], interp) * (pos < hi[..., None])
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-300)
+    w = (w / w.sum(-1, keepdim=True).clamp(min=1e-300)).float()
     col = (pos + start[:, None, None]).clamp(max=n_in - 1).long()  # a tap past the row has weight 0
-    return torch.zeros(len(start), n_out, n_in, dtype=torch.float64, device=start.device).scatter_add_(2, col, w)
+    return torch.zeros(len(start), n_out, n_in, device=start.device).scatter_add_(2, col, w)
 
 
 def _round8(x):
@@ -1237,9 +1234,8 @@ def make_views(x, draws, steps, device):
     norm = next(s for s in steps if s[0] == 'normalize')
     mean = torch.tensor(norm[1], device=device).view(1, 3, 1, 1)
     std = torch.tensor(norm[2], device=device).view(1, 3, 1, 1)
-    x = x.to(device, non_blocking=True)
     if draws is None:
-        y = x.flatten(0, 1).float()
+        y = x.to(device, non_blocking=True).flatten(0, 1).float()
     else:
         flat = {k: v.reshape(-1, *v.shape[2:]).numpy() for k, v in draws.items()}  # on the CPU: no device sync
         y = colour(resample(x, draws, steps, device), flat, steps, device)
@@ -1263,22 +1259,35 @@ def _interp(steps):
     return geo[-1] if geo else InterpolationMode.BILINEAR  # no resampling: identity weights
 
 
-def resample(x, draws, steps, device):
-    """The crop and resize of every view (box -> size -> window of its draws) of decoded images x
-    (B x 3 x H x W uint8, zero-padded) on `device`: (B V) x 3 x h x w float on the 0..255 grid. As
-    Pillow does it: horizontally, rounded to uint8, then vertically, each pass one batched matrix
-    product with Pillow's antialiasing weights."""
+RESAMPLE_PIXELS = 1 << 25  # the most pixels (images x padded height x width) one batched resize pass takes
+
+
+def resample(xs, draws, steps, device):
+    """The crop and resize of every view (box -> size -> window of its draws) of the decoded images xs
+    (a list of 3 x H x W uint8) on `device`: (B V) x 3 x h x w float on the 0..255 grid. As Pillow does
+    it: horizontally, rounded to uint8, then vertically, each pass one batched matrix product with
+    Pillow's antialiasing weights, over groups of images zero-padded to a common size (no view reads
+    the padding) of at most RESAMPLE_PIXELS."""
     import torch
     B, V = draws['flip'].shape
     box, size, win = (draws[k].reshape(B * V, -1).to(device, non_blocking=True) for k in ('box', 'size', 'window'))
     out_h, out_w = _out_size(steps, draws['size'].reshape(B * V, 2))
-    H, W = x.shape[2:]
-    x = x.to(device, non_blocking=True)
-    wy = resample_weights(H, box[:, 0], box[:, 2], size[:, 0], win[:, 0], out_h, _interp(steps)).float()
-    wx = resample_weights(W, box[:, 1], box[:, 3], size[:, 1], win[:, 1], out_w, _interp(steps)).float()
-    t = torch.bmm(x.float().reshape(B, 3 * H, W), wx.view(B, V * out_w, W).transpose(1, 2))
-    t = _round8(t).view(B, 3, H, V, out_w).permute(0, 3, 2, 1, 4).reshape(B * V, H, 3 * out_w)
-    return _round8(torch.bmm(wy, t)).view(B * V, out_h, 3, out_w).permute(0, 2, 1, 3).contiguous()
+    out, a = [], 0
+    while a < B:
+        e, H, W = a + 1, *xs[a].shape[1:]
+        while e < B and (e + 1 - a) * max(H, xs[e].shape[1]) * max(W, xs[e].shape[2]) <= RESAMPLE_PIXELS:
+            H, W, e = max(H, xs[e].shape[1]), max(W, xs[e].shape[2]), e + 1
+        x = torch.zeros((e - a, 3, H, W), dtype=torch.uint8, device=device)
+        for j, im in enumerate(xs[a:e]):
+            x[j, :, :im.shape[1], :im.shape[2]] = im.to(device, non_blocking=True)
+        r = slice(a * V, e * V)
+        wy = resample_weights(H, box[r, 0], box[r, 2], size[r, 0], win[r, 0], out_h, _interp(steps))
+        wx = resample_weights(W, box[r, 1], box[r, 3], size[r, 1], win[r, 1], out_w, _interp(steps))
+        t = torch.bmm(x.float().reshape(e - a, 3 * H, W), wx.view(e - a, V * out_w, W).transpose(1, 2))
+        t = _round8(t).view(e - a, 3, H, V, out_w).permute(0, 3, 2, 1, 4).reshape((e - a) * V, H, 3 * out_w)
+        out.append(_round8(torch.bmm(wy, t)).view((e - a) * V, out_h, 3, out_w).permute(0, 2, 1, 3))
+        a = e
+    return torch.cat(out).contiguous()
 
 
 def resample_pil(img, draws, steps):

@@ -189,8 +189,10 @@ def resolve_settings(device):
             print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
     if not isinstance(AUG_VIEWS, int):  # its range was checked with the others (_RANGES)
         raise SystemExit(f"error: --aug_views={AUG_VIEWS!r} is not a whole number of views")
-    if PRECISION not in ('fp32', 'bf16', 'fp16') or BAD_IMAGES not in ('stop', 'skip'):
-        raise SystemExit("error: --precision is fp32|bf16|fp16 and --bad_images is stop|skip")
+    if PRECISION not in ('fp32', 'bf16', 'fp16'):
+        raise SystemExit(f"error: --precision={PRECISION!r}: choose fp32, bf16 or fp16")
+    if BAD_IMAGES not in ('stop', 'skip'):
+        raise SystemExit(f"error: --bad_images={BAD_IMAGES!r}: choose stop or skip")
     if PRECISION == 'fp16' and not device.startswith('cuda'):
         raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     if VIEW_PATH not in dataset.VIEW_PATHS:

@@ -280,6 +280,17 @@ def test_default_recipe_is_torchvisions_with_the_backbones_own_normalisation(bac
     assert norm[0] == 'normalize' and np.allclose(norm[1], mean) and np.allclose(norm[2], std)
 
 
+def test_large_images_resized_in_groups_equal_one_batch(monkeypatch, one_thread):
+    """Images are resized in groups of at most RESAMPLE_PIXELS padded pixels (a batch of large photos
+    would not fit a GPU at once): any grouping gives the same views."""
+    transform = RECIPES['ours (SimCLR views)']()
+    images, steps = photos(SIZES), dataset.view_steps(transform)
+    batch = dataset.collate_decoded([dataset.DecodedImages(images, range(5), transform, 3, seed=4)[k] for k in range(5)])
+    whole = dataset.make_views(*batch[:2], steps, 'cpu')
+    monkeypatch.setattr(dataset, 'RESAMPLE_PIXELS', 400 * 400)  # one photo a group, the small ones together
+    assert torch.equal(dataset.make_views(*batch[:2], steps, 'cpu'), whole)
+
+
 def test_unknown_transform_names_the_way_out():
     with pytest.raises(ValueError, match='does not know the transform.*--view_path=pil'):
         dataset.view_steps(T.Compose([T.RandomRotation(10), T.ToTensor()]))
