@@ -52,8 +52,8 @@ RELEASED = False           # the authors' released code: their view recipe, one 
 # system
 CACHE_DIR = 'cache'        # where the three steps hand each other files
 DEVICE = 'auto'            # auto | cpu | cuda | cuda:1 ...
-PRECISION = None           # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only); None: fp16 on a GPU (as OpenAI's clip.load
-                           # runs CLIP on CUDA), fp32 on the CPU
+PRECISION = None           # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only); None: fp16 on a GPU (as OpenAI's
+                           # clip.load runs CLIP on CUDA), fp32 on the CPU
 VIEW_PATH = 'tensor'       # tensor: each image decoded once, its views made batched on DEVICE; pil: torchvision's PIL
                            # pipeline per view in the workers (the reference; same random draws, within 1-16/255)
 BATCH_SIZE = 128           # images per forward pass

@@ -230,14 +230,15 @@ def main():
                     fwd[name].append(fs)
                     startup[name].append(st)
                 feats.setdefault(name, f)
-            print(f'round {r + 1}/{ROUNDS}: ' + ', '.join(f'{k} {n * p[2] / secs[k][-1]:.1f}' for k, p in
-                                                         zip(secs, passes)) + f' views/s; load {os.getloadavg()[0]:.1f}')
+            rates = ', '.join(f'{k} {n * p[2] / secs[k][-1]:.1f}' for k, p in zip(secs, passes))
+            print(f'round {r + 1}/{ROUNDS}: {rates} views/s; load {os.getloadavg()[0]:.1f}')
 
         vps = {name: n * views / min(secs[name]) for name, _, views, _ in passes}  # best round
         mean_vps = {name: n * views * ROUNDS / sum(secs[name]) for name, _, views, _ in passes}
         steady = {name: n * views / min(s - st for s, st in zip(secs[name], startup[name]))
                   for name, _, views, _ in passes}  # best round without its startup
-        print(f'{"pass":<13} {"views/s":>9} {"ratio":>6} {"steady":>6} {"mean":>9} {"startup s":>9} {"forward share":>13}')
+        print(f'{"pass":<13} {"views/s":>9} {"ratio":>6} {"steady":>6} {"mean":>9} {"startup s":>9} '
+              f'{"forward share":>13}')
         for name, _, views, _ in passes:
             share = sum(fwd[name]) / sum(secs[name])
             print(f'{name:<13} {vps[name]:9.1f} {vps[name] / vps["bare"]:6.3f} {steady[name] / vps["bare"]:6.3f} '
@@ -253,7 +254,8 @@ def main():
             fv = FULL_IMAGES * FULL_VIEWS / s
             print(f'whole default: {FULL_VIEWS} views of {FULL_IMAGES} images in {s:.1f} s ({fv:.1f} views/s, '
                   f'{fv / vps["bare"]:.3f} of bare; forward share {fs / s:.3f})')
-            full = f' full_views={FULL_VIEWS} full_images={FULL_IMAGES} full_s={s:.2f} full_ratio={fv / vps["bare"]:.3f}'
+            full = (f' full_views={FULL_VIEWS} full_images={FULL_IMAGES} full_s={s:.2f} '
+                    f'full_ratio={fv / vps["bare"]:.3f}')
 
         # agreement: the PIL plain view is the bare forward's input; the tensor path is within MIN_COS of it
         diff = float(np.abs(feats['pil_plain'] - feats['bare']).max())

@@ -144,10 +144,10 @@ def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nu
     y = np.repeat(np.arange(n_classes), per_class)
     x = np.zeros((len(y), dim), np.float32)
     x[np.arange(len(y)), y] = 1.0
-    x[:, n_classes:n_classes + nuisance_dims] = nuisance * rng.normal(0, 1, (len(y), nuisance_dims)) / np.sqrt(nuisance_dims)
+    nd = slice(n_classes, n_classes + nuisance_dims)
+    x[:, nd] = nuisance * rng.normal(0, 1, (len(y), nuisance_dims)) / np.sqrt(nuisance_dims)
     x += 0.1 * rng.normal(0, 1, x.shape)
     labels, split, d = _write_features(cache, x, y, n_classes)
-    nd = slice(n_classes, n_classes + nuisance_dims)
     v = np.repeat(x[split[2]][:, None], views, 1)
     fresh = nuisance * rng.normal(0, 1, v[:, :, nd].shape) / np.sqrt(nuisance_dims)
     v[:, :, nd] = keep * v[:, :, nd] + np.sqrt(1 - keep ** 2) * fresh
@@ -155,7 +155,8 @@ def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nu
     dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
     eye = np.eye(dim)
     groups = [eye[k] + 0.02 * rng.normal(0, 1, (synonyms, dim)) for k in range(n_classes)]
-    groups += [(eye[k] + eye[k + 1]) / np.sqrt(2) + 0.02 * rng.normal(0, 1, (crowd, dim)) for k in range(0, n_classes, 2)]
+    groups += [(eye[k] + eye[k + 1]) / np.sqrt(2) + 0.02 * rng.normal(0, 1, (crowd, dim))
+               for k in range(0, n_classes, 2)]
     t = np.concatenate(groups).astype(np.float32)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
     nb = dict(clip_build=models.clip_build('tiny-test', 'random'))  # what train.py checks of a noun cache

@@ -59,7 +59,8 @@ RECIPES = {
 }
 PLAIN = {
     'CLIP (open_clip)': clip_preprocess,
-    'VGG-16 (torchvision weights preset)': lambda: __import__('torchvision').models.VGG16_Weights.IMAGENET1K_V1.transforms(),
+    'VGG-16 (torchvision weights preset)':
+        lambda: __import__('torchvision').models.VGG16_Weights.IMAGENET1K_V1.transforms(),
     'released plain, CIFAR-10': lambda: dataset.released_views('cifar10')[0],
     'released plain, other sets': lambda: dataset.released_views('mscoco')[0],
 }
@@ -133,7 +134,8 @@ def test_grayscale_flip_and_blur_against_pil(one_thread):
     x = torch.from_numpy(a).permute(0, 3, 1, 2).float()
     pil = [Image.fromarray(v) for v in a]
     back = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1).float()  # noqa: E731
-    assert torch.equal(dataset._luma(x).expand(-1, 3, -1, -1), torch.stack([back(F.rgb_to_grayscale(p, 3)) for p in pil]))
+    grey = torch.stack([back(F.rgb_to_grayscale(p, 3)) for p in pil])
+    assert torch.equal(dataset._luma(x).expand(-1, 3, -1, -1), grey)
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0], dtype=torch.float64)
     for kernel in [(3, 3), (23, 23)]:
         t = dataset._blur(x.clone(), sigma, kernel)
@@ -216,7 +218,8 @@ def test_every_image_and_view_has_its_own_stream(one_thread):
     seeds = {dataset.view_seed(0, i, v) for i in range(22) for v in range(120)}
     assert len(seeds) == 22 * 120
     transform = dataset.augment_transform(clip_preprocess(32))
-    images = dataset.Images([str(i) for i in range(22)], np.eye(2)[[0] * 22], arrays=[photos([(120, 160)]).arrays[0]] * 22)
+    same = photos([(120, 160)]).arrays[0]
+    images = dataset.Images([str(i) for i in range(22)], np.eye(2)[[0] * 22], arrays=[same] * 22)
     data = dataset.DecodedImages(images, range(22), transform, 120, seed=0)
     batch = dataset.collate_decoded([data[k] for k in range(22)])
     draws = torch.cat([v.reshape(22 * 120, -1) for v in batch[1].values()], 1)
@@ -257,7 +260,8 @@ def test_default_recipe_is_torchvisions_with_the_backbones_own_normalisation(bac
     values): the same tensor on the same stream, 20 streams; and the tensor path normalises alike."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     if backbone == 'CLIP':
-        preprocess, mean, std, interp = clip_preprocess(), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, T.InterpolationMode.BICUBIC
+        preprocess, mean, std = clip_preprocess(), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        interp = T.InterpolationMode.BICUBIC
     else:
         preprocess = PLAIN['VGG-16 (torchvision weights preset)']()
         mean, std, interp = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), T.InterpolationMode.BILINEAR
@@ -285,7 +289,8 @@ def test_large_images_resized_in_groups_equal_one_batch(monkeypatch, one_thread)
     would not fit a GPU at once): any grouping gives the same views."""
     transform = RECIPES['ours (SimCLR views)']()
     images, steps = photos(SIZES), dataset.view_steps(transform)
-    batch = dataset.collate_decoded([dataset.DecodedImages(images, range(5), transform, 3, seed=4)[k] for k in range(5)])
+    data = dataset.DecodedImages(images, range(5), transform, 3, seed=4)
+    batch = dataset.collate_decoded([data[k] for k in range(5)])
     whole = dataset.make_views(*batch[:2], steps, 'cpu')
     monkeypatch.setattr(dataset, 'RESAMPLE_PIXELS', 400 * 400)  # one photo a group, the small ones together
     assert torch.equal(dataset.make_views(*batch[:2], steps, 'cpu'), whole)

@@ -223,7 +223,7 @@ def test_vgg16_pth_gives_torchvisions_fc7(tmp_path, monkeypatch):
     ref = torchvision.models.vgg16(weights=None).eval()
     path = tmp_path / 'vgg16-397923af.pth'
     torch.save(ref.state_dict(), path)
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref.classifier[:5](torch.flatten(ref.avgpool(ref.features(x)), 1))
         net, _ = models.load_vgg16(str(path))
