@@ -928,13 +928,13 @@ def view_seed(seed, i, view):
 def view_steps(transform):
     """A torchvision pipeline as the steps the tensor path runs, in order: ('resize', size, max_size,
     interp), ('crop', h, w) (centre), ('rrc', h, w, scale, ratio, interp), ('flip', p), ('jitter', p,
-    brightness, contrast, saturation, hue), ('gray', p), ('blur', p, kernel, sigma), ('tensor',),
-    ('normalize', mean, std); p is None where the pipeline tosses no coin (a bare ColorJitter).
+    brightness, contrast, saturation, hue), ('gray', p), ('blur', p, kernel, sigma), ('normalize', mean,
+    std); p is None where the pipeline tosses no coin (a bare ColorJitter).
     A transform it does not know is an error naming it."""
     from torchvision import transforms as T
     if not isinstance(transform, T.Compose):  # torchvision weights' preset (VGG-16): resize, crop, normalise
         return [('resize', list(transform.resize_size), None, transform.interpolation),
-                ('crop', transform.crop_size[0], transform.crop_size[-1]), ('tensor',),
+                ('crop', transform.crop_size[0], transform.crop_size[-1]),
                 ('normalize', tuple(transform.mean), tuple(transform.std))]
     steps = []
     for t in transform.transforms:
@@ -954,8 +954,8 @@ def view_steps(transform):
             steps.append(('gray', t.p))
         elif isinstance(inner, T.GaussianBlur):
             steps.append(('blur', p, tuple(inner.kernel_size), tuple(inner.sigma)))
-        elif isinstance(t, T.ToTensor):  # open_clip's MaybeToTensor too
-            steps.append(('tensor',))
+        elif isinstance(t, T.ToTensor):  # (open_clip's MaybeToTensor too) the device's float conversion
+            pass
         elif isinstance(t, T.Normalize):
             steps.append(('normalize', tuple(t.mean), tuple(t.std)))
         elif type(t).__name__ != 'MaybeConvertMode' and getattr(t, '__name__', '') != '_convert_to_rgb':

@@ -118,14 +118,14 @@ def loader_for(data, batches, device):
 
 @torch.no_grad()
 def encode_views(name, images, indices, transform, n_views, encode, out_path, settings, rank, world, device,
-                 seed=None, keep=True):
+                 seed=None):
     """Features of n_views views of each image of images[indices] (seed None: the one plain view), in one
     pass: each image decoded once, its views made on `device` (VIEW_PATH 'tensor') or by PIL in the
     workers ('pil'), BATCH_SIZE views per forward. Saved chunk by chunk (the unit of resuming, each
     rank its share), then merged in order into `out_path`: N x F float32 for the plain view, N x V x F
-    float16 for views. Returns the merged array on rank 0 (None when not `keep`)."""
+    float16 for views."""
     if check_reuse(out_path, settings):
-        return load_array(out_path, settings, 'dataset_extract.py') if rank == 0 and keep else None
+        return
     per_chunk = max(1, BATCH_SIZE * CHUNK_BATCHES // n_views)  # images per chunk: about CHUNK_BATCHES forwards
     per_load = max(1, BATCH_SIZE // n_views)                   # images per loader batch
     chunk_dir = os.path.join(os.path.dirname(out_path), '.chunks', os.path.basename(out_path)[:-4])
@@ -138,7 +138,6 @@ def encode_views(name, images, indices, transform, n_views, encode, out_path, se
     paths = [os.path.join(chunk_dir, f'{c:05d}.npy') for c in range(n_chunks)]
     todo = [c for c in range(rank, n_chunks, world)  # this rank's chunks not saved by an earlier run
             if not reusable(paths[c], chunk_settings, False, 'dataset_extract.py')]
-    steps = dataset.view_steps(transform)
     dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[PRECISION]
     # on a GPU the GPU makes the views; on the CPU the loader's workers make them beside the forward
     data = dataset.DecodedImages(images, indices, transform, n_views, seed, VIEW_PATH, BAD_IMAGES,
@@ -148,7 +147,7 @@ def encode_views(name, images, indices, transform, n_views, encode, out_path, se
               disable=(rank > 0 and world > 1) or not todo) as bar:
         pending, feats, bad, c_i, seen = [], [], [], 0, 0
         for x, draws, k, ok in (loader_for(data, batches, device) if todo else []):
-            pending.append(dataset.make_views(x, draws, steps, device))
+            pending.append(dataset.make_views(x, draws, data.steps, device))
             bad += [int(indices[j]) for j, o in zip(k.tolist(), ok.tolist()) if not o]
             seen += len(k)
             c = todo[c_i]
@@ -165,7 +164,6 @@ def encode_views(name, images, indices, transform, n_views, encode, out_path, se
                 save_array(paths[c], f, dict(chunk_settings, bad=bad), 'dataset_extract.py')
                 feats, bad, c_i, seen = [], [], c_i + 1, 0
     barrier(world)
-    feats = None
     if rank == 0:
         metas = [read_meta(p) for p in paths]
         bad = sorted(sum((m['settings'].get('bad', []) for m in metas), []))
@@ -173,9 +171,7 @@ def encode_views(name, images, indices, transform, n_views, encode, out_path, se
         parts = ((np.s_[a:e], load_array(p, chunk_settings, 'dataset_extract.py')) for (a, e), p in zip(span, paths))
         dataset.save_array_by_parts(out_path, shape, dt, dict(settings, bad=bad), 'dataset_extract.py', parts)
         shutil.rmtree(chunk_dir, ignore_errors=True)
-        feats = load_array(out_path, verify=False) if keep else None
     barrier(world)
-    return feats
 
 
 def resolve_settings(device):
@@ -257,13 +253,12 @@ def main():
                         build=models.backbone_build(backbone, pretrained), transform=repr(preprocess),
                         precision=PRECISION, view_path=VIEW_PATH, version=_VERSION)
         encode_views(f'{backbone} images', images, np.arange(len(images)), preprocess, 1, encode,
-                     os.path.join(fdir, 'images.npy'), settings, rank, world, device, keep=False)
+                     os.path.join(fdir, 'images.npy'), settings, rank, world, device)
         if views:  # all views of a train image from one decode (views 2t, 2t+1 are train.py's epoch t)
             aug = augment_settings() if VIEW_RECIPE == 'simclr' else repr(augment)
             aug_settings = dict(settings, split=split_settings, aug=aug, aug_views=views, aug_seed=AUG_SEED)
             encode_views(f'{backbone} train views', images, train, augment, views, encode,
-                         os.path.join(fdir, f'train_aug_{tag}.npy'), aug_settings, rank, world, device, seed=AUG_SEED,
-                         keep=False)
+                         os.path.join(fdir, f'train_aug_{tag}.npy'), aug_settings, rank, world, device, seed=AUG_SEED)
         barrier(world)
         if rank == 0:
             bad = read_meta(os.path.join(fdir, 'images.npy'))['settings'].get('bad', [])

@@ -39,7 +39,8 @@ PROMPTS = ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo 
 # text encoder (Eq. 2)
 CLIP_MODEL = 'ViT-B-16'            # open_clip name: ViT-B-16, ViT-B-32 (Table 6), tiny-test
 CLIP_PRETRAINED = 'openai'         # open_clip tag, a local checkpoint file, or 'random' (tests)
-BATCH_SIZE = None                  # prompts per text-encoder batch; None: 1024 on a GPU, 128 on the CPU (fastest on each)
+BATCH_SIZE = None                  # prompts per text-encoder batch; None: 1024 on a GPU, 128 on the CPU (the
+                                   # fastest on each)
 PRECISION = None                   # 'fp32', 'fp16' (GPU) or 'bf16' autocast; None: fp16 on a GPU (as OpenAI's clip.load
                                    # runs CLIP on CUDA), fp32 on the CPU
 # clustering (Eq. 3-4)
@@ -511,7 +512,8 @@ def resolve_settings(device):
 
 
 def batch_size_for(device):
-    """The BATCH_SIZE setting resolved: as given, else what suits the device (1024 prompts on a GPU, 128 on a CPU)."""
+    """The BATCH_SIZE setting resolved: as given, else what suits the device (1024 prompts on a GPU, 128 on
+    a CPU)."""
     return BATCH_SIZE or (1024 if device.startswith('cuda') else 128)
 
 
@@ -524,8 +526,9 @@ def main():
         raise SystemExit(f"error: every prompt needs exactly one '{{}}' for the noun, got {PROMPTS}")
     device = resolve_device(DEVICE)
     iters, restarts, tol, init, reading, precision = resolve_settings(device)
+    batch = batch_size_for(device)
     cfg.update(KMEANS_ITERS=iters, KMEANS_RESTARTS=restarts, KMEANS_TOL=tol, KMEANS_INIT=init, T1_READING=reading,
-               PRECISION=precision, BATCH_SIZE=batch_size_for(device))
+               PRECISION=precision, BATCH_SIZE=batch)
     if THREADS:
         torch.set_num_threads(THREADS)
 
@@ -549,7 +552,7 @@ def main():
     else:
         model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
         t0 = time.time()
-        t_all = embed_words(words, model, tokenizer, batch_size_for(device), device, PROMPTS, precision, RELEASED, RELEASED)
+        t_all = embed_words(words, model, tokenizer, batch, device, PROMPTS, precision, RELEASED, RELEASED)
         keep = delete_2nn(t_all) if RELEASED else drop_duplicates(t_all)
         t, kept = t_all[keep], [words[i] for i in keep]
         dropped = np.setdiff1d(np.arange(len(words)), keep)

@@ -138,7 +138,7 @@ def pipeline(images, indices, transform, views, path, encode, device, out_dir, t
     sync(device)
     t0 = time.perf_counter()
     dataset_extract.encode_views(tag, images, indices, transform, views, timed, out, dict(bench=tag), 0, 1, device,
-                                 seed=None if views == 1 else SEED, keep=False)
+                                 seed=None if views == 1 else SEED)
     wall = time.perf_counter() - t0
     feats = np.load(out).astype(np.float32)
     for suffix in ('', '.json'):

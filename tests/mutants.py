@@ -135,7 +135,7 @@ def main():
                 survived.append(n)
             shutil.rmtree(work, ignore_errors=True)
             print(f'{n}: {rows[-1][3]} ({secs:.0f} s)', flush=True)
-        print(f'\n| mutant | what breaks | file | outcome | seconds | the tests said |\n|---|---|---|---|---|---|')
+        print('\n| mutant | what breaks | file | outcome | seconds | the tests said |\n|---|---|---|---|---|---|')
         for n, what, path, outcome, secs, last in rows:
             print(f'| {n} | {what} | {path} | {outcome} | {secs:.0f} | {last[:80]} |')
         print(f'\nmutants={len(rows)} caught={len(rows) - len(survived)} survived={len(survived)}'

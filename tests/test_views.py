@@ -99,7 +99,7 @@ def test_crop_and_resize_within_one_level(interp, one_thread):
     images = photos([(375, 500), (20, 28)], seed=3)
     for i, (box, size) in enumerate([((10, 33, 301, 287), (224, 224)), ((2, 3, 15, 20), (64, 48))]):
         x = torch.from_numpy(images.arrays[i]).permute(2, 0, 1)[None]
-        steps = [('rrc', *size, (0.08, 1.0), (0.75, 4 / 3), interp), ('tensor',), ('normalize', (0, 0, 0), (1, 1, 1))]
+        steps = [('rrc', *size, (0.08, 1.0), (0.75, 4 / 3), interp), ('normalize', (0, 0, 0), (1, 1, 1))]
         draws = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in dataset.draw_view(steps, 1, 1).items()}
         draws['box'] = torch.tensor([[box]], dtype=torch.float64)
         t = dataset.make_views(x, draws, steps, 'cpu')[0] * 255
@@ -142,7 +142,7 @@ def test_grayscale_flip_and_blur_against_pil(one_thread):
         ref = torch.stack([back(F.gaussian_blur(p, list(kernel), [float(s)] * 2)) for p, s in zip(pil, sigma)])
         assert (t - ref).abs().max() <= 1.0 and (t != ref).float().mean() < 0.01
     # flip: a whole view through make_views with a forced flip equals PIL's mirror
-    steps = [('flip', 1.0), ('tensor',), ('normalize', (0, 0, 0), (1, 1, 1))]
+    steps = [('flip', 1.0), ('normalize', (0, 0, 0), (1, 1, 1))]
     draws = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in dataset.draw_view(steps, 48, 40, seed=0).items()}
     assert draws['flip'].item() == 1
     assert torch.equal(dataset.make_views(torch.from_numpy(a[:1]).permute(0, 3, 1, 2), draws, steps, 'cpu')[0] * 255,
