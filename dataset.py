@@ -88,27 +88,45 @@ def _parse_value(key, text, default):
     return text
 
 
-def settings_doc(path):
-    """The settings block at the top of the script `path`, read from its source: a list of
-    (group, NAME, comment). The block is the run of top-level UPPER_CASE assignments that starts
-    at the first one and ends at the first blank line; comment lines at column 0 start a group
-    (`# data`; `# ----` rules are skipped), an indented comment line continues the setting above,
-    and names starting with `_` are not settings. This one reading feeds --help, the command-line
-    keys and the README's settings tables, so the three never disagree."""
+def _source(path):
+    """(lines, {line: (column, text)} of every comment, top-level statements) of the file `path`."""
     import ast
     import io
     import tokenize
     with open(path, encoding='utf-8') as f:
         src = f.read()
-    lines = src.split('\n')
-    comments = {}  # line number -> (column, text) of every comment
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip('#').strip())
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip('#').strip())
+                for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
+    return src.split('\n'), comments, ast.parse(src).body
 
-    def names_of(s):
-        targets = s.targets if isinstance(s, ast.Assign) else [s.target]
-        return [t.id for t in targets if isinstance(t, ast.Name)] if all(isinstance(t, ast.Name) for t in targets) else []
+
+def _public_names(s):
+    """The public UPPER_CASE names a top-level statement assigns (NAME = ..., A = B = ...), unless
+    it assigns a table (a dict or a set: data, not a setting)."""
+    import ast
+    if not isinstance(s, (ast.Assign, ast.AnnAssign)):
+        return []
+    table = isinstance(s.value, (ast.Dict, ast.DictComp, ast.Set, ast.SetComp)) or (
+        isinstance(s.value, ast.Call) and getattr(s.value.func, 'id', '') in ('dict', 'set', 'frozenset'))
+    targets = s.targets if isinstance(s, ast.Assign) else [s.target]
+    return [] if table else [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper() and not t.id.startswith('_')]
+
+
+def _first_def(body):
+    import ast
+    return next((s.lineno for s in body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))),
+                float('inf'))
+
+
+def settings_doc(path):
+    """The settings block of the script `path`, read from its source: a list of (group, NAME,
+    comment). The block is every top-level public UPPER_CASE assignment of a plain type (number,
+    string, boolean, tuple, None) above the script's first function or class; names starting with
+    `_` and tables (dicts, sets) are not settings. A comment line at column 0 starts
+    a group (`# data`; `# ----` rules are skipped), an indented comment line right below a setting
+    continues its comment. This one reading feeds --help and the command-line keys;
+    `unreachable_settings` reports a constant it would miss, when the script starts."""
+    lines, comments, body = _source(path)
 
     def header(n):  # the group a run of column-0 comment lines ending at line n names, or None
         run = []
@@ -118,26 +136,34 @@ def settings_doc(path):
             n -= 1
         return ' '.join(run) or None
 
-    out, group, prev_end = [], '', None
-    for s in ast.parse(src).body:
-        names = names_of(s) if isinstance(s, (ast.Assign, ast.AnnAssign)) else []
-        upper = [n for n in names if n.isupper()]
-        if prev_end is None:  # before the block: wait for its first public setting
-            if not upper or all(n.startswith('_') for n in upper):
-                continue
-            group = header(s.lineno - 1) or ''
-        else:
-            if not upper or any(not lines[n - 1].strip() for n in range(prev_end + 1, s.lineno)):
-                break  # the block ends at a blank line or at anything but a constant
-            for n in range(prev_end + 1, s.lineno):
-                col = comments.get(n, (0, ''))[0]
-                if col > 0 and out:                       # an indented comment continues the setting above
-                    out[-1] = (out[-1][0], out[-1][1], out[-1][2] + ' ' + comments[n][1])
-            group = header(s.lineno - 1) or group
+    out, group, first_def = [], '', _first_def(body)
+    for s, nxt in zip(body, body[1:] + [None]):
+        names = _public_names(s)
+        if s.lineno > first_def or not names:
+            continue
+        group = header(s.lineno - 1) or group
         end_comment = comments.get(s.end_lineno)
         comment = end_comment[1] if end_comment and end_comment[0] > 0 else ''
-        out += [(group, n, comment) for n in upper if not n.startswith('_')]
-        prev_end = s.end_lineno
+        for n in range(s.end_lineno + 1, nxt.lineno if nxt else len(lines) + 1):  # indented comment lines below
+            if n not in comments or comments[n][0] == 0 or not lines[n - 1].lstrip().startswith('#'):
+                break
+            comment += ' ' + comments[n][1]
+        out += [(group, n, comment.strip()) for n in names]
+    return out
+
+
+def unreachable_settings(path, g):
+    """Constants of the script `path` that look like settings but that --key=value cannot set: a
+    public UPPER_CASE constant of a plain type below the first function (settings_doc), each as
+    'file:line: NAME ...'. (A table, a dict or a set, is data, never a setting.)"""
+    lines, comments, body = _source(path)
+    first_def, out = _first_def(body), []
+    for s in body:
+        for name in _public_names(s):
+            plain = isinstance(g.get(name), _SETTING_TYPES)
+            if s.lineno > first_def and plain:
+                out.append(f"{path}:{s.lineno}: {name} is below the first function, where --key=value cannot set "
+                           f"it: move it up into the settings, or name it _{name}")
     return out
 
 
@@ -230,6 +256,9 @@ def configure(g, argv=None):
     one) and values of the wrong type are errors. Returns the full configuration as a dict."""
     import difflib
     argv = sys.argv[1:] if argv is None else argv
+    path = g.get('__file__')
+    if path and str(path).endswith('.py') and os.path.isfile(path) and unreachable_settings(path, g):
+        raise SystemExit('error: ' + '\n       '.join(unreachable_settings(path, g)))
     keys = _setting_keys(g)
     if '--help' in argv or '-h' in argv:
         print(help_text(g), end='')

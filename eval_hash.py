@@ -353,7 +353,7 @@ def _rank_curves(precision_recall, n, ns, pr_points):
 
 # -----------------------------------------------------------------------------
 # product-quantized codes (DQN, DVSQ, DTQ): ranking by asymmetric quantizer distance
-AQD_METRICS = ('ip', 'l2')
+_AQD_METRICS = ('ip', 'l2')
 
 
 def aqd_tables(q_z, codebooks, metric='ip'):
@@ -367,7 +367,7 @@ def aqd_tables(q_z, codebooks, metric='ip'):
         return -np.einsum('qmd,mkd->qmk', q, c)
     if metric == 'l2':
         return ((q[:, :, None, :] - c[None]) ** 2).sum(3)
-    raise ValueError(f"unknown AQD metric {metric!r}; choose one of {', '.join(AQD_METRICS)}")
+    raise ValueError(f"unknown AQD metric {metric!r}; choose one of {', '.join(_AQD_METRICS)}")
 
 
 def _check_pq(q_z, r_codes, codebooks):

@@ -77,14 +77,14 @@ PAPER_AS = ()               # compare dataset A with dataset B's paper numbers (
 DRY_RUN = False             # list the cells, their state and train.py commands; train nothing
 TABLE4_CACHE_DIR = ''       # Table 4: '' reads CACHE_DIR's selection.json; an empty folder times every step anew
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-IGNORED = train.NOT_RESULT  # train.py settings that do not change a result
-BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the dataset (train.T2_BEST)
-T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_IGNORED = train.NOT_RESULT  # train.py settings that do not change a result
+_BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the dataset (train.T2_BEST)
+_T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
 
 # -----------------------------------------------------------------------------
 # the paper's numbers (SPEC.md "What the paper reports"): MAP at 16, 32, 64 bits
-PAPER_DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
+_PAPER_DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
 _PAPER_ROWS = {  # row: CIFAR-10, NUS-WIDE, Flickr25k, MS-COCO
     'table1 vgg16':     ((.887, .888, .885), (.852, .854, .856), (.856, .858, .856), (.833, .840, .842)),
     'table1 clip':      ((.931, .934, .933), (.849, .855, .855), (.874, .887, .892), (.854, .878, .887)),
@@ -102,8 +102,8 @@ _PAPER_ROWS = {  # row: CIFAR-10, NUS-WIDE, Flickr25k, MS-COCO
     'table6 vit-b-32':  ((.920, .929, .920), (.855, .856, .860), (.869, .887, .888), (.848, .868, .887)),
     'table1 cibhash':   ((.590, .622, .641), (.790, .807, .815), None, (.737, .760, .775)),  # Table 1's CIBHash row
 }
-PAPER = {(row, d): v for row, values in _PAPER_ROWS.items() for d, v in zip(PAPER_DATASETS, values) if v}
-PAPER_BITS = (16, 32, 64)
+PAPER = {(row, d): v for row, values in _PAPER_ROWS.items() for d, v in zip(_PAPER_DATASETS, values) if v}
+_PAPER_BITS = (16, 32, 64)
 # Table 4: words and pre-processing seconds (the paper names no hardware)
 PAPER_TABLE4 = {'imagenet': (21843, 99.53), 'wordnet': (117797, 476.79), 'conceptnet': (134364, 531.12),
                 'glove': (317756, 1182.11)}
@@ -118,24 +118,24 @@ NAMES = {'cifar10': 'CIFAR-10', 'nuswide': 'NUS-WIDE', 'flickr25k': 'Flickr25k',
 Row = namedtuple('Row', 'id label paper settings')
 TABLES = {
     '1': ('Table 1: DUH-EG with a CNN and a CLIP backbone', [
-        Row('vgg16', 'VGG-16, T2 = 0.97', 'table1 vgg16', dict(BACKBONE='cnn', T2=T2_COMMON)),
-        Row('clip', 'CLIP ViT-B/16, T2 = 0.97', 'table1 clip', dict(T2=T2_COMMON)),
-        Row('best', 'CLIP ViT-B/16, best T2 (Fig. 5b)', 'table1 best', dict(T2=BEST))]),
+        Row('vgg16', 'VGG-16, T2 = 0.97', 'table1 vgg16', dict(BACKBONE='cnn', T2=_T2_COMMON)),
+        Row('clip', 'CLIP ViT-B/16, T2 = 0.97', 'table1 clip', dict(T2=_T2_COMMON)),
+        Row('best', 'CLIP ViT-B/16, best T2 (Fig. 5b)', 'table1 best', dict(T2=_BEST))]),
     '2': ('Table 2: ablation of SIM (in-batch positives) and AUG (two augmented views), best T2', [
-        Row('1', '#1 no SIM, no AUG', 'table2 #1', dict(SIM=False, AUG=False, T2=BEST)),
-        Row('2', '#2 SIM only', 'table2 #2', dict(SIM=True, AUG=False, T2=BEST)),
-        Row('3', '#3 AUG only', 'table2 #3', dict(SIM=False, AUG=True, T2=BEST)),
-        Row('4', '#4 SIM and AUG (full)', 'table1 best', dict(SIM=True, AUG=True, T2=BEST))]),
+        Row('1', '#1 no SIM, no AUG', 'table2 #1', dict(SIM=False, AUG=False, T2=_BEST)),
+        Row('2', '#2 SIM only', 'table2 #2', dict(SIM=True, AUG=False, T2=_BEST)),
+        Row('3', '#3 AUG only', 'table2 #3', dict(SIM=False, AUG=True, T2=_BEST)),
+        Row('4', '#4 SIM and AUG (full)', 'table1 best', dict(SIM=True, AUG=True, T2=_BEST))]),
     '3': ('Table 3: where the external feature comes from, best T2', [
-        Row('imgaug', 'IMGAUG (no external feature)', 'table3 imgaug', dict(EXTERNAL='none', T2=BEST)),
-        Row('imgk', 'IMGK (train images as nouns)', 'table3 imgk', dict(EXTERNAL='imgk', T2=BEST)),
-        Row('ek', 'EK (all nouns)', 'table3 ek', dict(EXTERNAL='ek', T2=BEST)),
-        Row('imgcls', 'IMGCLS (selection on train images)', 'table3 imgcls', dict(EXTERNAL='imgcls', T2=BEST)),
-        Row('efc', 'EFC (selected nouns, full)', 'table1 best', dict(EXTERNAL='efc', T2=BEST))]),
+        Row('imgaug', 'IMGAUG (no external feature)', 'table3 imgaug', dict(EXTERNAL='none', T2=_BEST)),
+        Row('imgk', 'IMGK (train images as nouns)', 'table3 imgk', dict(EXTERNAL='imgk', T2=_BEST)),
+        Row('ek', 'EK (all nouns)', 'table3 ek', dict(EXTERNAL='ek', T2=_BEST)),
+        Row('imgcls', 'IMGCLS (selection on train images)', 'table3 imgcls', dict(EXTERNAL='imgcls', T2=_BEST)),
+        Row('efc', 'EFC (selected nouns, full)', 'table1 best', dict(EXTERNAL='efc', T2=_BEST))]),
     '5': ('Table 5: the vocabulary of the nouns, best T2', None),      # rows: vocab_rows()
     '6': ('Table 6: the pre-trained CLIP, best T2', [
-        Row('vit-b-16', 'CLIP ViT-B/16', 'table1 best', dict(T2=BEST)),
-        Row('vit-b-32', 'CLIP ViT-B/32', 'table6 vit-b-32', dict(BACKBONE='alt', T2=BEST))]),
+        Row('vit-b-16', 'CLIP ViT-B/16', 'table1 best', dict(T2=_BEST)),
+        Row('vit-b-32', 'CLIP ViT-B/32', 'table6 vit-b-32', dict(BACKBONE='alt', T2=_BEST))]),
     'fig5a': ('Figure 5a: MAP as the distance threshold T1 of Eq. 3 varies, best T2', None),
     'fig5b': ('Figure 5b: MAP as the similarity threshold T2 of Eq. 8 varies', None),
     'baselines': ('Baselines on one protocol (same features, split and MAP@K)', None),
@@ -145,11 +145,11 @@ TABLES = {
 def vocab_rows():
     """Table 4-5 rows: ImageNet-1k class names, WordNet, then each VOCAB_FILES word list."""
     rows = [Row('imagenet', 'ImageNet-1k class names (paper: 21,843 names)', 'table5 imagenet',
-                dict(VOCAB='imagenet', EXTERNAL='efc', T2=BEST)),
-            Row('wordnet', 'WordNet nouns', 'table1 best', dict(VOCAB='wordnet', EXTERNAL='efc', T2=BEST))]
+                dict(VOCAB='imagenet', EXTERNAL='efc', T2=_BEST)),
+            Row('wordnet', 'WordNet nouns', 'table1 best', dict(VOCAB='wordnet', EXTERNAL='efc', T2=_BEST))]
     for name, path in vocab_files().items():
         paper = VOCAB_PAPER_ROWS.get(name.lower())
-        rows.append(Row(name, f'{name} ({os.path.basename(path)})', paper, dict(VOCAB=path, EXTERNAL='efc', T2=BEST)))
+        rows.append(Row(name, f'{name} ({os.path.basename(path)})', paper, dict(VOCAB=path, EXTERNAL='efc', T2=_BEST)))
     return rows
 
 
@@ -159,17 +159,17 @@ def table_rows(table):
         rows = vocab_rows()
     elif table == 'fig5a':  # the paper's curve passes through Table 1's best-T2 row at T1 = 0.9
         rows = [Row(f'{t:g}', f'T1 = {t:g}', 'table1 best' if math.isclose(t, 0.9) else None,
-                    dict(T1=t, EXTERNAL='efc', T2=BEST)) for t in T1_VALUES]
+                    dict(T1=t, EXTERNAL='efc', T2=_BEST)) for t in T1_VALUES]
     elif table == 'fig5b':  # ... and 5b through Table 1's rows at T2 = 0.97 and at the best T2
         rows = [Row(f'{t:g}', f'T2 = {t:g}', {d: ('table1 best' if math.isclose(t, train.T2_BEST[d]) else
-                                                  'table1 clip' if math.isclose(t, T2_COMMON) else None)
-                                              for d in PAPER_DATASETS}, dict(T2=t)) for t in T2_VALUES]
+                                                  'table1 clip' if math.isclose(t, _T2_COMMON) else None)
+                                              for d in _PAPER_DATASETS}, dict(T2=t)) for t in T2_VALUES]
     elif table == 'baselines':
         rows = [Row(m, METHOD_NAMES.get(m, m.upper()), 'table1 clip' if m == 'duheg' else None,
-                    dict(METHOD=m, T2=T2_COMMON)) for m in METHODS]
+                    dict(METHOD=m, T2=_T2_COMMON)) for m in METHODS]
         if 'cibhash' in METHODS:  # CIBHash's own protocol: frozen VGG-16 features, as the paper's Table 1 row
             rows.append(Row('cibhash-vgg16', 'CIBHash, VGG-16 features', 'table1 cibhash',
-                            dict(METHOD='cibhash', BACKBONE='cnn', T2=T2_COMMON)))
+                            dict(METHOD='cibhash', BACKBONE='cnn', T2=_T2_COMMON)))
         rows = [r._replace(label=r.label + ' (supervised: reads labels' + (
             '; product quantization, AQD ranking)' if r.settings['METHOD'] in train.QUANTIZED else ')'))
                 if r.settings['METHOD'] in train.SUPERVISED else r for r in rows]
@@ -203,7 +203,7 @@ def vocab_files():
 def paper_value(row, d, bits):
     key = row.paper.get(paper_dataset(d)) if isinstance(row.paper, dict) else row.paper
     values = PAPER.get((key, paper_dataset(d)))
-    return values[PAPER_BITS.index(bits)] if values and bits in PAPER_BITS else None
+    return values[_PAPER_BITS.index(bits)] if values and bits in _PAPER_BITS else None
 
 
 def train_defaults():
@@ -227,7 +227,7 @@ def train_args():
 def cell_settings(row, d, seed, extra):
     """train.py settings (UPPER_CASE names, typed values) of `row` on dataset `d` with `seed`."""
     s = dict(METHOD='duheg', DATASET=d, SEED=seed, CACHE_DIR=os.path.abspath(CACHE_DIR), EPOCHS=EPOCHS,
-             EXTERNAL=EXTERNAL, VOCAB=VOCAB, N_K=N_K, T1=T1, T2=T2_COMMON)
+             EXTERNAL=EXTERNAL, VOCAB=VOCAB, N_K=N_K, T1=T1, T2=_T2_COMMON)
     if RELEASED:
         s['RELEASED'] = True
     if T1_READING:
@@ -238,8 +238,8 @@ def cell_settings(row, d, seed, extra):
     clip = (ALT_CLIP, ALT_CLIP_PRETRAINED) if backbone == 'alt' else (CLIP_MODEL, CLIP_PRETRAINED)
     s['BACKBONE'], s['BACKBONE_PRETRAINED'] = (CNN_BACKBONE, CNN_PRETRAINED) if backbone == 'cnn' else clip
     s['CLIP_MODEL'], s['CLIP_PRETRAINED'] = clip
-    if s['T2'] == BEST:
-        s['T2'] = train.T2_BEST.get(paper_dataset(d), T2_COMMON)
+    if s['T2'] == _BEST:
+        s['T2'] = train.T2_BEST.get(paper_dataset(d), _T2_COMMON)
     if s['VOCAB'] not in ('wordnet', 'imagenet'):
         s['VOCAB'] = os.path.abspath(s['VOCAB'])
     return s
@@ -268,13 +268,13 @@ def _same(a, b):
 
 def matches(result, cfg, defaults):
     """Does the results line `result` hold the cell whose config is `cfg`? Every setting but
-    IGNORED must agree; a setting the line does not record (an older train.py) must be at its default."""
+    _IGNORED must agree; a setting the line does not record (an older train.py) must be at its default."""
     got = result.get('config') or {}
     if result.get('dataset') != cfg['DATASET'] or result.get('bits') != cfg['BITS'] \
             or result.get('method', 'duheg') != cfg['METHOD'] or not isinstance(result.get('map'), (int, float)):
         return False
     for k, v in cfg.items():
-        if k in IGNORED:
+        if k in _IGNORED:
             continue
         if k not in got:
             if k not in defaults or not _same(v, defaults[k]):
@@ -365,7 +365,7 @@ def missing_features(s):
 
 
 def nouns_command(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False, reading=None):
-    cmd = [sys.executable, os.path.join(ROOT, 'nouns_embed.py'), f'--vocab={vocab}', f'--clip_model={clip_model}',
+    cmd = [sys.executable, os.path.join(_ROOT, 'nouns_embed.py'), f'--vocab={vocab}', f'--clip_model={clip_model}',
            f'--clip_pretrained={clip_pretrained}', f'--cache_dir={cache_dir}', f'--n_k={n_k}', f'--t1={t1}']
     return (cmd + (['--released=true'] if released else []) + ([f'--t1_reading={reading}'] if reading else [])
             + shlex.split(NOUNS_ARGS))
@@ -376,7 +376,7 @@ def run_nouns(cmd, log_path):
     print('nouns: ' + shlex.join(['python'] + cmd[1:]), flush=True)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, 'a') as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent)
+        proc = subprocess.run(cmd, cwd=_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent)
         log.write(proc.stdout)
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
     if proc.returncode != 0:
@@ -394,7 +394,7 @@ def prepare_nouns(s, done):
     """Make the noun features / selection a cell reads (needs_nouns). Returns '' or why it cannot be made."""
     if not needs_nouns(s):
         return ''
-    if not os.path.exists(os.path.join(ROOT, 'nouns_embed.py')):
+    if not os.path.exists(os.path.join(_ROOT, 'nouns_embed.py')):
         return f"EXTERNAL={s['EXTERNAL']} needs nouns_embed.py, which this checkout does not have"
     from nouns_embed import selection_dir, vocab_dir
     released = bool(s.get('RELEASED', train.RELEASED))
@@ -443,14 +443,14 @@ def _arg(k, v):
 
 def run_name(s):
     import hashlib
-    key = json.dumps({k: v for k, v in sorted(s.items()) if k not in IGNORED}, default=str)
+    key = json.dumps({k: v for k, v in sorted(s.items()) if k not in _IGNORED}, default=str)
     return f"{s['DATASET']}/{s['METHOD']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-seed{s['SEED']}"
 
 
 def train_command(cells, results_path):
     s = cells[0].settings
     run_dir = os.path.join(os.path.abspath(OUT_DIR), 'runs', run_name(s))
-    return [sys.executable, os.path.join(ROOT, 'train.py'), *(_arg(k, v) for k, v in s.items()),
+    return [sys.executable, os.path.join(_ROOT, 'train.py'), *(_arg(k, v) for k, v in s.items()),
             '--bits=' + ','.join(str(b) for b in sorted({c.bits for c in cells})), f'--results={results_path}',
             f'--run_dir={run_dir}']
 
@@ -510,7 +510,7 @@ def train_group(group, cmd, results_path, defaults):
     with open(log_path, 'a') as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+        proc = subprocess.Popen(cmd, cwd=_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
                                 preexec_fn=_die_with_parent)
         for line in proc.stdout:
             log.write(line)
@@ -579,8 +579,8 @@ def markdown_table(title, header, rows, datasets, bits, cells, n_seeds, notes=()
 
 def git_commit():
     try:
-        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=_ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=_ROOT,
                                capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + (' (with uncommitted changes)' if dirty else '') if out.returncode == 0 else 'unknown'
     except OSError:
@@ -595,7 +595,7 @@ def measured_on(cells, extra):
     return (f"Measured on {', '.join(DATASETS)} (features in {os.path.abspath(CACHE_DIR)}; CLIP {CLIP_MODEL}/"
             f"{pretrained_tag(CLIP_PRETRAINED)}), {EPOCHS} epochs, seeds {', '.join(map(str, SEEDS))}, external "
             f"{EXTERNAL} / vocabulary {VOCAB} unless a row says otherwise, best T2 (Fig. 5b) "
-            + ', '.join(f"{d} {train.T2_BEST.get(paper_dataset(d), T2_COMMON)}" for d in DATASETS)
+            + ', '.join(f"{d} {train.T2_BEST.get(paper_dataset(d), _T2_COMMON)}" for d in DATASETS)
             + (f", train.py {' '.join(_arg(k, v) for k, v in extra.items())}" if extra else '')
             + f"; {done} of {len(cells)} cells measured ({sum(times):.0f} s of training and evaluation) on "
             f"{hardware()}, commit {git_commit()}, {time.strftime('%Y-%m-%d')}. MAP@K of binary codes "
@@ -604,14 +604,14 @@ def measured_on(cells, extra):
             + (f" (paper numbers of another dataset: {', '.join(mapped)})" if mapped else '') + '.')
 
 
-IMAGENET_NOTE = ("The paper's ImageNet vocabulary has 21,843 words (Table 4), the ImageNet-21k class names; "
+_IMAGENET_NOTE = ("The paper's ImageNet vocabulary has 21,843 words (Table 4), the ImageNet-21k class names; "
                  "--vocab=imagenet is the 1,000 ImageNet-1k class names, a smaller vocabulary than the paper's. "
                  "A word list of the 21k names passed as --vocab_files=imagenet21k=FILE is compared with the "
                  "paper's ImageNet row.")
 
 
 def table_notes(table):
-    notes = [IMAGENET_NOTE] if table == '5' else []
+    notes = [_IMAGENET_NOTE] if table == '5' else []
     if table == '5' and not {'conceptnet', 'glove'} <= {n.lower() for n in vocab_files()}:
         notes.append('ConceptNet and GloVe rows: pass --vocab_files=conceptnet=FILE,glove=FILE (one word a line); '
                      'any name=FILE adds a row, compared with the paper where the name is conceptnet or glove.')
@@ -668,7 +668,7 @@ def plot_figure5(parts, path):
                 ax.plot(*zip(*ps), linestyle='none', marker=marker, ms=8, markerfacecolor='none', color=colour,
                         label=f'paper, {NAMES.get(paper_dataset(d), paper_dataset(d))}')
         if table == 'fig5b':
-            ax.axvline(T2_COMMON, color='red', lw=1)
+            ax.axvline(_T2_COMMON, color='red', lw=1)
         ticks = [float(r.id) for r in rows]
         if len(ticks) <= 12:
             ax.set_xticks(ticks, [r.id for r in rows], fontsize=8)
@@ -708,7 +708,7 @@ def table4():
     failed = False
     for name, vocab in rows:
         sel, why, where = None, '', ''
-        if not os.path.exists(os.path.join(ROOT, 'nouns_embed.py')):
+        if not os.path.exists(os.path.join(_ROOT, 'nouns_embed.py')):
             why = 'nouns_embed.py is not in this checkout'
         else:
             from nouns_embed import selection_dir, t1_reading
@@ -737,7 +737,7 @@ def table4():
         lines.append(f"| {name} | {read or '–'} / {unique or '–'} | {com or '–'} | {f(emb)} / {f(clu)} / {f(sec)} / "
                      f"{f(total)} | {paper_words or '–'} | {paper_s or '–'} | {diff} | {hw} |")
         print(f"vocab table=4 row={name} seconds={f(total)} paper={paper_s or 'none'} diff={diff}", flush=True)
-    lines += ['', '- ' + IMAGENET_NOTE]
+    lines += ['', '- ' + _IMAGENET_NOTE]
     if not {'conceptnet', 'glove'} <= {n.lower() for n, _ in rows}:
         lines += ['- ConceptNet and GloVe rows: pass --vocab_files=conceptnet=FILE,glove=FILE (one word a line).']
     return lines, failed

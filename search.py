@@ -497,7 +497,7 @@ def answer(meta, codes, queries, k, kind):
 
 # -----------------------------------------------------------------------------
 # the search page: a form for words or an image, and the hits as thumbnails (127.0.0.1 only)
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search</title>
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search</title>
 <style>body{{font-family:sans-serif;margin:1em}} .hit{{display:inline-block;margin:4px;text-align:center;font-size:12px}}
 </style></head><body><h1>Search {count} images</h1>
 <form action="/search" method="get"><input name="words" id="words" placeholder="words" value="{words}">
@@ -538,7 +538,7 @@ def serve(meta, codes, device, host, port):
             self.wfile.write(body)
 
         def page(self, results='', words=''):
-            self.send(PAGE.format(count=len(codes), results=results, words=html.escape(words)).encode())
+            self.send(_PAGE.format(count=len(codes), results=results, words=html.escape(words)).encode())
 
         def do_GET(self):
             url = urllib.parse.urlparse(self.path)

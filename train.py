@@ -259,7 +259,7 @@ def write_result(path, result):
         atomic_write(path, lambda f: f.write(''.join(json.dumps(r, default=str) + '\n' for r in lines).encode()))
 
 
-NOT_RESULT = ('DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS')  # settings that do not change a result
+NOT_RESULT = frozenset({'DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS'})  # settings that do not change a result
 
 
 def external_cache(clip_train, train, device='cpu'):

@@ -57,7 +57,7 @@ def test_misspelt_key_names_the_closest_setting(script, typo, near):
     assert f'unknown setting {typo.split("=")[0]}; did you mean {near}?' in proc.stderr
 
 
-def test_settings_doc_reads_groups_continuations_and_stops_at_a_blank_line(tmp_path):
+def test_settings_doc_reads_groups_continuations_and_every_constant_above_the_first_function(tmp_path):
     src = textwrap.dedent('''\
         """Doc."""
         import os
@@ -73,18 +73,25 @@ def test_settings_doc_reads_groups_continuations_and_stops_at_a_blank_line(tmp_p
         C = 'x'
         D = E = None     # two names
 
-        F = 2            # after the blank line: not a setting
+        F = 2            # after a blank line: still a setting
+        TABLE = {'a': 1}  # a table: data, not a setting
         ''')
     path = tmp_path / 'script.py'
     path.write_text(src)
     assert dataset.settings_doc(str(path)) == [
         ('data', 'A', 'the a'), ('data', 'B', 'the b, continued'),
         ('a group over two lines', 'C', ''), ('a group over two lines', 'D', 'two names'),
-        ('a group over two lines', 'E', 'two names')]
-    g = dict(__file__=str(path), A=1, B=(1, 2), _HIDDEN=3, C='x', D=None, E=None, F=2)
-    with pytest.raises(SystemExit, match='unknown setting --f'):  # outside the block: not a key
-        dataset.configure(g, ['--f=3'])
-    assert dataset.configure(g, ['--b=3,4'])['B'] == (3, 4)
+        ('a group over two lines', 'E', 'two names'), ('a group over two lines', 'F', 'after a blank line: still a setting')]
+    g = dict(__file__=str(path), A=1, B=(1, 2), _HIDDEN=3, C='x', D=None, E=None, F=2, TABLE={'a': 1})
+    assert dataset.configure(g, ['--b=3,4', '--f=3'])['F'] == 3 and g['B'] == (3, 4)
+    with pytest.raises(SystemExit, match='unknown setting --table'):
+        dataset.configure(g, ['--table=1'])
+    # a plain constant below the first function cannot be set: the script refuses to start, naming it
+    path.write_text(src + 'def f():\n    pass\n\n\nLATE = 4\n')
+    with pytest.raises(SystemExit) as e:
+        dataset.configure(dict(g, LATE=4), [])
+    assert str(e.value) == (f"error: {path}:21: LATE is below the first function, where --key=value cannot set it: "
+                            f"move it up into the settings, or name it _LATE")
 
 
 def test_readme_settings_tables_equal_the_scripts():

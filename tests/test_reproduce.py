@@ -85,7 +85,7 @@ def test_paper_numbers_are_spec_md():
     # every row of every table names a paper row that exists (or none; a row may lack a dataset, as CIBHash Flickr25k)
     for table in ('1', '2', '3', '5', '6', 'fig5a', 'fig5b', 'baselines'):
         for row in reproduce.table_rows(table):
-            for d in reproduce.PAPER_DATASETS:
+            for d in reproduce._PAPER_DATASETS:
                 key = row.paper.get(d) if isinstance(row.paper, dict) else row.paper
                 assert key is None or key in {r for r, _ in reproduce.PAPER}, (table, row.id, key)
 
