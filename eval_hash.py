@@ -73,19 +73,23 @@ def _label_words(q_labels, r_labels, nq, n):
         q, r = eye[q], eye[r]
     if len(q) != nq or len(r) != n or q.shape[1:] != r.shape[1:]:
         raise ValueError(f'labels {q.shape} / {r.shape} do not match {nq} queries / {n} retrieval items')
-    return _pack(q), _pack(r)
+    return _words(np.packbits(q > 0, axis=1)), _words(np.packbits(r > 0, axis=1))
 
 
-def _pack(x):
-    """Bits x > 0 of an N x L matrix packed into words: [W, N] of uint8/16/32/64."""
-    x = np.asarray(x)
-    L = x.shape[1]
-    dtype = np.uint8 if L <= 8 else np.uint16 if L <= 16 else np.uint32 if L <= 32 else np.uint64
-    size = np.dtype(dtype).itemsize
-    words = -(-L // (8 * size))
-    bits = np.packbits(x > 0, axis=1)
-    pad = np.zeros((len(x), words * size), np.uint8)
-    pad[:, :bits.shape[1]] = bits
+def pack(h):
+    """Codes b = sign(h) (sign(0) = +1, to_codes) as bits, 8 a byte: uint8 [N, ceil(L / 8)]. The one
+    packing of codes: search.py's index stores these bytes."""
+    return np.packbits(to_codes(h) > 0, axis=1)
+
+
+def _words(packed):
+    """Packed bits uint8 [N, B] as words [W, N] of uint8/16/32/64 (zero-padded: padding never
+    counts in a Hamming distance)."""
+    n, size = packed.shape
+    dtype = np.uint8 if size <= 1 else np.uint16 if size <= 2 else np.uint32 if size <= 4 else np.uint64
+    width = np.dtype(dtype).itemsize
+    pad = np.zeros((n, -(-size // width) * width), np.uint8)
+    pad[:, :size] = packed
     return np.ascontiguousarray(pad.view(dtype).T)
 
 
@@ -101,7 +105,7 @@ def _code_words(q_codes, r_codes):
     q, r = to_codes(q_codes), to_codes(r_codes)
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
         raise ValueError(f'query codes {q.shape} and retrieval codes {r.shape} must be N x L with the same L')
-    return _pack(q), _pack(r), q.shape[1]
+    return _words(pack(q)), _words(pack(r)), q.shape[1]
 
 
 def _blocks(fn, nq, desc):
@@ -175,6 +179,15 @@ def hamming_rank_topk(q_codes, r_codes, k, chunk=None):
     (a stable sort on distance): (idx int64 [nq, k], dist int32 [nq, k]); k is cut at the
     retrieval size. Memory of the result: nq * k * 12 bytes."""
     qw, rw, L = _code_words(q_codes, r_codes)
+    return _rank_words(qw, rw, L, k, chunk)
+
+
+def hamming_rank_packed(q_packed, r_packed, k, chunk=None):
+    """hamming_rank_topk of codes already packed by `pack` (uint8 [N, L / 8]), as search.py keeps them."""
+    return _rank_words(_words(q_packed), _words(r_packed), 8 * r_packed.shape[1], k, chunk)
+
+
+def _rank_words(qw, rw, L, k, chunk=None):
     k = min(int(k), rw.shape[1])
     idx = np.empty((qw.shape[1], k), np.int64)
     dist = np.empty((qw.shape[1], k), np.int32)
@@ -546,7 +559,7 @@ def draw_examples(run, bits, z, n):
                                 os.path.join(run, f'top10_query{j}.png')))
     if cfg.get('METHOD', 'duheg') != 'duheg' or cfg.get('EXTERNAL', 'efc') == 'none':
         return paths
-    try:  # Figure 7: s_{i,w} = softmax_w(cos(i_i, t_w) / tau1) over t_com, and over every noun
+    try:  # Figure 7: the weights of Eq. 6 over t_com, and over every noun
         from nouns_embed import load_nouns, load_selection
         i_feats = dataset.load_array(os.path.join(dataset.feature_dir(
             cfg['CACHE_DIR'], name, cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], cfg.get('VIEW_RECIPE') or 'simclr'),
@@ -559,15 +572,14 @@ def draw_examples(run, bits, z, n):
         print(f'no Figure 7 pictures: the nouns or CLIP features of the run cannot be read ({str(e)[:200]})')
         return paths
 
-    def top5(i, t, words):
-        logits = (t @ (i / np.linalg.norm(i))) / cfg['TAU1']
-        s = np.exp(logits - logits.max())
-        s /= s.sum()
+    def top5(i, t, words):  # the five largest weights s_{i,w} of Eq. 6
+        s = train.noun_weights(i[None], t, cfg['TAU1'])[0][0].numpy()
         best = np.argsort(-s, kind='stable')[:5]
         return [words[w] for w in best], s[best]
 
+    import train
     for j, q in enumerate(q_idx):
-        i = np.asarray(i_feats[q], np.float64)
+        i = np.asarray(i_feats[q], np.float32)
         (w1, s1), (w2, s2) = top5(i, t_com, words_com), top5(i, t_all, words_all)
         paths.append(plot_top_nouns(np.asarray(images.load(q)), w1, s1, os.path.join(run, f'nouns_query{j}.png'),
                                     w2, s2))

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import dataset
+import eval_hash
 import models
 from dataset import CacheError, DataError, atomic_write, configure, save_json, sha256_file
 
@@ -59,7 +60,6 @@ BATCH_SIZE = 64           # images per forward pass while indexing
 THUMB = 96                # thumbnail size of the contact sheets and the page, pixels
 _RANGES = dict(BITS='[1, 1024]', TOPK='[1, inf)', IVF_LISTS='[0, inf)', IVF_PROBE='[1, inf)', HNSW_M='[2, inf)',
                HNSW_EF='[1, inf)', PORT='[0, 65535]', BATCH_SIZE='[1, inf)', THUMB='[16, 1024]')
-_EXTRA = 32               # should faiss not keep index order among ties: TOPK + _EXTRA candidates, then reordered
 
 
 # -----------------------------------------------------------------------------
@@ -113,17 +113,12 @@ def image_encoder(cfg, device):
     return encode, preprocess
 
 
-def pack(h):
-    """Codes b = sign(h) (sign(0) = +1) packed 8 bits a byte: L/8 bytes a code."""
-    return np.packbits(np.asarray(h) >= 0, axis=1)
-
-
 @torch.no_grad()
 def hash_features(x, hv, cfg):
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     if cfg.get('NORM_INPUTS'):
         x = torch.nn.functional.normalize(x, dim=1)
-    return pack(torch.cat([hv(x[a:a + 4096]) for a in range(0, len(x), 4096)]).numpy())
+    return eval_hash.pack(torch.cat([hv(x[a:a + 4096]) for a in range(0, len(x), 4096)]).numpy())
 
 
 def run_vocabulary(cfg):
@@ -162,7 +157,7 @@ def word_codes(words, cfg, he, device):
                         f"maps an external feature to a code: word queries need a DUH-EG run with a vocabulary")
     import train
     e = train.external_features(text_features(words, cfg, device), run_vocabulary(cfg), cfg['TAU1'])
-    return pack(he(e).numpy())
+    return eval_hash.pack(he(e).numpy())
 
 
 # -----------------------------------------------------------------------------
@@ -302,77 +297,7 @@ def update_index(index, spec, run, bits, device):
 
 
 # -----------------------------------------------------------------------------
-# search: Hamming distance, ties by index order
-def hamming_topk(codes, queries, k):
-    """(distances, rows), each Q x min(k, N), of the k nearest codes by Hamming distance, ties in index
-    order: eval_hash's ranking. faiss's IndexBinaryFlat scans the codes in order and keeps the first
-    of equal distances, which is this order; faiss does not promise it, so it is checked once on a
-    case with many ties (_faiss_keeps_index_order). Should it not hold, faiss gives k + _EXTRA
-    candidates, exact wherever the farthest is farther than the k-th, and a range search ranks the
-    rest. Without faiss, numpy ranks every code."""
-    n, k = len(codes), min(k, len(codes))
-    queries = np.ascontiguousarray(queries, dtype=np.uint8)
-    try:
-        import faiss
-    except ImportError:
-        return _numpy_topk(codes, queries, k)
-    flat = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-    flat.add(np.ascontiguousarray(codes, dtype=np.uint8))
-    if _faiss_keeps_index_order():
-        d, i = flat.search(queries, k)
-        return d.astype(np.int64), i.astype(np.int64)
-    m = min(n, k + _EXTRA)
-    d, i = flat.search(queries, m)
-    order = np.lexsort((i, d), axis=-1)[:, :k]
-    out_d, out_i = np.take_along_axis(d, order, 1).astype(np.int64), np.take_along_axis(i, order, 1).astype(np.int64)
-    redo = np.flatnonzero(d[:, -1] == d[:, k - 1]) if m < n else []  # ties reach past the candidates
-    if len(redo):
-        lims, rd, ri = flat.range_search(queries[redo], int(d[redo, k - 1].max()) + 1)
-        for j, q in enumerate(redo):
-            dd, ii = rd[lims[j]:lims[j + 1]], ri[lims[j]:lims[j + 1]]
-            o = np.lexsort((ii, dd))[:k]
-            out_d[q], out_i[q] = dd[o], ii[o]
-    return out_d, out_i
-
-
-_TIE_CHECK = []
-
-
-def _faiss_keeps_index_order():
-    """Does faiss's IndexBinaryFlat return, of codes at equal distance, the lowest rows first, for one
-    query and for many? Checked once per process against numpy on 3,000 16-bit codes full of ties."""
-    if not _TIE_CHECK:
-        import faiss
-        rng = np.random.default_rng(0)
-        codes = np.packbits(rng.random((3000, 16)) < 0.5, axis=1)
-        codes[100:600] = codes[7]
-        flat = faiss.IndexBinaryFlat(16)
-        flat.add(codes)
-        q = codes[rng.integers(0, 3000, 50)]
-        ok = True
-        for queries in (q[:1], q):
-            d, i = flat.search(queries, 20)
-            nd, ni = _numpy_topk(codes, queries, 20)
-            ok &= np.array_equal(i, ni) and np.array_equal(d, nd)
-        _TIE_CHECK.append(bool(ok))
-    return _TIE_CHECK[0]
-
-
-def _numpy_topk(codes, queries, k):
-    """The same ranking by numpy alone (XOR, popcount), for when faiss is not installed."""
-    pad = (-codes.shape[1]) % 8
-    c = np.pad(codes, ((0, 0), (0, pad))).view(np.uint64)
-    qs = np.pad(queries, ((0, 0), (0, pad))).view(np.uint64)
-    out_d, out_i = np.empty((len(qs), k), np.int64), np.empty((len(qs), k), np.int64)
-    for q in range(len(qs)):
-        d = np.bitwise_count(c ^ qs[q]).sum(1, dtype=np.int64)
-        kth = np.partition(d, k - 1)[k - 1]
-        cand = np.flatnonzero(d <= kth)
-        order = cand[np.lexsort((cand, d[cand]))][:k]
-        out_d[q], out_i[q] = d[order], order
-    return out_d, out_i
-
-
+# search: Hamming distance, ties by index order (eval_hash's ranking), or faiss's approximate indexes
 def approximate_index(codes, kind):
     """A faiss approximate binary index over `codes`: IVF (k-means lists, IVF_PROBE visited) or HNSW."""
     import faiss
@@ -390,8 +315,11 @@ def approximate_index(codes, kind):
 
 
 def search(codes, queries, k, kind='exact'):
+    """(distances, rows), each Q x min(k, N), of the k nearest codes to each packed query code: every
+    code ranked by eval_hash's Hamming ranking (ties in index order), or an approximate index's hits."""
     if kind == 'exact':
-        return hamming_topk(codes, queries, k)
+        rows, d = eval_hash.hamming_rank_packed(np.asarray(queries, np.uint8), np.asarray(codes, np.uint8), k)
+        return d.astype(np.int64), rows
     try:  # built once per set of codes and kind: the page's queries reuse it
         index = once(('index', kind, id(codes)),  # the entry holds `codes`, so its id stays theirs
                      lambda: (codes, approximate_index(np.ascontiguousarray(codes, dtype=np.uint8), kind)))[1]

@@ -95,13 +95,22 @@ def tau2_for(dataset, tau2=0.0):
     return tau2 or TAU2_DEFAULT.get(dataset, 0.8)
 
 
-def external_features(i, t, tau1, chunk=2048, device='cpu', half=False):
-    """Eq. 5-6: e_i = normalise(sum_w softmax_w(cos(i_i, t_w) / tau1) t_w) for every image
-    (half: in fp16, as the authors' code on a GPU)."""
+def noun_weights(i, t, tau1, device='cpu', half=False):
+    """Eq. 6: s_{i,w} = softmax_w(cos(i_i, t_w) / tau1), the weight of noun w in image i's external
+    feature (Figure 7 draws the largest); i and t need not be normalised. Returns (s, t normalised)."""
     dtype = torch.float16 if half else torch.float32
     i = F.normalize(torch.as_tensor(i, dtype=torch.float32), dim=1).to(device, dtype)
     t = F.normalize(torch.as_tensor(t, dtype=torch.float32), dim=1).to(device, dtype)
-    out = [torch.softmax(i[a:a + chunk] @ t.T / tau1, dim=1) @ t for a in range(0, len(i), chunk)]
+    return torch.softmax(i @ t.T / tau1, dim=1), t
+
+
+def external_features(i, t, tau1, chunk=2048, device='cpu', half=False):
+    """Eq. 5: e_i = normalise(sum_w s_{i,w} t_w) for every image, the weights s of Eq. 6 (half: in
+    fp16, as the authors' code on a GPU)."""
+    out = []
+    for a in range(0, len(i), chunk):
+        s, t_n = noun_weights(i[a:a + chunk], t, tau1, device, half)
+        out.append(s @ t_n)
     return F.normalize(torch.cat(out).float(), dim=1).cpu()
 
 

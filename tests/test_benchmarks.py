@@ -52,10 +52,10 @@ def test_bench_kmeans_close_to_sklearn():
 
 
 def test_bench_search_agrees_and_reports_recall():
-    # the benchmark itself asserts that its numpy brute force returns the exact search's hits
-    r = result(run_script('benchmarks/bench_search.py', '--num_codes=20000', '--num_query=200', '--brute_queries=20',
+    # the benchmark itself asserts that the exact search finds faiss's distances at every rank
+    r = result(run_script('benchmarks/bench_search.py', '--num_codes=20000', '--num_query=200',
                           '--rounds=1', '--classes=100'), 'bench_search')
-    assert float(r['ours_qps']) > 0 and float(r['faiss_flat_qps']) > 0 and float(r['numpy_qps']) > 0
+    assert float(r['ours_qps']) > 0 and float(r['faiss_flat_qps']) > 0
     assert 0.5 < float(r['ivf_recall']) <= 1 and 0.5 < float(r['hnsw_recall']) <= 1
 
 

@@ -132,35 +132,26 @@ def test_approximate_search_finds_the_exact_hits(run, image_folder, tmp_path):
         assert np.mean(d <= d_exact[:, -1:]) >= 0.9, kind  # hits no farther than the exact 10th (tie-aware)
 
 
-@pytest.mark.parametrize('faiss_keeps_order', [True, False])
-def test_hamming_topk_ties_by_index_against_brute_force(monkeypatch, faiss_keeps_order):
-    """Both ways of the exact search (faiss's order where it holds, else candidates and a range
-    search) against a brute force written here, on codes with hundreds of ties."""
+@pytest.mark.parametrize('bits_per_code', [16, 72])
+def test_exact_search_ties_by_index_against_brute_force(bits_per_code):
+    """The exact search (eval_hash's ranking of the packed codes) against a brute force written here,
+    on codes with hundreds of ties, one word and two words long."""
     import search as s
-    import faiss  # the check's answer is what faiss does on codes full of ties, against a brute force here
-    bits = np.random.default_rng(5).integers(0, 2, (2000, 16)).astype(bool)
-    bits[50:900] = bits[3]
-    codes = np.packbits(bits, axis=1)
-    flat = faiss.IndexBinaryFlat(16)
-    flat.add(codes)
-    dist = np.unpackbits(codes[:40, None] ^ codes[None], axis=-1).sum(-1)
-    want = np.lexsort((np.broadcast_to(np.arange(2000), dist.shape), dist), axis=-1)[:, :20]
-    keeps = all(np.array_equal(flat.search(codes[:n], 20)[1], want[:n]) for n in (1, 40))
-    assert s._faiss_keeps_index_order() == keeps
-    monkeypatch.setattr(s, '_TIE_CHECK', [faiss_keeps_order])
     rng = np.random.default_rng(0)
-    codes = np.packbits(rng.random((3000, 16)) < 0.5, axis=1)
-    codes[100:400] = codes[7]                                   # many ties, past the extra candidates
-    q = np.concatenate([codes[[7, 5, 2999]], np.packbits(rng.random((20, 16)) < 0.5, axis=1)])
+    codes = np.packbits(rng.random((3000, bits_per_code)) < 0.5, axis=1)
+    codes[100:400] = codes[7]                                   # many ties
+    q = np.concatenate([codes[[7, 5, 2999]], np.packbits(rng.random((20, bits_per_code)) < 0.5, axis=1)])
     bits = np.unpackbits(codes, axis=1).astype(int)
     for k in (1, 10, 64):
-        d, rows = s.hamming_topk(codes, q, k)
-        d2, rows2 = s._numpy_topk(codes, q, k)
+        d, rows = s.search(codes, q, k, 'exact')
         for j in range(len(q)):
             dist = np.abs(bits - np.unpackbits(q[j]).astype(int)).sum(1)
             want = np.lexsort((np.arange(len(codes)), dist))[:k]     # by distance, then by index
             assert rows[j].tolist() == want.tolist() and d[j].tolist() == dist[want].tolist()
-            assert rows2[j].tolist() == want.tolist()
+    import faiss  # and faiss's own exact binary search finds the same distances at every rank
+    flat = faiss.IndexBinaryFlat(8 * codes.shape[1])
+    flat.add(codes)
+    assert np.array_equal(flat.search(q, 64)[0], s.search(codes, q, 64, 'exact')[0])
 
 
 def test_bad_input(run, image_folder, tmp_path):
