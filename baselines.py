@@ -56,7 +56,8 @@ DQN_LAMBDA = 1e-4    # DeepHash's examples/dqn q_lambda
 # DVSQ (Cao et al., CVPR 2017): adaptive-margin loss against the labels' word vectors + lambda * quantization loss
 DVSQ_LAMBDA = 1e-4   # DeepHash's examples/dvsq q_lambda
 # DTQ (Liu et al., ACM MM 2018): triplet loss on group-hard triplets + lambda * quantization loss
-DTQ_MARGIN = 30.0    # triplet margin on squared Euclidean distances (DeepHash's examples/dtq --triplet-margin 30, D = 64)
+DTQ_MARGIN = 30.0    # triplet margin on squared Euclidean distances (DeepHash's examples/dtq --triplet-margin 30, D =
+                     # 64)
 DTQ_LAMBDA = 1e-4    # quantization weight; DeepHash's DTQ example uses 0 (ours: the same as DQN's and DVSQ's)
 
 
@@ -323,7 +324,8 @@ def pq_fit(z, m, iters=PQ_FIT_ITERS, codebooks=None, words=PQ_WORDS, seed=0):
     zs = _sub(z, m)
     if codebooks is None:
         g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(zs), generator=g) if len(zs) >= words else torch.randint(len(zs), (words,), generator=g)
+        pick = (torch.randperm(len(zs), generator=g) if len(zs) >= words
+                else torch.randint(len(zs), (words,), generator=g))
         codebooks = zs[pick[:words]].transpose(0, 1).clone()  # [M, K, d]
     c = torch.as_tensor(codebooks, dtype=torch.float32).clone()
     for _ in range(iters):
@@ -399,3 +401,95 @@ def dtq_loss(z, s, margin=DTQ_MARGIN, gen=None):
     d_ap = ((z[a] - z[p]) ** 2).sum(1)
     d_an = ((z[a] - z[n]) ** 2).sum(1)
     return (d_ap - d_an + margin).clamp(min=0).mean()
+
+
+# -----------------------------------------------------------------------------
+# the baselines as train.py runs them: which inputs each reads, and its loss on a mini-batch
+METHODS = {'duheg': 'this paper', 'ssdh': 'SSDH, unsupervised', 'cibhash': 'CIBHash, unsupervised',
+           'dhn': 'DHN, supervised', 'dch': 'DCH, supervised', 'dqn': 'DQN, supervised, quantization',
+           'dvsq': 'DVSQ, supervised, quantization', 'dtq': 'DTQ, supervised, quantization',
+           'lsh': 'random projection, no training', 'itq': 'PCA-ITQ, no training'}
+SUPERVISED = frozenset({'dhn', 'dch', 'dqn', 'dvsq', 'dtq'})  # baselines that read the training labels
+UNTRAINED = frozenset({'lsh', 'itq'})   # baselines fitted in closed form: no heads, no epochs
+QUANTIZED = frozenset({'dqn', 'dvsq', 'dtq'})  # product-quantized codes, ranked by AQD (eval_hash.map_aqd)
+TWO_VIEWS = frozenset({'cibhash'})      # baselines trained on two augmented views, as DUH-EG
+PAIR_LOSSES = {'ssdh': ssdh_loss, 'dhn': dhn_loss, 'dch': dch_loss}
+QUANT_LAMBDA = {'dqn': DQN_LAMBDA, 'dvsq': DVSQ_LAMBDA, 'dtq': DTQ_LAMBDA}
+
+
+def similarity(method, x_train, y_train):
+    """The pairwise similarity (N x N) a baseline's loss reads: SSDH's from the features, the
+    supervised ones' from the labels (DVSQ reads the labels themselves); None for the others."""
+    if method == 'ssdh':
+        return ssdh_similarity(x_train)
+    if method in SUPERVISED and method != 'dvsq':
+        return label_similarity(y_train)
+    return None
+
+
+def out_dim(method, bits, v=None):
+    """Hv's outputs: the code length, or the quantization methods' embedding D (DVSQ: the word vectors')."""
+    if method not in QUANTIZED:
+        return bits
+    return len(v[0]) if method == 'dvsq' else PQ_DIM
+
+
+def untrained_codes(method, x_train, xs, bits, seed=0):
+    """LSH's or ITQ's continuous codes of each feature matrix of `xs`, fitted on x_train."""
+    fit = lsh_codes if method == 'lsh' else itq_codes
+    return [fit(x_train, x, bits, seed=seed) for x in xs]
+
+
+def batch_loss(method, hv, x, idx, views, s=None, y=None, v=None, gen=None, pq=None):
+    """A baseline's loss on the mini-batch `idx`, on Hv alone (train.py's Algorithm 2 loop calls it in
+    place of L_BCL): features x, the batch's two augmented views `views` (CIBHash), the similarity
+    s, labels y and word vectors v (DVSQ), the run's generator (DTQ's negatives), and pq, the
+    (codes, codebooks) of the quantization methods after their first fit (refit_codebooks)."""
+    if method in TWO_VIEWS:  # CIBHash: two augmented views of each image
+        return cibhash_loss(hv(views[0]), hv(views[1]))
+    if method not in QUANTIZED:  # a pairwise loss
+        return PAIR_LOSSES[method](hv(x[idx]), s[idx][:, idx])
+    z = hv(x[idx])  # DQN, DVSQ, DTQ: similarity loss + lambda * quantization loss (lambda 0 before the first fit)
+    if method == 'dvsq':
+        loss = dvsq_loss(z, y[idx], v)
+    elif method == 'dtq':  # Group-Hard negatives drawn with the run's generator
+        loss = dtq_loss(z, s[idx][:, idx], gen=gen)
+    else:
+        loss = dqn_loss(z, s[idx][:, idx])
+    if pq is not None:
+        q = pq_decode(pq[0][idx], pq[1])
+        loss = loss + QUANT_LAMBDA[method] * (dvsq_quant_loss(z, q, v) if method == 'dvsq' else pq_loss(z, q))
+    return loss
+
+
+def refit_codebooks(z_all, bits, codebooks, seed, device):
+    """The product quantizer after an epoch (fitted on the CPU from every training item's z, refined
+    from the current codebooks after the first fit, as DeepHash): (codebooks, (codes, codebooks)
+    on `device` for batch_loss)."""
+    m = pq_shape(bits, z_all.shape[1])
+    first = codebooks is None
+    codebooks = pq_fit(z_all, m, PQ_FIT_ITERS if first else PQ_UPDATE_ITERS, codebooks, seed=seed)
+    return codebooks, (pq_encode(z_all, codebooks).to(device), codebooks.to(device))
+
+
+def class_vectors(path, n_classes, clip_model, clip_pretrained, device='cpu'):
+    """DVSQ's word vectors of the labels (n_classes x D, unit rows, label order): the CLIP text
+    features of the class names in `path` (one a line) through Eq. 2's prompt ensemble (word2vec in
+    the DVSQ paper)."""
+    import os
+    import dataset
+    import models
+    from nouns_embed import embed_words
+    if not os.path.isfile(path):
+        raise dataset.CacheError(f"{path} does not exist: DVSQ needs the labels' names (dataset_extract.py writes "
+                                 f"classes.txt; or give --class_names=FILE, one name a line in label order)")
+    names = [w.strip() for w in dataset.read_lines(path)]
+    if len(names) != n_classes or not all(names):
+        raise dataset.DataError(f"{path} has {len(names)} names{' (some empty)' if not all(names) else ''} but the "
+                                f"labels have {n_classes} classes: give one name a line, in label order")
+    if all(w.isdigit() for w in names):
+        raise dataset.DataError(f"{path} holds class numbers, not names: DVSQ's word vectors are the CLIP text "
+                                f"features of the names; write them one a line in label order and pass "
+                                f"--class_names=FILE")
+    model, _, tokenizer = models.load_clip(clip_model, clip_pretrained, device)
+    return embed_words(names, model, tokenizer, device=device)

@@ -2,7 +2,7 @@
 `configure` (command-line overrides of a script's constants) and the cache files
 (`save_array` / `load_array`: atomic writes with a metadata sidecar that later steps check).
 
-Section 4.1.1 of the paper defines the datasets and splits; SPEC.md restates them.
+Section 4.1.1 of the paper defines the datasets and splits.
 """
 import glob
 import hashlib
@@ -109,7 +109,8 @@ def _public_names(s):
     table = isinstance(s.value, (ast.Dict, ast.DictComp, ast.Set, ast.SetComp)) or (
         isinstance(s.value, ast.Call) and getattr(s.value.func, 'id', '') in ('dict', 'set', 'frozenset'))
     targets = s.targets if isinstance(s, ast.Assign) else [s.target]
-    return [] if table else [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper() and not t.id.startswith('_')]
+    names = [t.id for t in targets if isinstance(t, ast.Name)]
+    return [] if table else [n for n in names if n.isupper() and not n.startswith('_')]
 
 
 def _first_def(body):
@@ -217,13 +218,12 @@ def help_text(g):
     return '\n'.join(out).rstrip() + '\n'
 
 
-def settings_markdown(path, values):
-    """The README's settings table of the script `path` (values: its constants' defaults)."""
-    rows = ['| setting | default | meaning |', '|---|---|---|']
-    for _, name, comment in _setting_rows(dict(values, __file__=path)):
-        default = cli_value(values[name]).replace('|', '\\|')
-        rows.append(f"| `--{name.lower()}` | `{default}` | {comment.replace('|', chr(92) + '|')} |")
-    return '\n'.join(rows)
+def released_defaults(settings, table):
+    """The settings a script's RELEASED_DEFAULTS `table` names ({NAME: (default, the authors' released
+    code's)}) resolved, in a script's globals or a run's config: a None (or '') value takes the
+    default of its column, chosen by settings['RELEASED']. Returns {NAME: value}."""
+    released = bool(settings.get('RELEASED'))
+    return {k: v[released] if settings.get(k) in (None, '') else settings[k] for k, v in table.items()}
 
 
 def check_ranges(g, ranges):
@@ -294,9 +294,24 @@ def user_error(e):
     error raised in a DataLoader worker without torch's wrapping and its traceback, a full disk or a
     read-only folder with the file it was writing."""
     import errno
+    import shutil
+
+    def disk_full(path):  # numpy's writers may fail without an errno when the disk fills
+        d = os.path.dirname(os.path.abspath(str(path)))
+        while d and not os.path.isdir(d):
+            d = os.path.dirname(d)
+        return shutil.disk_usage(d or '/').free < (1 << 20)
+    if isinstance(e, OSError) and e.errno is None and e.filename and disk_full(e.filename):
+        e.errno = errno.ENOSPC
+    if isinstance(e, FileNotFoundError) and e.filename and os.path.islink(e.filename):
+        return (f"error: {e.filename} is a broken symbolic link (its target {os.readlink(e.filename)} does not "
+                f"exist): mend or remove the link, then run again")
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"error: {e.filename} does not exist ({e.strerror}): check the path, or the step that writes it"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"error: no space left on the device while writing {e.filename or 'a cache file'}: free some space or " \
-               f"choose another --cache_dir; nothing half-written is kept"
+        return (f"error: no space left on the device while writing {e.filename or 'a cache file'} (the disk is "
+                f"full): free some space (or choose another --cache_dir) and run the same command again; nothing "
+                f"half-written is kept, and an extraction resumes where it stopped")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return f"error: cannot write {e.filename or 'a cache file'} ({e.strerror}): choose a writable --cache_dir"
     msg = str(e)
@@ -438,9 +453,10 @@ def fingerprints(**paths):
     return {name: fingerprint(p) for name, p in paths.items()}
 
 
-def load_array(path, settings=None, producer='the step that writes it', verify=True, mmap=False):
+def load_array(path, settings=None, producer='the step that writes it', verify=True, mmap=False, companions=()):
     """Load a cached array after checking its sidecar against `settings`, its shape, dtype,
-    checksum and finiteness. Raises CacheError with what to do."""
+    checksum and finiteness, and that each companion file beside it (a word list written with it)
+    still has the sha256 its sidecar recorded. Raises CacheError with what to do."""
     settings = settings or {}
     status = cache_status(path, settings)
     rerun = f"run {producer} (with --force to rebuild)"
@@ -463,7 +479,44 @@ def load_array(path, settings=None, producer='the step that writes it', verify=T
     if arr.dtype.kind == 'f' and not mmap and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)).all(1)).ravel()
         raise CacheError(f"{path} holds NaN or infinite values in {len(bad)} rows (first: {bad[:5].tolist()}): {rerun}")
+    for name in companions:
+        other = os.path.join(os.path.dirname(path), name)
+        if not os.path.isfile(other) or sha256_file(other) != meta['settings'].get(name + '_sha256'):
+            raise CacheError(f"{other} is missing or does not belong to {path} (a killed run, or an edited file): "
+                             f"rerun {producer} with --force")
     return arr
+
+
+def cached(path, settings, build, producer, force=False, companions=(), rebuild_stale='', load=True, quiet=False):
+    """Load or build: the one rule of every cache the steps hand on. The array at `path` is reused
+    when its sidecar holds `settings` (the inputs' fingerprints among them), its checksum holds, and
+    each companion file beside it still has the sha256 the sidecar recorded. Else build() makes it
+    and returns the array, or (array, more settings), saved atomically with its sidecar last (the
+    companions, which build() wrote, are fingerprinted in it); or None when build() wrote `path` and
+    its sidecar itself. A cache made with other settings is a CacheError that names the setting and
+    --force, or, with rebuild_stale (what the file holds, in words), a note and a rebuild; `force`
+    rebuilds. Returns (the array, or None when not `load`; its sidecar)."""
+    status = cache_status(path, settings)
+    if rebuild_stale and status not in ('ok', 'missing'):
+        print(f"rebuilding {rebuild_stale}: {status}")
+        force = True
+    if reusable(path, settings, force, producer):
+        if not quiet:
+            print(f"reusing {path}")
+        arr = load_array(path, settings, producer, verify=False, companions=companions) if load else None
+        return arr, read_sidecar(path)
+    out = build()
+    if out is None:
+        return (load_array(path, settings, producer) if load else None), read_sidecar(path)
+    arr, more = out if isinstance(out, tuple) else (out, {})
+    more = dict(more, **{n + '_sha256': sha256_file(os.path.join(os.path.dirname(path), n)) for n in companions})
+    return arr, save_array(path, arr, dict(settings, **more), producer)
+
+
+def read_sidecar(path):
+    """The sidecar of the cached array `path`: producer, settings, shape, dtype, sha256."""
+    with open(path + '.json') as f:
+        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
@@ -685,7 +738,7 @@ def _flickr_mat(path):
     return Images([f'flickr25k/{i}' for i in range(n)], labels, arrays=_H5Images(ipath))
 
 
-# the split files of the authors' repository and of DeepHash-pytorch, in a --split_dir (SPEC, "Splits")
+# the split files of the authors' repository (its data/<set>/ files) and of DeepHash-pytorch, in a --split_dir
 SPLIT_FORMATS = {
     'lists': ('query.txt', 'retrieval.txt', 'train.txt'),             # ours: 'path 0 1 ...', names in the dataset
     'cifar_index': ('train_index.txt',),                              # CIFAR-10: train indices into the 50,000
@@ -793,20 +846,35 @@ def load_images(dataset, data_path, download=True, split_dir=''):
 
 # -----------------------------------------------------------------------------
 # splits (Section 4.1.1): query, retrieval = the rest, train drawn from retrieval
-def _per_class(labels, n, rng, pool):
-    """For each class in order, draw n images of that class from `pool`, none drawn twice."""
+def _per_class(labels, n, rng, pool, part):
+    """For each class in order, draw n images of that class from `pool`, none drawn twice (`part`: the
+    set drawn, 'query' or 'train', for the error)."""
     avail = np.zeros(len(labels), bool)
     avail[np.asarray(pool)] = True
     out = []
     for c in range(labels.shape[1]):
         cand = np.flatnonzero(avail & (labels[:, c] > 0))
         if len(cand) < n:
-            raise DataError(f"class {c} has {len(cand)} images left to draw {n} from; lower the per-class "
-                            f"query/train setting or use --split_dir")
+            left = 'images' if part == 'query' else 'images outside the query set'
+            raise DataError(f"the split needs {n} {part} images of each class, but class {c} has {len(cand)} {left}: "
+                            f"give dataset_extract.py a smaller --{part} (per class), or your own split with "
+                            f"--split_dir")
         pick = rng.choice(cand, n, replace=False)
         avail[pick] = False
         out.append(pick)
     return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+def split_rule(dataset, query=None, train=None):
+    """The DATASETS rule with the query/train sizes overridden where given (per class for
+    per-class sets, in total otherwise)."""
+    rule = dict(DATASETS[dataset])
+    qk, tk = ('query_per_class', 'train_per_class') if 'query_per_class' in rule else ('query', 'train')
+    if query is not None:
+        rule[qk] = query
+    if train is not None:
+        rule[tk] = train
+    return rule
 
 
 def make_split(labels, rule, seed):
@@ -814,12 +882,13 @@ def make_split(labels, rule, seed):
     rng = np.random.default_rng(seed)
     n = len(labels)
     if 'query_per_class' in rule:
-        query = _per_class(labels, rule['query_per_class'], rng, np.arange(n))
+        query = _per_class(labels, rule['query_per_class'], rng, np.arange(n), 'query')
         retrieval = np.setdiff1d(np.arange(n), query)
-        train = _per_class(labels, rule['train_per_class'], rng, retrieval)
+        train = _per_class(labels, rule['train_per_class'], rng, retrieval, 'train')
     else:
         if rule['query'] + rule['train'] > n:
-            raise DataError(f"{n} images cannot give {rule['query']} query and {rule['train']} train images")
+            raise DataError(f"{n} images cannot give {rule['query']} query and {rule['train']} train images: give "
+                            f"dataset_extract.py a smaller --query or --train, or your own split with --split_dir")
         query = np.sort(rng.permutation(n)[:rule['query']])
         retrieval = np.setdiff1d(np.arange(n), query)
         train = np.sort(rng.choice(retrieval, rule['train'], replace=False))
@@ -863,7 +932,8 @@ def read_split_dir(split_dir, images):
                 names = read_list_file(path, '', images.labels.shape[1], check=False)[0]
             unknown = [n for n in names if n not in pos]
             if unknown:
-                raise DataError(f"{len(unknown)} images of {path} are not in the dataset, e.g. {', '.join(unknown[:5])}")
+                raise DataError(f"{len(unknown)} images of {path} are not in the dataset, e.g. "
+                                f"{', '.join(unknown[:5])}")
             out.append(np.array([pos[n] for n in names], np.int64))
     check_split(*out, *files)
     return tuple(out)
@@ -915,7 +985,7 @@ VIEW_RECIPES = ('simclr', 'released')  # ours (the backbone's own plain view, AU
 
 
 def released_views(dataset, size=224):
-    """(plain, augmented) views of the authors' released code (SPEC, last section) at the backbone's
+    """(plain, augmented) views of the authors' released code (their data loaders' transforms) at the backbone's
     input `size` (224 for every real backbone, as theirs; 256 scales with it), every one
     normalised with ImageNet's mean and std. CIFAR-10: plain Resize(224, bicubic) + CenterCrop(224);
     augmented Resize(224, bicubic), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.7, grayscale
@@ -1377,9 +1447,28 @@ def colour(y, d, steps, device):
 
 
 # -----------------------------------------------------------------------------
-# where the steps put their files (one place, so every step agrees)
+# cache layout: every path a step writes or reads, in one place, so every step agrees.
+#   <cache>/<dataset>/labels.npy, names.txt, classes.txt, source.json   dataset_extract.py
+#   <cache>/<dataset>/<split>/query.npy, retrieval.npy, train.npy  dataset_extract.py
+#   <cache>/<dataset>/<backbone>-<weights>[-released]/images.npy, train_aug_<split>.npy, bad_images.txt
+#                                                                 dataset_extract.py
+#   .../<clip>-<weights>[-released]/external_*.npy                train.py (Eq. 5-6, cached)
+#   <cache>/nouns/<vocab>_<clip>_<weights>[_released]/noun_feats.npy, noun_words.txt      nouns_embed.py
+#   .../kmeans_k<N_k>_.../centres.npy, assign.npy; .../select_k<N_k>_t<T1>[_sim][_released]/selected_feats.npy,
+#   selected_words.txt, selection.json                            nouns_embed.py
 def dataset_dir(cache_dir, dataset):
     return os.path.join(cache_dir, dataset)
+
+
+def split_tag(seed, split_dir=None):
+    return f'split_{os.path.basename(os.path.normpath(split_dir))}' if split_dir else f'split_s{seed}'
+
+
+def split_paths(cache_dir, dataset, tag):
+    """{labels, query, retrieval, train}: the labels and the split's index files."""
+    d = dataset_dir(cache_dir, dataset)
+    return dict(labels=os.path.join(d, 'labels.npy'), **{p: os.path.join(d, tag, p + '.npy')
+                                                          for p in ('query', 'retrieval', 'train')})
 
 
 def feature_dir(cache_dir, dataset, backbone, pretrained, recipe='simclr'):
@@ -1389,53 +1478,70 @@ def feature_dir(cache_dir, dataset, backbone, pretrained, recipe='simclr'):
                         + ('-released' if recipe == 'released' else ''))
 
 
-def split_rule(dataset, query=None, train=None):
-    """The DATASETS rule with the query/train sizes overridden where given (per class for
-    per-class sets, in total otherwise)."""
-    rule = dict(DATASETS[dataset])
-    qk, tk = ('query_per_class', 'train_per_class') if 'query_per_class' in rule else ('query', 'train')
-    if query is not None:
-        rule[qk] = query
-    if train is not None:
-        rule[tk] = train
-    return rule
+def views_path(fdir, tag):
+    """The augmented views of the train images of split `tag`, in the feature folder `fdir`."""
+    return os.path.join(fdir, f'train_aug_{tag}.npy')
 
 
-def split_tag(seed, split_dir=None):
-    return f'split_{os.path.basename(os.path.normpath(split_dir))}' if split_dir else f'split_s{seed}'
+def external_path(fdir, external, vocab, n_k, t1, reading, tau1, released, tag):
+    """e_i of every train image (Eq. 5-6) as train.py caches it, beside the CLIP features `fdir`."""
+    return os.path.join(fdir, f"external_{external}_{os.path.basename(str(vocab))}_k{n_k}_t{t1}"
+                              f"{'_sim' if reading == 'similarity' else ''}_tau{tau1}{'_released' if released else ''}"
+                              f"_{tag}.npy")
+
+
+def vocab_tag(vocab):
+    """'wordnet', 'imagenet', or 'file-<name>' for a word-list file."""
+    return vocab if vocab in ('wordnet', 'imagenet') else 'file-' + os.path.splitext(os.path.basename(vocab))[0]
+
+
+def vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released=False):
+    """Holds noun_feats.npy (unique nouns x D, unit rows) and noun_words.txt (same order)."""
+    from models import pretrained_tag
+    tag = f'{vocab_tag(vocab)}_{clip_model}_{pretrained_tag(clip_pretrained)}' + ('_released' if released else '')
+    return os.path.join(cache_dir, 'nouns', tag)
+
+
+def kmeans_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, iters, restarts, seed, init, tol, released=False):
+    """Holds centres.npy and assign.npy of one K-means run, shared by every T1."""
+    name = f"kmeans_k{n_k}_{'kpp' if init == 'k-means++' else init}_i{iters}_r{restarts}_s{seed}_tol{tol:g}"
+    return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released), name)
+
+
+def selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False, reading='distance'):
+    """Holds selected_feats.npy (t_com rows), selected_words.txt (word<TAB>rep|cen, same order) and
+    selection.json: read, unique, duplicates, t_rep, t_cen, t_com, and seconds of embedding,
+    clustering, selection and their total (the pre-processing time of Table 4)."""
+    return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released),
+                        f'select_k{n_k}_t{t1}' + ('_sim' if reading == 'similarity' else '')
+                        + ('_released' if released else ''))
+
+
+def source_path(cache_dir, dataset):
+    """Where dataset_extract.py read the images from, and their fingerprint (source.json)."""
+    return os.path.join(dataset_dir(cache_dir, dataset), 'source.json')
+
+
+def extracted_images(cache_dir, dataset, data_path=''):
+    """The images dataset_extract.py read into `cache_dir` (eval_hash.py's and search.py's pictures):
+    from `data_path`, or from where it recorded it read them, checked against the fingerprint it
+    recorded. Other images (another dataset, a changed folder) are a DataError naming both."""
+    src = {}
+    if os.path.exists(source_path(cache_dir, dataset)):
+        with open(source_path(cache_dir, dataset)) as f:
+            src = json.load(f)
+    path = data_path or src.get('data_path') or os.path.join('data', dataset)
+    images = load_images(dataset, path, download=False, split_dir=src.get('split_dir', ''))
+    want = read_sidecar(split_paths(cache_dir, dataset, '')['labels'])['settings'].get('images_sha')
+    if want and images.fingerprint() != want:
+        raise DataError(f"the images under {path} are not the ones dataset_extract.py read into {cache_dir}/{dataset} "
+                        f"(from {src.get('data_path', 'a folder it did not record')}): "
+                        + ("give --data_path the folder it read" if data_path else
+                           "they changed since; rerun dataset_extract.py, or give --data_path the folder it read"))
+    return images
 
 
 def load_split(cache_dir, dataset, tag, producer='dataset_extract.py'):
     """(labels, query, retrieval, train) saved by dataset_extract.py, checked."""
-    d = dataset_dir(cache_dir, dataset)
-    labels = load_array(os.path.join(d, 'labels.npy'), producer=producer)
-    parts = [load_array(os.path.join(d, tag, p + '.npy'), producer=producer) for p in ('query', 'retrieval', 'train')]
-    return (labels, *parts)
-
-
-# -----------------------------------------------------------------------------
-# `python dataset.py --readme` rewrites the README's settings tables from the scripts' own
-# settings blocks (the text between <!-- settings: x.py --> and <!-- /settings -->)
-README_SCRIPTS = ('dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py', 'search.py')
-
-
-def readme_with_settings(text, root):
-    """`text` (the README) with every marked settings block replaced by the script's table."""
-    import runpy
-
-    def table(m):
-        path = os.path.join(root, m.group(1))
-        values = runpy.run_path(path, run_name='settings')  # the constants, without running main()
-        return f"{m.group(0).split(chr(10))[0]}\n{settings_markdown(path, values)}\n<!-- /settings -->"
-    return re.sub(r'<!-- settings: (\S+) -->\n.*?<!-- /settings -->', table, text, flags=re.S)
-
-
-if __name__ == '__main__':
-    if sys.argv[1:] != ['--readme']:
-        raise SystemExit("usage: python dataset.py --readme   (rewrites README.md's settings tables from the scripts)")
-    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')
-    with open(readme, encoding='utf-8') as f:
-        old = f.read()
-    new = readme_with_settings(old, os.path.dirname(readme))
-    atomic_write(readme, lambda f: f.write(new.encode()))
-    print(f"README.md settings tables {'rewritten' if new != old else 'already up to date'}")
+    paths = split_paths(cache_dir, dataset, tag)
+    return tuple(load_array(paths[p], producer=producer) for p in ('labels', 'query', 'retrieval', 'train'))

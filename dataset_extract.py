@@ -1,4 +1,4 @@
-"""Step 1 (Section 4.1.2, SPEC pipeline 1): frozen-backbone features of every image.
+"""Step 1 (Section 4.1.2): frozen-backbone features of every image.
 
 Writes, under CACHE_DIR/<dataset>/:
   labels.npy, names.txt, classes.txt      every image's labels and file name
@@ -11,7 +11,6 @@ feature needs CLIP's space. Work is saved in chunks, so a killed run resumes whe
 Several GPUs or machines: torchrun --nproc_per_node=N dataset_extract.py ... (same files).
 """
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -23,10 +22,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dataset
-from dataset import (CacheError, DataError, augment_settings, augment_transform,
-                     configure, dataset_dir, feature_dir, load_array, load_images, make_split,
-                     read_split_dir, reusable, save_array, save_json, save_text, split_rule, split_tag)
+from dataset import (CacheError, DataError, augment_settings, augment_transform, cached, configure, dataset_dir,
+                     feature_dir, load_array, load_images, make_split, read_sidecar, read_split_dir, released_defaults,
+                     reusable, save_array, save_json, save_text, split_paths, split_rule, split_tag)
 import models
+import train
 from models import hardware, load_backbone, pretrained_tag, resolve_device
 
 # data
@@ -59,22 +59,19 @@ VIEW_PATH = 'tensor'       # tensor: each image decoded once, its views made bat
 BATCH_SIZE = 128           # images per forward pass
 NUM_WORKERS = -1           # data-loading processes; -1: one per usable CPU core
 CHUNK_BATCHES = 8          # batches per saved chunk (the unit of resuming and of sharding across ranks)
-BAD_IMAGES = 'stop'        # stop | skip: an unreadable image stops the run, or is listed in bad_images.txt and dropped later
+BAD_IMAGES = 'stop'        # stop | skip: an unreadable image stops the run, or is listed in bad_images.txt and dropped
+                           # later
 FORCE = False              # rebuild caches even when they exist
 _RANGES = dict(SPLIT_SEED='[0, inf)', QUERY='[1, inf)', TRAIN='[1, inf)', AUG_VIEWS='[0, inf)', AUG_SEED='[0, inf)',
                BATCH_SIZE='[1, inf)', NUM_WORKERS='[-1, inf)', CHUNK_BATCHES='[1, inf)')  # checked before any work
 _VERSION = 3               # bump when the features this script writes change meaning (2: augmented views in fp16;
                            # 3: one random stream per (seed, image, view), views made on the device)
-_T_MAX = 60                # train.py's EPOCHS: AUG_VIEWS None extracts a fresh pair of views for each of them
+RELEASED_DEFAULTS = dict(  # each None setting above: (its default, the authors' released code's), by RELEASED
+    AUG_VIEWS=(train.views_for(train.EPOCHS), 2), VIEW_RECIPE=train.RELEASED_DEFAULTS['VIEW_RECIPE'])
 
 
 def hash_names(names):
     return hashlib.sha256('\n'.join(names).encode()).hexdigest()[:16]
-
-
-def read_meta(path):
-    with open(path + '.json') as f:
-        return json.load(f)
 
 
 def setup_distributed():
@@ -101,14 +98,6 @@ def num_workers(n):
     return len(os.sched_getaffinity(0)) if n < 0 else n
 
 
-def check_reuse(path, settings):
-    """True if `path` is a trusted cache of `settings` (and FORCE is off); stale: CacheError."""
-    if reusable(path, settings, FORCE, 'dataset_extract.py'):
-        print(f"reusing {path}")
-        return True
-    return False
-
-
 def loader_for(data, batches, device):
     """One DataLoader for a whole pass: its workers decode each image once (pinned memory for a GPU)."""
     cuda = device.startswith('cuda')
@@ -116,16 +105,21 @@ def loader_for(data, batches, device):
                                        collate_fn=dataset.collate_decoded, prefetch_factor=4 if NUM_WORKERS else None)
 
 
-@torch.no_grad()
 def encode_views(name, images, indices, transform, n_views, encode, out_path, settings, rank, world, device,
                  seed=None):
-    """Features of n_views views of each image of images[indices] (seed None: the one plain view), in one
-    pass: each image decoded once, its views made on `device` (VIEW_PATH 'tensor') or by PIL in the
-    workers ('pil'), BATCH_SIZE views per forward. Saved chunk by chunk (the unit of resuming, each
-    rank its share), then merged in order into `out_path`: N x F float32 for the plain view, N x V x F
-    float16 for views."""
-    if check_reuse(out_path, settings):
-        return
+    """Features of n_views views of each image of images[indices] (seed None: the one plain view) in
+    `out_path`, unless a trusted cache of `settings` is there: N x F float32 for the plain view,
+    N x V x F float16 for views (extract_views)."""
+    cached(out_path, settings, lambda: extract_views(name, images, indices, transform, n_views, encode, out_path,
+                                                     settings, rank, world, device, seed),
+           'dataset_extract.py', FORCE, load=False)
+
+
+@torch.no_grad()
+def extract_views(name, images, indices, transform, n_views, encode, out_path, settings, rank, world, device, seed):
+    """One pass: each image decoded once, its views made on `device` (VIEW_PATH 'tensor') or by PIL in
+    the workers ('pil'), BATCH_SIZE views per forward. Saved chunk by chunk (the unit of resuming,
+    each rank its share), then merged in order by rank 0 into `out_path` and its sidecar."""
     per_chunk = max(1, BATCH_SIZE * CHUNK_BATCHES // n_views)  # images per chunk: about CHUNK_BATCHES forwards
     per_load = max(1, BATCH_SIZE // n_views)                   # images per loader batch
     chunk_dir = os.path.join(os.path.dirname(out_path), '.chunks', os.path.basename(out_path)[:-4])
@@ -165,7 +159,7 @@ def encode_views(name, images, indices, transform, n_views, encode, out_path, se
                 feats, bad, c_i, seen = [], [], c_i + 1, 0
     barrier(world)
     if rank == 0:
-        metas = [read_meta(p) for p in paths]
+        metas = [read_sidecar(p) for p in paths]
         bad = sorted(sum((m['settings'].get('bad', []) for m in metas), []))
         shape, dt = (len(indices), *metas[0]['shape'][1:]), metas[0]['dtype']
         parts = ((np.s_[a:e], load_array(p, chunk_settings, 'dataset_extract.py')) for (a, e), p in zip(span, paths))
@@ -175,10 +169,9 @@ def encode_views(name, images, indices, transform, n_views, encode, out_path, se
 
 
 def resolve_settings(device):
-    """The None settings resolved by RELEASED (AUG_VIEWS, VIEW_RECIPE, PRECISION), then checked."""
-    global AUG_VIEWS, VIEW_RECIPE, PRECISION
-    AUG_VIEWS = (2 if RELEASED else 2 * _T_MAX) if AUG_VIEWS is None else AUG_VIEWS
-    VIEW_RECIPE = VIEW_RECIPE or ('released' if RELEASED else 'simclr')
+    """The None settings resolved (RELEASED_DEFAULTS; PRECISION by the device), then checked."""
+    global PRECISION
+    globals().update(released_defaults(globals(), RELEASED_DEFAULTS))
     if PRECISION is None:
         PRECISION = 'fp16' if device.startswith('cuda') else 'fp32'
         if RELEASED and PRECISION == 'fp32':
@@ -197,47 +190,44 @@ def resolve_settings(device):
         raise SystemExit(f"error: --view_recipe={VIEW_RECIPE!r}: choose one of {', '.join(dataset.VIEW_RECIPES)}")
 
 
-def main():
-    global BACKBONE_PRETRAINED, DATA_PATH, NUM_WORKERS
-    cfg = configure(globals())
-    if DATASET not in dataset.DATASETS:
-        raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
-    dataset.check_ranges(globals(), _RANGES)
-    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
-    DATA_PATH = DATA_PATH or os.path.join('data', DATASET)
-    t0 = time.time()
-    rank, world, device = setup_distributed()
-    resolve_settings(device)
-    NUM_WORKERS = num_workers(NUM_WORKERS)
-    cfg.update(AUG_VIEWS=AUG_VIEWS, VIEW_RECIPE=VIEW_RECIPE, PRECISION=PRECISION, BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
-
-    # the images, their labels, and the split (Section 4.1.1)
-    images = load_images(DATASET, DATA_PATH, DOWNLOAD and rank == 0, SPLIT_DIR)
-    if world > 1 and DATASET == 'cifar10' and rank > 0:
-        images = load_images(DATASET, DATA_PATH, False, SPLIT_DIR)
-    ddir = dataset_dir(CACHE_DIR, DATASET)
-    tag = split_tag(SPLIT_SEED, SPLIT_DIR)
+def split_step(images, rank, world):
+    """The labels and the split (Section 4.1.1), cached: (data settings, split settings, query,
+    retrieval, train). Every product records the settings (the images' fingerprint among them)."""
+    ddir, tag = dataset_dir(CACHE_DIR, DATASET), split_tag(SPLIT_SEED, SPLIT_DIR)
     rule = split_rule(DATASET, QUERY, TRAIN)
-    # what every product is made from (one fingerprint each): the images and labels, the split files
+    paths = split_paths(CACHE_DIR, DATASET, tag)
     data_settings = dict(dataset=DATASET, n_images=len(images), names_sha=hash_names(images.names),
                          images_sha=images.fingerprint())
-    split_settings = dict(data_settings, split=tag, rule=rule, split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '',
+    split_settings = dict(data_settings, split=tag, rule=rule,
+                          split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '',
                           split_files=dataset.split_fingerprints(SPLIT_DIR) if SPLIT_DIR else {})
-    if rank == 0:
-        if not check_reuse(os.path.join(ddir, 'labels.npy'), data_settings):
-            save_text(os.path.join(ddir, 'names.txt'), images.names)
-            save_text(os.path.join(ddir, 'classes.txt'), images.classes)
-            save_array(os.path.join(ddir, 'labels.npy'), images.labels, data_settings, 'dataset_extract.py')
-        if not check_reuse(os.path.join(ddir, tag, 'train.npy'), split_settings):
-            split = read_split_dir(SPLIT_DIR, images) if SPLIT_DIR else make_split(images.labels, rule, SPLIT_SEED)
-            for name, idx in zip(('query', 'retrieval', 'train'), split):
-                save_array(os.path.join(ddir, tag, name + '.npy'), idx, split_settings, 'dataset_extract.py')
-    barrier(world)
-    query, retrieval, train = (load_array(os.path.join(ddir, tag, p + '.npy'), split_settings, 'dataset_extract.py')
-                               for p in ('query', 'retrieval', 'train'))
 
-    # features: the backbone (plain view of every image, augmented views of train images), and
-    # CLIP's plain view when the backbone is not a CLIP (the external feature lives in CLIP's space)
+    def labels():
+        save_text(os.path.join(ddir, 'names.txt'), images.names)
+        save_text(os.path.join(ddir, 'classes.txt'), images.classes)
+        return images.labels
+
+    def split():  # query and retrieval first: train.npy, written last, vouches for the three
+        query, retrieval, train = read_split_dir(SPLIT_DIR, images) if SPLIT_DIR else \
+            make_split(images.labels, rule, SPLIT_SEED)
+        for name, idx in (('query', query), ('retrieval', retrieval)):
+            save_array(paths[name], idx, split_settings, 'dataset_extract.py')
+        return train
+    if rank == 0:
+        cached(paths['labels'], data_settings, labels, 'dataset_extract.py', FORCE, load=False)
+        save_json(dataset.source_path(CACHE_DIR, DATASET), dict(  # where the pictures of eval_hash/search come from
+            data_path=os.path.abspath(DATA_PATH), split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '',
+            images_sha=data_settings['images_sha']))
+        cached(paths['train'], split_settings, split, 'dataset_extract.py', FORCE, load=False)
+    barrier(world)
+    return (data_settings, split_settings,
+            *(load_array(paths[p], split_settings, 'dataset_extract.py') for p in ('query', 'retrieval', 'train')))
+
+
+def features_step(images, data_settings, split_settings, train, rank, world, device):
+    """The backbone's plain view of every image and its augmented views of the train images, and
+    CLIP's plain view when the backbone is not a CLIP (the external feature lives in CLIP's space).
+    Returns the backbone's feature dimension."""
     jobs = [(BACKBONE, BACKBONE_PRETRAINED, AUG_VIEWS)]
     if BACKBONE not in models.CLIP_MODELS:
         jobs.append((CLIP_MODEL, CLIP_PRETRAINED, 0))
@@ -258,18 +248,42 @@ def main():
             aug = augment_settings() if VIEW_RECIPE == 'simclr' else repr(augment)
             aug_settings = dict(settings, split=split_settings, aug=aug, aug_views=views, aug_seed=AUG_SEED)
             encode_views(f'{backbone} train views', images, train, augment, views, encode,
-                         os.path.join(fdir, f'train_aug_{tag}.npy'), aug_settings, rank, world, device, seed=AUG_SEED)
+                         dataset.views_path(fdir, split_settings['split']), aug_settings, rank, world, device,
+                         seed=AUG_SEED)
         barrier(world)
-        if rank == 0:
-            bad = read_meta(os.path.join(fdir, 'images.npy'))['settings'].get('bad', [])
-            if bad:
-                save_text(os.path.join(fdir, 'bad_images.txt'), [images.names[i] for i in bad])
-                print(f"skipped {len(bad)} unreadable images, listed in {fdir}/bad_images.txt")
+        bad = read_sidecar(os.path.join(fdir, 'images.npy'))['settings'].get('bad', [])
+        if bad and rank == 0:
+            save_text(os.path.join(fdir, 'bad_images.txt'), [images.names[i] for i in bad])
+            print(f"skipped {len(bad)} unreadable images, listed in {fdir}/bad_images.txt")
+    return dims[BACKBONE]
+
+
+def main():
+    global BACKBONE_PRETRAINED, DATA_PATH, NUM_WORKERS
+    cfg = configure(globals())
+    if DATASET not in dataset.DATASETS:
+        raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
+    dataset.check_ranges(globals(), _RANGES)
+    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
+    DATA_PATH = DATA_PATH or os.path.join('data', DATASET)
+    t0 = time.time()
+    rank, world, device = setup_distributed()
+    resolve_settings(device)
+    NUM_WORKERS = num_workers(NUM_WORKERS)
+    cfg.update(AUG_VIEWS=AUG_VIEWS, VIEW_RECIPE=VIEW_RECIPE, PRECISION=PRECISION,
+               BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
+
+    images = load_images(DATASET, DATA_PATH, DOWNLOAD and rank == 0, SPLIT_DIR)  # every image and its labels
+    if world > 1 and DATASET == 'cifar10' and rank > 0:
+        images = load_images(DATASET, DATA_PATH, False, SPLIT_DIR)
+    data_settings, split_settings, query, retrieval, train = split_step(images, rank, world)  # Section 4.1.1
+    dim = features_step(images, data_settings, split_settings, train, rank, world, device)    # Section 4.1.2
     if rank == 0:
-        save_json(os.path.join(ddir, f'extract_{BACKBONE}-{pretrained_tag(BACKBONE_PRETRAINED)}_config.json'),
+        save_json(os.path.join(dataset_dir(CACHE_DIR, DATASET),
+                               f'extract_{BACKBONE}-{pretrained_tag(BACKBONE_PRETRAINED)}_config.json'),
                   dict(cfg, seconds=round(time.time() - t0, 1), hardware=hardware(device), world=world))
         print(f"extract dataset={DATASET} backbone={BACKBONE} images={len(images)} query={len(query)} "
-              f"retrieval={len(retrieval)} train={len(train)} views={AUG_VIEWS} dim={dims[BACKBONE]} "
+              f"retrieval={len(retrieval)} train={len(train)} views={AUG_VIEWS} dim={dim} "
               f"world={world} seconds={time.time() - t0:.1f}")
     if world > 1:
         dist.destroy_process_group()

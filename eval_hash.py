@@ -1,4 +1,4 @@
-"""Retrieval evaluation of hash codes (Section 4.1-4.2 of the paper; SPEC.md "Evaluation").
+"""Retrieval evaluation of hash codes (Sections 4.1-4.2 of the paper).
 
 Codes are b = sign(h) in {-1, +1}^L with sign(0) = +1. The retrieval set is ranked by Hamming
 distance (L - <b_q, b_r>) / 2, ties by retrieval index. An item is relevant when it shares at
@@ -39,7 +39,7 @@ PR_POINTS = 100          # rank positions of the precision-recall curve, evenly 
 RADIUS = 2               # Hamming radius of "precision within radius" (empty set: precision 0)
 # pictures (Figures 6-7), drawn by --run when the run's images can be read
 EXAMPLES = 3             # queries drawn with their top-10 (Figure 6) and their top-5 nouns (Figure 7); 0: none
-DATA_PATH = ''           # the dataset's images; '' -> data/<dataset> of the run's config
+DATA_PATH = ''           # the dataset's images; '' -> where dataset_extract.py read them (its source.json)
 # system
 CHUNK = 32               # most queries ranked at once (32 is the fastest on a 2-core CPU)
 MEM_MB = 512             # memory one chunk of one worker may use: chunks shrink as the retrieval set grows
@@ -361,7 +361,8 @@ def _rank_curves(precision_recall, n, ns, pr_points):
     def pick(want):  # the entries of `at` at the positions `want`
         i = np.searchsorted(both, want)
         return {key: [at[key][j] for j in i] for key in ('n', 'precision', 'recall')}
-    return dict(p_at_n=pick(n_at), pr_curve_rank=pick(positions), queries_without_relevant=at['queries_without_relevant'])
+    return dict(p_at_n=pick(n_at), pr_curve_rank=pick(positions),
+                queries_without_relevant=at['queries_without_relevant'])
 
 
 # -----------------------------------------------------------------------------
@@ -385,7 +386,8 @@ def aqd_tables(q_z, codebooks, metric='ip'):
 
 def _check_pq(q_z, r_codes, codebooks):
     q, codes, c = np.asarray(q_z), np.asarray(r_codes), np.asarray(codebooks)
-    if c.ndim != 3 or codes.ndim != 2 or codes.shape[1] != c.shape[0] or q.ndim != 2 or q.shape[1] != c.shape[0] * c.shape[2]:
+    if (c.ndim != 3 or codes.ndim != 2 or codes.shape[1] != c.shape[0] or q.ndim != 2
+            or q.shape[1] != c.shape[0] * c.shape[2]):
         raise ValueError(f'product-quantized codes {codes.shape} / codebooks {c.shape} / queries {q.shape} do not fit: '
                          f'expected N x M codes, M x K x D/M codebooks and nq x D queries')
     if codes.size and (codes.min() < 0 or codes.max() >= c.shape[1]):
@@ -542,12 +544,15 @@ def draw_examples(run, bits, z, n):
     with open(os.path.join(run, f'{bits}bits', 'result.json')) as f:
         cfg = json.load(f)['config']
     name = cfg['DATASET']
-    try:
-        split_dir = cfg.get('SPLIT_DIR', '')
-        images = dataset.load_images(name, DATA_PATH or os.path.join('data', name), download=False,
-                                     split_dir=split_dir if split_dir and os.path.isdir(split_dir) else '')
+    try:  # the images dataset_extract.py read, checked against their recorded fingerprint
+        images = dataset.extracted_images(cfg['CACHE_DIR'], name, DATA_PATH)
+    except dataset.DataError as e:
+        if DATA_PATH:  # the user named other images: refused, never drawn
+            raise SystemExit(f'error: --data_path={DATA_PATH}: {e}')
+        print(f'no Figure 6-7 pictures: {e}')
+        return []
     except Exception as e:  # noqa: BLE001 - pictures are optional: say why there are none
-        print(f'no Figure 6-7 pictures: the images of {name} cannot be read ({str(e)[:200]})')
+        print(f'no Figure 6-7 pictures: the images of {name} cannot be read ({e})')
         return []
     q_idx, r_idx = z['query_index'][:n], z['retrieval_index']
     top, _ = rank_topk(z, min(10, len(r_idx)), n)
@@ -602,6 +607,30 @@ def run_dataset(run, bits):
         return '?'
 
 
+def mixed_runs(run, bits):
+    """'' when every code length of a run folder comes from one run (train.run_key of its result.json),
+    else what differs between the first two that do not (an older train.py could leave such a folder)."""
+    import train
+    results = {}
+    for b in bits:
+        try:
+            with open(os.path.join(run, f'{b}bits', 'result.json')) as f:
+                results[b] = json.load(f)
+        except (OSError, ValueError):
+            continue
+    keys = {b: train.run_key(r.get('config') or {}, r.get('inputs') or {}) for b, r in results.items()}
+    for b, (sha, key) in keys.items():
+        b0, (sha0, key0) = next(iter(keys.items()))
+        if sha != sha0:
+            diff = [f"{k.lower()} {key0['config'].get(k)} / {key['config'].get(k)}"
+                    for k in sorted(set(key0['config']) | set(key['config']))
+                    if json.dumps(key0['config'].get(k), default=str) != json.dumps(key['config'].get(k), default=str)]
+            diff += [f"other {k}" for k in sorted(set(key0['inputs']) | set(key['inputs']))
+                     if key0['inputs'].get(k) != key['inputs'].get(k)]
+            return f"{b0} bits and {b} bits: " + ', '.join(diff[:3])
+    return ''
+
+
 def _load_codes(path):
     """The arrays of one codes.npz (query_h, retrieval_h, query_labels, retrieval_labels, topk)."""
     if not os.path.exists(path):
@@ -631,7 +660,8 @@ def _score(path, name):
     m = evaluate_all(z['query_h'], z['retrieval_h'], z['query_labels'], z['retrieval_labels'], topk)
     print(f"eval {name}bits={m['bits']} map@{m['topk']}={m['map']:.4f} p@r{m['radius']}={m['precision_radius']:.4f} "
           f"p@{m['p_at_n']['n'][-1]}={m['p_at_n']['precision'][-1]:.4f} "
-          f"map_continuous@{m['topk']}={m['map_continuous']['value']:.4f} (continuous-output MAP, released-code ranking)",
+          f"map_continuous@{m['topk']}={m['map_continuous']['value']:.4f} "
+          f"(continuous-output MAP, released-code ranking)",
           flush=True)
     return m
 
@@ -647,14 +677,20 @@ def main():
         found = sorted((b, os.path.join(d, 'codes.npz')) for b, d in dirs.items()
                        if os.path.exists(os.path.join(d, 'codes.npz')))
         for d in sorted(d for d in dirs.values() if not os.path.exists(os.path.join(d, 'codes.npz'))):
-            print(f'note: {d} has no codes.npz (its training did not finish): that code length is left out; rerun train.py')
+            print(f'note: {d} has no codes.npz (its training did not finish): that code length is left out; '
+                  f'rerun train.py')
         if not found:
             raise SystemExit(f'error: no <bits>bits/codes.npz under {RUN}')
+        mixed = mixed_runs(RUN, [b for b, _ in found])
+        if mixed:
+            raise SystemExit(f'error: {RUN} mixes runs made from different settings or inputs ({mixed}); train '
+                             f'each into its own --run_dir')
         print(f'eval run={RUN} code_lengths={[b for b, _ in found]}')
         metrics = {b: _score(p, '') for b, p in found}
         save_json(os.path.join(RUN, 'metrics.json'), dict(config=cfg, bits={str(b): m for b, m in metrics.items()}))
         plot_curves({f'{b} bits': m['pr_curve_rank'] for b, m in metrics.items()},
-                    os.path.join(RUN, 'pr_curve.png'), 'pr', f'Precision-recall, {os.path.basename(os.path.normpath(RUN))}')
+                    os.path.join(RUN, 'pr_curve.png'), 'pr',
+                    f'Precision-recall, {os.path.basename(os.path.normpath(RUN))}')
         plot_curves({f'{b} bits': m['p_at_n'] for b, m in metrics.items()},
                     os.path.join(RUN, 'p_at_n.png'), 'pn', f'Precision@N, {os.path.basename(os.path.normpath(RUN))}')
         print(f'wrote {RUN}/metrics.json, pr_curve.png, p_at_n.png')
@@ -663,9 +699,11 @@ def main():
         if EXAMPLES and 'query_index' in z and os.path.exists(os.path.join(RUN, f'{bits}bits', 'result.json')):
             drawn = draw_examples(RUN, bits, z, EXAMPLES)
             if drawn:
-                print(f'wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {", ".join(map(os.path.basename, drawn))}')
+                names = ', '.join(map(os.path.basename, drawn))
+                print(f'wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {names}')
     if RUNS:  # one line per run at BITS (Figures 3-4 compare methods at 64 bits)
-        runs = list(dict.fromkeys(os.path.normpath(r) for r in RUNS))  # keyed by the whole path: two 'run' folders stay two
+        runs = list(dict.fromkeys(os.path.normpath(r) for r in RUNS))  # keyed by the whole path: two 'run' folders stay
+                                                                       # two
         datasets = {r: run_dataset(r, BITS) for r in runs}
         if len(set(datasets.values())) > 1:
             raise SystemExit('error: --runs mixes datasets (' + ', '.join(f'{r}: {d}' for r, d in datasets.items())

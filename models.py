@@ -74,7 +74,8 @@ def pretrained_tag(pretrained):
     p = str(pretrained)
     if os.path.sep in p or os.path.exists(p):
         hub = [part for part in os.path.normpath(p).split(os.path.sep) if part.startswith('models--')]
-        return 'file-' + (hub[-1].split('--')[-1] if hub else os.path.splitext(os.path.basename(os.path.normpath(p)))[0])
+        name = hub[-1].split('--')[-1] if hub else os.path.splitext(os.path.basename(os.path.normpath(p)))[0]
+        return 'file-' + name
     return p
 
 
@@ -106,7 +107,8 @@ def weights_file(path):
     if os.path.isdir(snaps):
         main = os.path.join(path, 'refs', 'main')
         first = open(main).read().strip() if os.path.isfile(main) else None
-        folders += sorted((os.path.join(snaps, d) for d in os.listdir(snaps)), key=lambda d: os.path.basename(d) != first)
+        folders += sorted((os.path.join(snaps, d) for d in os.listdir(snaps)),
+                          key=lambda d: os.path.basename(d) != first)
     for folder in folders:
         for name in HUB_WEIGHTS:
             if os.path.isfile(os.path.join(folder, name)):
@@ -230,12 +232,20 @@ def load_clip(name='ViT-B-16', pretrained='openai', device='cpu'):
         if not (_online('huggingface.co') or _online('openaipublic.azureedge.net')):
             import huggingface_hub.constants
             huggingface_hub.constants.HF_HUB_OFFLINE = True  # use a cached copy if there is one, fail fast if not
+        import logging
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.CRITICAL)  # open_clip logs its own 'ERROR:root:Failed to download' before raising
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
                                                                          force_quick_gelu=quick)
         except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+            why = ' '.join(str(e).split())
+            why = why if len(why) <= 200 else why[:200].rsplit(' ', 1)[0] + ' …'  # cut between words
             raise WeightsUnavailable(f"cannot load CLIP {name} weights {pretrained!r} ({type(e).__name__}: "
-                                     f"{str(e)[:160]}). {_offline_advice(name, pretrained)}") from e
+                                     f"{why}). {_offline_advice(name, pretrained)}") from e
+        finally:
+            root.setLevel(level)
     model = model.float().to(device).eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(name)
 
@@ -264,7 +274,8 @@ def load_vgg16(pretrained='imagenet', device='cpu'):
             raise WeightsUnavailable(
                 f"cannot download VGG-16 ImageNet weights ({type(e).__name__}: {e}). With no network, download "
                 f"{weights.url} on another machine and put it in ~/.cache/torch/hub/checkpoints/, where it is found "
-                f"by itself, or anywhere and pass --backbone_pretrained=/path/to/{os.path.basename(weights.url)}") from e
+                f"by itself, or anywhere and pass --backbone_pretrained=/path/to/"
+                f"{os.path.basename(weights.url)}") from e
     else:
         raise WeightsUnavailable(f"VGG-16 weights {pretrained!r}: use 'imagenet', a weights file, or 'random'")
     net.classifier = net.classifier[:5]  # fc6, ReLU, Dropout, fc7, ReLU -> the fc7 output

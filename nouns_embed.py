@@ -9,7 +9,7 @@ from which train.py builds each image's external feature e_i (Eq. 5-6).
     python nouns_embed.py                     # WordNet, CLIP ViT-B/16, N_k = 800, T1 = 0.9
     python nouns_embed.py --vocab=imagenet    # ImageNet class names (Table 5)
     python nouns_embed.py --t1=0.8            # reuses the cached features and K-means (Figure 5a)
-    python nouns_embed.py --released          # the authors' released code (SPEC, last section)
+    python nouns_embed.py --released          # the authors' released code (README: Paper or released code)
 """
 import hashlib
 import json
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import (CacheError, configure, reusable, load_array, save_array, save_json, save_text, sha256_file,
-                     user_error)
+from dataset import (CacheError, cached, check_ranges, configure, kmeans_dir, load_array,
+                     released_defaults, save_json, save_text, selection_dir, user_error, vocab_dir, vocab_tag)
 from models import WeightsUnavailable, clip_build, encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -46,7 +46,8 @@ PRECISION = None                   # 'fp32', 'fp16' (GPU) or 'bf16' autocast; No
 # clustering (Eq. 3-4)
 N_K = 800                          # N_k, number of K-means clusters
 T1 = 0.9                           # Eq. 3 threshold, read as T1_READING says
-T1_READING = None                  # Eq. 3: 'distance' keeps dis(t_w, c_k) = 2 - 2cos > T1 (the paper's text), 'similarity'
+T1_READING = None                  # Eq. 3: 'distance' keeps dis(t_w, c_k) = 2 - 2cos > T1 (the paper's text),
+                                   # 'similarity'
                                    # keeps cos > T1 (the authors' code); None: distance, or similarity with --released
 KMEANS_ITERS = None                # most Lloyd iterations per restart; None: 40, or the authors' 300 with --released
 KMEANS_RESTARTS = None             # restarts, the best objective is kept; None: 1, or the authors' 10 with --released
@@ -55,8 +56,9 @@ KMEANS_TOL = None                  # a restart stops when an iteration raises th
 KMEANS_SEED = 0                    # seed of the seeding (restart r uses KMEANS_SEED + r)
 KMEANS_INIT = None                 # 'k-means++' (greedy, on a sample of 20 N_k points) or 'random' points; None:
                                    # k-means++, or random with --released
-# the authors' released code (SPEC, last section)
-RELEASED = False                   # all of the authors' choices: case-sensitive WordNet lemma names with underscores kept,
+# the authors' released code (XLearning-SCU/2025-ICML-DUHEG)
+RELEASED = False                   # all of the authors' choices: case-sensitive WordNet lemma names with underscores
+                                   # kept,
                                    # Eq. 2 as the mean of raw prompt features, 2-NN duplicate deletion, fp16 CLIP (GPU),
                                    # the K-means schedule and Eq. 3 reading above, Eq. 4 over all nouns, t_com = t_rep
 # system
@@ -65,12 +67,13 @@ DEVICE = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 THREADS = 0                        # torch CPU threads; 0 leaves torch's default (1 is faster on a busy CPU)
 FORCE = False                      # rebuild the cached features, K-means and selection
 # -----------------------------------------------------------------------------
-_RANGES = dict(BATCH_SIZE='[1, inf)', N_K='[1, inf)', T1='[-1, 4]', KMEANS_ITERS='[1, inf)', KMEANS_RESTARTS='[1, inf)',
+_RANGES = dict(BATCH_SIZE='[1, inf)', N_K='[1, inf)', KMEANS_ITERS='[1, inf)', KMEANS_RESTARTS='[1, inf)',
                KMEANS_TOL='[0, inf)', KMEANS_SEED='[0, inf)', THREADS='[0, inf)')  # checked before any work
+T1_RANGES = {'distance': (0, 4), 'similarity': (-1, 1)}  # T1 by its reading of Eq. 3: 2 - 2cos, or cos
+RELEASED_DEFAULTS = dict(  # each None setting above: (its default, the authors' released code's), by RELEASED
+    KMEANS_ITERS=(40, 300), KMEANS_RESTARTS=(1, 10), KMEANS_TOL=(1e-5, 0.0),  # faiss Kmeans(niter=300, nredo=10)
+    KMEANS_INIT=('k-means++', 'random'), T1_READING=('distance', 'similarity'))
 _CACHE_VERSION = 1                 # bump when the meaning of a cached file changes
-_KMEANS_DEFAULT = (40, 1, 1e-5, 'k-means++')  # (iterations, restarts, tolerance, seeding) for the None settings
-_KMEANS_RELEASED = (300, 10, 0.0, 'random')   # the same in the authors' code: faiss Kmeans(niter=300, nredo=10)
-READINGS = ('distance', 'similarity')       # the two readings of Eq. 3
 _KPP_SAMPLE = 20                   # k-means++ seeds from a random sample of this many points per cluster
 
 
@@ -318,8 +321,9 @@ def spherical_kmeans(x, k, iters, restarts, seed, tol=1e-5, init='k-means++', ve
     """Spherical K-means on the unit rows of x: (centres k x D float32 unit rows, assign N int64),
     the best of `restarts` runs by the objective sum_w cos(t_w, c_assign(w)). Each run seeds with
     `init`, then alternates centre update and assignment for at most `iters` iterations, stopping
-    when the objective rises by less than tol x objective (tol = 0: all `iters`, as faiss runs); `assign` is the nearest centre of the
-    final centres. An empty cluster is re-seeded with the point farthest from its own centre."""
+    when the objective rises by less than tol x objective (tol = 0: all `iters`, as faiss runs);
+    `assign` is the nearest centre of the final centres. An empty cluster is re-seeded with the point
+    farthest from its own centre."""
     x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     n, k = len(x), int(k)
     if not 1 <= k <= n:
@@ -359,8 +363,8 @@ def eq3_representative(t, centres, assign, t1, reading='distance'):
     """Eq. 3: the mask of representative nouns. 'distance' (the paper's text): dis(t_w, c_k) =
     2 - 2cos > t1, the nouns FAR from their centre; 'similarity' (the authors' code, where dis is
     the inner product faiss's spherical index returns): cos > t1, the nouns CLOSE to it."""
-    if reading not in READINGS:
-        raise ValueError(f"T1_READING={reading!r}: choose one of {', '.join(READINGS)}")
+    if reading not in T1_RANGES:
+        raise ValueError(f"T1_READING={reading!r}: choose one of {', '.join(T1_RANGES)}")
     t = torch.as_tensor(np.ascontiguousarray(t, dtype=np.float32))
     c = torch.as_tensor(np.ascontiguousarray(centres, dtype=np.float32))
     cos = (t * c[torch.as_tensor(np.asarray(assign, dtype=np.int64))]).sum(1)
@@ -413,32 +417,7 @@ def _check_selection(idx_com, n_k, t1, released):
 
 
 # -----------------------------------------------------------------------------
-# cache layout: train.py reads the nouns (EK of Table 3) and the selection t_com from here
-def vocab_tag(vocab):
-    """'wordnet', 'imagenet', or 'file-<name>' for a word-list file."""
-    return vocab if vocab in ('wordnet', 'imagenet') else 'file-' + os.path.splitext(os.path.basename(vocab))[0]
-
-
-def vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released=False):
-    """Holds noun_feats.npy (unique nouns x D, unit rows) and noun_words.txt (same order)."""
-    tag = f'{vocab_tag(vocab)}_{clip_model}_{pretrained_tag(clip_pretrained)}' + ('_released' if released else '')
-    return os.path.join(cache_dir, 'nouns', tag)
-
-
-def kmeans_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, iters, restarts, seed, init, tol, released=False):
-    """Holds centres.npy and assign.npy of one K-means run, shared by every T1."""
-    name = f"kmeans_k{n_k}_{'kpp' if init == 'k-means++' else init}_i{iters}_r{restarts}_s{seed}_tol{tol:g}"
-    return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released), name)
-
-
-def selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released=False, reading='distance'):
-    """Holds selected_feats.npy (t_com rows), selected_words.txt (word<TAB>rep|cen, same order) and
-    selection.json: read, unique, duplicates, t_rep, t_cen, t_com, and seconds of embedding,
-    clustering, selection and their total (the pre-processing time of Table 4)."""
-    return os.path.join(vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released),
-                        f'select_k{n_k}_t{t1}' + ('_sim' if reading == 'similarity' else '') + ('_released' if released else ''))
-
-
+# what train.py reads: the nouns (EK of Table 3) and the selection t_com (paths: dataset.py's cache layout)
 def _sha256_lines(lines):
     return hashlib.sha256(''.join(w + '\n' for w in lines).encode()).hexdigest()
 
@@ -448,22 +427,11 @@ def _read_lines(path):
         return f.read().split('\n')[:-1]
 
 
-def _load_checked(path, settings, companions=(), verify=True):
-    """A cached array after load_array's checks, and its sidecar's settings; each companion
-    text file must still have the sha256 that the sidecar recorded when the array was written.
-    verify=False skips the array's checksum where `reusable` has just checked it."""
+def _load(path, settings, companions=()):
     try:
-        arr = load_array(path, settings, 'nouns_embed.py', verify=verify)
+        return load_array(path, settings, 'nouns_embed.py', companions=companions)
     except CacheError as e:
         raise SystemExit(f"error: {e}")
-    with open(path + '.json') as f:
-        meta = json.load(f)
-    for name in companions:
-        other = os.path.join(os.path.dirname(path), name)
-        if not os.path.isfile(other) or sha256_file(other) != meta['settings'].get(name + '_sha256'):
-            raise SystemExit(f"error: {other} is missing or does not belong to {path} (a killed run, or an edited "
-                             f"file): rerun nouns_embed.py with --force")
-    return arr, meta
 
 
 def load_nouns(cache_dir, vocab, clip_model, clip_pretrained, released=False):
@@ -471,31 +439,127 @@ def load_nouns(cache_dir, vocab, clip_model, clip_pretrained, released=False):
     d = vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released)
     want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
                 released=released, clip_build=clip_build(clip_model, clip_pretrained))
-    t, _ = _load_checked(os.path.join(d, 'noun_feats.npy'), want, ['noun_words.txt'])
+    t = _load(os.path.join(d, 'noun_feats.npy'), want, ['noun_words.txt'])
     return t, _read_lines(os.path.join(d, 'noun_words.txt'))
 
 
 def load_selection(cache_dir, vocab, clip_model, clip_pretrained, n_k=N_K, t1=T1, released=False, reading=None):
     """(t_com, words, tags) of the selected nouns as written by nouns_embed.py; tags 'rep' or 'cen'."""
-    reading = t1_reading(reading, released)
+    reading = released_defaults(dict(T1_READING=reading, RELEASED=released), RELEASED_DEFAULTS)['T1_READING']
     d = selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released, reading)
     want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
-                n_k=n_k, t1=t1, released=released, clip_build=clip_build(clip_model, clip_pretrained), t1_reading=reading)
-    t, _ = _load_checked(os.path.join(d, 'selected_feats.npy'), want, ['selected_words.txt', 'selection.json'])
+                n_k=n_k, t1=t1, released=released, clip_build=clip_build(clip_model, clip_pretrained),
+                t1_reading=reading)
+    t = _load(os.path.join(d, 'selected_feats.npy'), want, ['selected_words.txt', 'selection.json'])
     rows = [line.split('\t') for line in _read_lines(os.path.join(d, 'selected_words.txt'))]
     return t, [r[0] for r in rows], [r[1] for r in rows]
 
 
+def check_t1(t1, reading, key='--t1'):
+    """T1 within the range of its reading of Eq. 3: a distance 2 - 2cos in [0, 4], a cosine in [-1, 1]."""
+    lo, hi = T1_RANGES[reading]
+    for v in (t1 if isinstance(t1, (tuple, list)) else (t1,)):
+        if not lo <= v <= hi:
+            raise SystemExit(f"error: {key}={v} is outside [{lo}, {hi}], the range of Eq. 3's {reading} reading "
+                             f"({'2 - 2cos' if reading == 'distance' else 'cos'} of a noun and its centre)")
+
+
 # -----------------------------------------------------------------------------
-def t1_reading(reading=None, released=False):
-    """The T1_READING setting resolved: as given, else the paper's distance (similarity if released)."""
-    return reading or ('similarity' if released else 'distance')
+# Algorithm 1 in three cached steps
+def embed_step(words, source, vtag, device, batch, precision):
+    """Lines 1-3 (Eq. 2) and the duplicates: (t, kept words, sidecar), cached in vocab_dir."""
+    settings = dict(producer='nouns_embed.py', cache_version=_CACHE_VERSION, clip_model=CLIP_MODEL,
+                    clip_pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=clip_build(CLIP_MODEL, CLIP_PRETRAINED),
+                    vocab=vtag, released=RELEASED, words_read=len(words), words_sha256=_sha256_lines(words),
+                    prompts=list(PROMPTS), underscores='keep' if RELEASED else 'space', precision=precision,
+                    eq2_mean='raw' if RELEASED else 'normalised', dedup='2-NN deletion' if RELEASED else 'exact')
+    vdir = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
+
+    def build():
+        model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
+        t0 = time.time()
+        t_all = embed_words(words, model, tokenizer, batch, device, PROMPTS, precision, RELEASED, RELEASED)
+        keep = delete_2nn(t_all) if RELEASED else drop_duplicates(t_all)
+        dropped = np.setdiff1d(np.arange(len(words)), keep)
+        if len(dropped) and RELEASED:
+            print(f"2-NN deletion dropped {len(dropped)} nouns, e.g. {', '.join(repr(words[i]) for i in dropped[:5])}")
+        elif len(dropped):
+            first = {t_all[i].tobytes(): i for i in keep}
+            print(f"dropped {len(dropped)} nouns whose t_w equals an earlier noun's, e.g. "
+                  + ', '.join(f"{words[i]!r} = {words[first[t_all[i].tobytes()]]!r}" for i in dropped[:5]))
+        save_text(os.path.join(vdir, 'noun_words.txt'), [words[i] for i in keep])
+        return t_all[keep], dict(seconds=time.time() - t0, hardware=hardware(device), vocab_source=source,
+                                 duplicates=len(dropped))
+    t, meta = cached(os.path.join(vdir, 'noun_feats.npy'), settings, build, 'nouns_embed.py', FORCE, ['noun_words.txt'])
+    return t, _read_lines(os.path.join(vdir, 'noun_words.txt')), meta
+
+
+def cluster_step(t, feats_meta, iters, restarts, tol, init, device):
+    """Line 4: spherical K-means into N_K clusters, cached apart from T1: (centres, assign, sidecar)."""
+    settings = dict(feats_meta['settings'], n_k=N_K, kmeans_iters=iters, kmeans_restarts=restarts,
+                    kmeans_seed=KMEANS_SEED, kmeans_tol=tol, kmeans_init=init, noun_feats_sha256=feats_meta['sha256'])
+    for k in ('seconds', 'hardware', 'vocab_source', 'duplicates', 'noun_words.txt_sha256'):
+        settings.pop(k, None)  # what the features' step measured, not what made them
+    kdir = kmeans_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, iters, restarts, KMEANS_SEED, init, tol,
+                      RELEASED)
+
+    c_path, a_path = os.path.join(kdir, 'centres.npy'), os.path.join(kdir, 'assign.npy')
+    run = {}
+
+    def build():
+        t0 = time.time()
+        run['centres'], run['assign'] = spherical_kmeans(t, N_K, iters, restarts, KMEANS_SEED, tol, init)
+        return run['centres'], dict(seconds=time.time() - t0, hardware=hardware(device))
+    # the assignment is written after the centres, whose checksum its sidecar holds: without it, both are rebuilt
+    centres, meta = cached(c_path, settings, build, 'nouns_embed.py', FORCE or not os.path.exists(a_path + '.json'))
+    assign, _ = cached(a_path, dict(settings, centres_sha256=meta['sha256']), lambda: run['assign'], 'nouns_embed.py',
+                       force=bool(run), quiet=True)
+    return centres, assign, meta
+
+
+def select_step(t, kept, centres, assign, km_meta, feats_meta, reading, cfg, device):
+    """Lines 5-13: Eq. 3-4, t_com = t_rep ∪ t_cen (t_rep alone with --released), cached per T1:
+    the counts of selection.json."""
+    both = {r: int(eq3_representative(t, centres, assign, T1, r).sum()) for r in T1_RANGES}
+    print(f"Eq. 3 at T1={T1}: the distance reading (paper's text, 2 - 2cos > T1) keeps {both['distance']} nouns, the "
+          f"similarity reading (authors' code, cos > T1) keeps {both['similarity']}; this run uses {reading}")
+    sdir = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED, reading)
+    settings = {k: v for k, v in km_meta['settings'].items() if k not in ('seconds', 'hardware')}
+    settings.update(t1=T1, t1_reading=reading, centres_sha256=km_meta['sha256'])
+
+    def build():
+        t0 = time.time()
+        idx_rep, idx_cen = select_from_clusters(t, centres, assign, T1, RELEASED, reading)
+        idx_com = idx_rep if RELEASED else np.union1d(idx_rep, idx_cen)  # released code: t_cen is dropped
+        try:
+            _check_selection(idx_com, N_K, T1, RELEASED)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        counts = dict(read=feats_meta['settings']['words_read'], unique=len(t), t_rep=len(idx_rep),
+                      t_cen=len(idx_cen), t_com=len(idx_com), reading=reading, t_rep_by_reading=both)
+        counts['duplicates'] = counts['read'] - len(t)
+        seconds = dict(embedding=feats_meta['settings']['seconds'], clustering=km_meta['settings']['seconds'],
+                       selection=time.time() - t0)
+        seconds['total'] = sum(seconds.values())  # the pre-processing time of Table 4
+        where = [m['settings'].get('hardware', 'not recorded') for m in (feats_meta, km_meta)] + [hardware(device)]
+        where = where[0] if len(set(where)) == 1 else \
+            '; '.join(f'{step} on {w}' for step, w in zip(('embedding', 'clustering', 'selection'), where))
+        save_text(os.path.join(sdir, 'selected_words.txt'),
+                  [f"{kept[i]}\t{'rep' if r else 'cen'}" for i, r in zip(idx_com, np.isin(idx_com, idx_rep))])
+        save_json(os.path.join(sdir, 'selection.json'), dict(
+            counts, seconds=seconds, hardware=where, vocab_source=feats_meta['settings']['vocab_source'],
+            kmeans=dict(iters=cfg['KMEANS_ITERS'], restarts=cfg['KMEANS_RESTARTS'],
+                        mean_cos=float((t * centres[assign]).sum(1).mean())), config=cfg))
+        return t[idx_com]
+    cached(os.path.join(sdir, 'selected_feats.npy'), settings, build, 'nouns_embed.py', FORCE,
+           ['selected_words.txt', 'selection.json'], load=False)
+    with open(os.path.join(sdir, 'selection.json')) as f:
+        return dict(json.load(f), dir=sdir, t_rep_by_reading=both)
 
 
 def resolve_settings(device):
-    """The None settings resolved by RELEASED: (iters, restarts, tol, init, reading, precision)."""
-    iters, restarts, tol, init = [d if v is None else v for v, d in zip(
-        (KMEANS_ITERS, KMEANS_RESTARTS, KMEANS_TOL, KMEANS_INIT), _KMEANS_RELEASED if RELEASED else _KMEANS_DEFAULT)]
+    """The None settings resolved (RELEASED_DEFAULTS; PRECISION and BATCH_SIZE by the device), then checked."""
+    globals().update(released_defaults(globals(), RELEASED_DEFAULTS))
     precision = PRECISION or ('fp16' if device.startswith('cuda') else 'fp32')
     if precision not in ('fp32', 'fp16', 'bf16'):
         raise SystemExit(f"error: --precision={precision!r}: choose fp32, fp16 or bf16")
@@ -503,12 +567,14 @@ def resolve_settings(device):
         raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     if RELEASED and PRECISION is None and precision == 'fp32':
         print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
-    if init not in ('k-means++', 'random'):
-        raise SystemExit(f"error: --kmeans_init={init!r}: choose k-means++ or random")
-    reading = t1_reading(T1_READING, RELEASED)
-    if reading not in READINGS:
-        raise SystemExit(f"error: --t1_reading={reading!r}: choose one of {', '.join(READINGS)}")
-    return iters, restarts, tol, init, reading, precision
+    if KMEANS_INIT not in ('k-means++', 'random'):
+        raise SystemExit(f"error: --kmeans_init={KMEANS_INIT!r}: choose k-means++ or random")
+    if T1_READING not in T1_RANGES:
+        raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(T1_RANGES)}")
+    check_t1(T1, T1_READING)
+    if any(p.count('{}') != 1 for p in PROMPTS):
+        raise SystemExit(f"error: every prompt needs exactly one '{{}}' for the noun, got {PROMPTS}")
+    return batch_size_for(device), precision
 
 
 def batch_size_for(device):
@@ -519,122 +585,31 @@ def batch_size_for(device):
 
 def main():
     cfg = configure(globals())
-    from dataset import check_ranges
     check_ranges(globals(), _RANGES)
     t_start = time.time()
-    if any(p.count('{}') != 1 for p in PROMPTS):
-        raise SystemExit(f"error: every prompt needs exactly one '{{}}' for the noun, got {PROMPTS}")
     device = resolve_device(DEVICE)
-    iters, restarts, tol, init, reading, precision = resolve_settings(device)
-    batch = batch_size_for(device)
-    cfg.update(KMEANS_ITERS=iters, KMEANS_RESTARTS=restarts, KMEANS_TOL=tol, KMEANS_INIT=init, T1_READING=reading,
-               PRECISION=precision, BATCH_SIZE=batch)
+    batch, precision = resolve_settings(device)
+    cfg.update({k: globals()[k] for k in RELEASED_DEFAULTS}, PRECISION=precision, BATCH_SIZE=batch)
     if THREADS:
         torch.set_num_threads(THREADS)
 
-    # Algorithm 1, input: the external nouns
-    words, vtag, source = read_words(VOCAB, CACHE_DIR, WORDNET_DIR, RELEASED)
+    words, vtag, source = read_words(VOCAB, CACHE_DIR, WORDNET_DIR, RELEASED)  # Algorithm 1's input: the nouns
     print(f"nouns read: {len(words)} from {source}")
-    embed_set = dict(producer='nouns_embed.py', cache_version=_CACHE_VERSION, clip_model=CLIP_MODEL,
-                     clip_pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=clip_build(CLIP_MODEL, CLIP_PRETRAINED),
-                     vocab=vtag, released=RELEASED,
-                     words_read=len(words), words_sha256=_sha256_lines(words), prompts=list(PROMPTS),
-                     underscores='keep' if RELEASED else 'space', precision=precision,
-                     eq2_mean='raw' if RELEASED else 'normalised', dedup='2-NN deletion' if RELEASED else 'exact')
-
-    # Algorithm 1, lines 1-3 (Eq. 2), and the exact duplicates
-    vdir = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
-    feats_path = os.path.join(vdir, 'noun_feats.npy')
-    if reusable(feats_path, embed_set, FORCE, 'nouns_embed.py'):
-        t, feats_meta = _load_checked(feats_path, embed_set, ['noun_words.txt'], verify=False)
-        kept = _read_lines(os.path.join(vdir, 'noun_words.txt'))
-        print(f"reusing {feats_path}: {len(t)} noun features (embedded in {feats_meta['settings']['seconds']:.1f} s)")
-    else:
-        model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
-        t0 = time.time()
-        t_all = embed_words(words, model, tokenizer, batch, device, PROMPTS, precision, RELEASED, RELEASED)
-        keep = delete_2nn(t_all) if RELEASED else drop_duplicates(t_all)
-        t, kept = t_all[keep], [words[i] for i in keep]
-        dropped = np.setdiff1d(np.arange(len(words)), keep)
-        if len(dropped) and RELEASED:
-            print(f"2-NN deletion dropped {len(dropped)} nouns, e.g. {', '.join(repr(words[i]) for i in dropped[:5])}")
-        elif len(dropped):
-            first = {t_all[i].tobytes(): i for i in keep}
-            print(f"dropped {len(dropped)} nouns whose t_w equals an earlier noun's, e.g. "
-                  + ', '.join(f"{words[i]!r} = {words[first[t_all[i].tobytes()]]!r}" for i in dropped[:5]))
-        del t_all
-        save_text(os.path.join(vdir, 'noun_words.txt'), kept)
-        feats_meta = save_array(feats_path, t, dict(
-            embed_set, seconds=time.time() - t0, hardware=hardware(device), vocab_source=source,
-            duplicates=len(dropped),
-            **{'noun_words.txt_sha256': sha256_file(os.path.join(vdir, 'noun_words.txt'))}), 'nouns_embed.py')
-    print(f"kept after de-duplication: {len(t)} ({len(words) - len(t)} {'deleted by 2-NN' if RELEASED else 'exact duplicates'} dropped)")
+    t, kept, feats_meta = embed_step(words, source, vtag, device, batch, precision)  # lines 1-3 (Eq. 2)
+    print(f"kept after de-duplication: {len(t)} ({len(words) - len(t)} "
+          f"{'deleted by 2-NN' if RELEASED else 'exact duplicates'} dropped)")
     if not 1 <= N_K <= len(t):
         raise SystemExit(f"error: N_K={N_K} clusters for {len(t)} nouns; choose 1 <= --n_k <= {len(t)}")
+    centres, assign, km_meta = cluster_step(t, feats_meta, KMEANS_ITERS, KMEANS_RESTARTS, KMEANS_TOL, KMEANS_INIT,
+                                            device)                                           # line 4
+    counts = select_step(t, kept, centres, assign, km_meta, feats_meta, T1_READING, cfg, device)  # lines 5-13
 
-    # Algorithm 1, line 4: spherical K-means, cached apart from T1
-    kdir = kmeans_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, iters, restarts, KMEANS_SEED, init, tol,
-                      RELEASED)
-    km_set = dict(embed_set, n_k=N_K, kmeans_iters=iters, kmeans_restarts=restarts, kmeans_seed=KMEANS_SEED,
-                  kmeans_tol=tol, kmeans_init=init, noun_feats_sha256=feats_meta['sha256'])
-    c_path, a_path = os.path.join(kdir, 'centres.npy'), os.path.join(kdir, 'assign.npy')
-    if reusable(c_path, km_set, FORCE, 'nouns_embed.py') and os.path.exists(a_path + '.json'):
-        centres, c_meta = _load_checked(c_path, km_set, verify=False)
-        assign, _ = _load_checked(a_path, dict(km_set, centres_sha256=c_meta['sha256']))
-        print(f"reusing {kdir}: {N_K} clusters (clustered in {c_meta['settings']['seconds']:.1f} s)")
-    else:
-        t0 = time.time()
-        centres, assign = spherical_kmeans(t, N_K, iters, restarts, KMEANS_SEED, tol, init)
-        c_meta = save_array(c_path, centres, dict(km_set, seconds=time.time() - t0, hardware=hardware(device)),
-                            'nouns_embed.py')
-        save_array(a_path, assign, dict(km_set, centres_sha256=c_meta['sha256']), 'nouns_embed.py')
-
-    # Algorithm 1, lines 5-13: Eq. 3-4, t_com = t_rep ∪ t_cen
-    # Eq. 3 under both readings, so that a user sees at once what each keeps at this T1
-    both = {r: int(eq3_representative(t, centres, assign, T1, r).sum()) for r in READINGS}
-    print(f"Eq. 3 at T1={T1}: the distance reading (paper's text, 2 - 2cos > T1) keeps {both['distance']} nouns, the "
-          f"similarity reading (authors' code, cos > T1) keeps {both['similarity']}; this run uses {reading}")
-    sdir = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED, reading)
-    sel_path = os.path.join(sdir, 'selected_feats.npy')
-    sel_set = dict(km_set, t1=T1, t1_reading=reading, centres_sha256=c_meta['sha256'])
-    if reusable(sel_path, sel_set, FORCE, 'nouns_embed.py'):
-        _load_checked(sel_path, sel_set, ['selected_words.txt', 'selection.json'], verify=False)
-        with open(os.path.join(sdir, 'selection.json')) as f:
-            counts = json.load(f)
-        print(f"reusing {sdir}")
-    else:
-        t0 = time.time()
-        idx_rep, idx_cen = select_from_clusters(t, centres, assign, T1, RELEASED, reading)
-        idx_com = idx_rep if RELEASED else np.union1d(idx_rep, idx_cen)  # released code: t_cen is dropped
-        try:
-            _check_selection(idx_com, N_K, T1, RELEASED)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        is_rep = np.isin(idx_com, idx_rep)
-        select_seconds = time.time() - t0
-        counts = dict(read=len(words), unique=len(t), duplicates=len(words) - len(t), t_rep=len(idx_rep),
-                      t_cen=len(idx_cen), t_com=len(idx_com), reading=reading,
-                      t_rep_by_reading=both)
-        seconds = dict(embedding=feats_meta['settings']['seconds'], clustering=c_meta['settings']['seconds'],
-                       selection=select_seconds)
-        seconds['total'] = sum(seconds.values())  # the pre-processing time of Table 4
-        where = [m['settings'].get('hardware', 'not recorded') for m in (feats_meta, c_meta)] + [hardware(device)]
-        where = where[0] if len(set(where)) == 1 else \
-            '; '.join(f'{step} on {w}' for step, w in zip(('embedding', 'clustering', 'selection'), where))
-        summary = dict(counts, seconds=seconds, hardware=where, vocab_source=feats_meta['settings']['vocab_source'],
-                       kmeans=dict(iters=iters, restarts=restarts, mean_cos=float((t * centres[assign]).sum(1).mean())),
-                       config=cfg)
-        save_text(os.path.join(sdir, 'selected_words.txt'),
-                  [f"{kept[i]}\t{'rep' if r else 'cen'}" for i, r in zip(idx_com, is_rep)])
-        save_json(os.path.join(sdir, 'selection.json'), summary)
-        save_array(sel_path, t[idx_com], dict(sel_set, **{n + '_sha256': sha256_file(os.path.join(sdir, n))
-                                                           for n in ('selected_words.txt', 'selection.json')}),
-                   'nouns_embed.py')
-    print(f"t_rep (Eq. 3, {'2 - 2cos' if reading == 'distance' else 'cos'} > T1={T1}): {counts['t_rep']}")
+    both = counts['t_rep_by_reading']
+    print(f"t_rep (Eq. 3, {'2 - 2cos' if T1_READING == 'distance' else 'cos'} > T1={T1}): {counts['t_rep']}")
     print(f"t_cen (Eq. 4, one per cluster{', over all nouns' if RELEASED else ''}): {counts['t_cen']}")
-    print(f"t_com = {'t_rep (released)' if RELEASED else 't_rep ∪ t_cen'}: {counts['t_com']} -> {sdir}")
+    print(f"t_com = {'t_rep (released)' if RELEASED else 't_rep ∪ t_cen'}: {counts['t_com']} -> {counts['dir']}")
     print(f"nouns vocab={vtag} read={len(words)} unique={len(t)} t_rep={counts['t_rep']} t_cen={counts['t_cen']} "
-          f"t_com={counts['t_com']} reading={reading} t_rep_distance={both['distance']} "
+          f"t_com={counts['t_com']} reading={T1_READING} t_rep_distance={both['distance']} "
           f"t_rep_similarity={both['similarity']} seconds={time.time() - t_start:.1f}")
 
 

@@ -32,8 +32,9 @@ import numpy as np
 
 import dataset
 import models
+import nouns_embed
 import train  # train.py's settings: their defaults and types, and T2_BEST (Figure 5b)
-from dataset import configure, feature_dir, save_text
+from dataset import configure, feature_dir, released_defaults, save_text, selection_dir, vocab_dir
 from models import hardware, pretrained_tag
 
 # what to reproduce
@@ -54,13 +55,14 @@ ALT_CLIP_PRETRAINED = 'openai'  # its weights
 EXTERNAL = 'efc'            # efc = the paper; imgk needs no nouns_embed.py (quick checks)
 RELEASED = False            # every cell as the authors' released code: train.py and nouns_embed.py --released (run
                             # dataset_extract.py --released first: their views live in <backbone>-<weights>-released)
-T1_READING = ''             # Eq. 3 reading of every cell and of Figure 5a's sweep: distance | similarity; '': train.py's
+T1_READING = ''             # Eq. 3 reading of every cell and of Figure 5a's sweep: distance | similarity; '':
+                            # train.py's
                             # (distance, or similarity with --released)
 VOCAB = 'wordnet'           # nouns_embed.py vocabulary
 VOCAB_FILES = ()            # Tables 4-5 word lists, name=path: conceptnet=a.txt,glove=b.txt (one word a line)
-N_K = 800                   # clusters of the noun selection (Eq. 3)
-T1 = 0.9                    # distance threshold of representative nouns (Eq. 3)
-EPOCHS = 60                 # T_max
+N_K = train.N_K             # clusters of the noun selection (Eq. 3); nouns_embed.py's default
+T1 = train.T1               # threshold of representative nouns (Eq. 3); nouns_embed.py's default
+EPOCHS = train.EPOCHS       # T_max; train.py's default
 TRAIN_ARGS = ''             # more train.py settings for every cell, e.g. "--batch_size=64 --warmup=2"
 NOUNS_ARGS = ''             # more nouns_embed.py settings, where it has to run
 # Figure 5 (the paper's grids are only drawn, not printed: these are ours)
@@ -83,12 +85,13 @@ _BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the data
 _T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
 
 # -----------------------------------------------------------------------------
-# the paper's numbers (SPEC.md "What the paper reports"): MAP at 16, 32, 64 bits
+# the paper's numbers (its Tables 1, 2, 3, 5, 6): MAP at 16, 32, 64 bits
 _PAPER_DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
 _PAPER_ROWS = {  # row: CIFAR-10, NUS-WIDE, Flickr25k, MS-COCO
     'table1 vgg16':     ((.887, .888, .885), (.852, .854, .856), (.856, .858, .856), (.833, .840, .842)),
     'table1 clip':      ((.931, .934, .933), (.849, .855, .855), (.874, .887, .892), (.854, .878, .887)),
-    'table1 best':      ((.939, .940, .940), (.849, .856, .856), (.874, .887, .892), (.862, .881, .888)),  # = T2 #4, T3 EFC, T5 WordNet, T6 ViT-B/16
+    # table1 best = Table 2 #4, Table 3 EFC, Table 5 WordNet, Table 6 ViT-B/16
+    'table1 best':      ((.939, .940, .940), (.849, .856, .856), (.874, .887, .892), (.862, .881, .888)),
     'table2 #1':        ((.922, .926, .925), (.827, .833, .835), (.845, .860, .871), (.812, .849, .864)),
     'table2 #2':        ((.922, .925, .925), (.832, .838, .839), (.859, .870, .878), (.855, .874, .883)),
     'table2 #3':        ((.939, .940, .940), (.848, .854, .855), (.864, .880, .886), (.831, .862, .874)),
@@ -206,6 +209,11 @@ def paper_value(row, d, bits):
     return values[_PAPER_BITS.index(bits)] if values and bits in _PAPER_BITS else None
 
 
+def t1_reading():
+    """The reading of Eq. 3 of every cell: T1_READING, else train.py's (by RELEASED)."""
+    return released_defaults(dict(T1_READING=T1_READING, RELEASED=RELEASED), train.RELEASED_DEFAULTS)['T1_READING']
+
+
 def train_defaults():
     """train.py's settings and their defaults, as its `configure` sees them."""
     g = {k: v for k, v in vars(train).items()}
@@ -251,7 +259,7 @@ def expected_config(settings, bits, defaults):
     cfg = dict(defaults, **settings, BITS=bits)
     cfg['BACKBONE_PRETRAINED'] = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
     cfg['TAU2'] = train.tau2_for(cfg['DATASET'], cfg['TAU2'])
-    cfg.update(train.released_settings(cfg))
+    cfg.update(released_defaults(cfg, train.RELEASED_DEFAULTS))
     return cfg
 
 
@@ -320,6 +328,13 @@ def find_result(cell, results, defaults):
     return None
 
 
+def compared(result):
+    """The MAP of a results line that is compared with the paper's: the Hamming MAP of the sign codes
+    (the paper's text), or with --released the authors' own metric, the continuous-output MAP
+    (their evaluation ranks the tanh outputs by np.argsort; train.py's map_continuous equals it)."""
+    return result['map_continuous'] if RELEASED and result.get('method', 'duheg') == 'duheg' else result['map']
+
+
 class Cell:
     def __init__(self, table, row, d, bits, seed, settings, defaults):
         self.table, self.row, self.dataset, self.bits, self.seed = table, row, d, bits, seed
@@ -332,18 +347,22 @@ class Cell:
         return paper_value(self.row, self.dataset, self.bits)
 
     def line(self):
-        m = self.result['map'] if self.result else None
+        m = compared(self.result) if self.result else None
         p = self.paper
         fmt = lambda x, f: 'none' if x is None else format(x, f)
         diff = m - p if m is not None and p is not None else None
+        metric = 'map_continuous' if RELEASED else 'map'  # the released evaluation's metric, or the paper's
+        hamming = f" hamming_map={fmt(self.result['map'], '.4f')}" if RELEASED and self.result else ''
         text = (f"cell table={self.table} row={self.row.id} dataset={self.dataset} bits={self.bits} seed={self.seed} "
-                f"map={fmt(m, '.4f')} paper={fmt(p, '.3f')} diff={fmt(diff, '+.4f')} status={self.status}")
+                f"{metric}={fmt(m, '.4f')} paper={fmt(p, '.3f')} diff={fmt(diff, '+.4f')}{hamming} "
+                f"status={self.status}")
         return text + (f" why={self.why!r}" if self.why else '')
 
 
 def make_cells(table, defaults, extra):
     return [Cell(table, row, d, bits, seed, cell_settings(row, d, seed, extra), defaults)
-            for row in table_rows(table) for d in DATASETS for bits in (BITS if not table.startswith('fig5') else (FIG5_BITS,))
+            for row in table_rows(table) for d in DATASETS
+            for bits in (BITS if not table.startswith('fig5') else (FIG5_BITS,))
             for seed in SEEDS]
 
 
@@ -351,7 +370,7 @@ def make_cells(table, defaults, extra):
 # inputs a cell needs: features (dataset_extract.py, checked) and nouns (nouns_embed.py, run here)
 def missing_features(s):
     need = [(s['BACKBONE'], s['BACKBONE_PRETRAINED']), (s['CLIP_MODEL'], s['CLIP_PRETRAINED'])]
-    recipe = train.released_settings(s)['VIEW_RECIPE']
+    recipe = released_defaults(s, train.RELEASED_DEFAULTS)['VIEW_RECIPE']
     for backbone, weights in OrderedDict.fromkeys(need):
         path = os.path.join(feature_dir(s['CACHE_DIR'], s['DATASET'], backbone, weights, recipe), 'images.npy.json')
         if not os.path.exists(path):
@@ -376,7 +395,8 @@ def run_nouns(cmd, log_path):
     print('nouns: ' + shlex.join(['python'] + cmd[1:]), flush=True)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, 'a') as log:
-        proc = subprocess.run(cmd, cwd=_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent)
+        proc = subprocess.run(cmd, cwd=_ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+                              preexec_fn=_die_with_parent)
         log.write(proc.stdout)
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
     if proc.returncode != 0:
@@ -394,11 +414,8 @@ def prepare_nouns(s, done):
     """Make the noun features / selection a cell reads (needs_nouns). Returns '' or why it cannot be made."""
     if not needs_nouns(s):
         return ''
-    if not os.path.exists(os.path.join(_ROOT, 'nouns_embed.py')):
-        return f"EXTERNAL={s['EXTERNAL']} needs nouns_embed.py, which this checkout does not have"
-    from nouns_embed import selection_dir, vocab_dir
     released = bool(s.get('RELEASED', train.RELEASED))
-    reading = train.released_settings(s)['T1_READING']
+    reading = released_defaults(s, train.RELEASED_DEFAULTS)['T1_READING']
     args = (s['CACHE_DIR'], s['VOCAB'], s['CLIP_MODEL'], s['CLIP_PRETRAINED'])
     if s['EXTERNAL'] == 'efc':
         path = os.path.join(selection_dir(*args, s['N_K'], s['T1'], released, reading), 'selected_feats.npy.json')
@@ -450,9 +467,10 @@ def run_name(s):
 def train_command(cells, results_path):
     s = cells[0].settings
     run_dir = os.path.join(os.path.abspath(OUT_DIR), 'runs', run_name(s))
+    replace = ['--force=true'] if any(c.why.startswith('trained again') for c in cells) else []  # inputs changed
     return [sys.executable, os.path.join(_ROOT, 'train.py'), *(_arg(k, v) for k, v in s.items()),
             '--bits=' + ','.join(str(b) for b in sorted({c.bits for c in cells})), f'--results={results_path}',
-            f'--run_dir={run_dir}']
+            f'--run_dir={run_dir}', *replace]
 
 
 def run_cells(cells, results_path, defaults):
@@ -537,8 +555,10 @@ def summary(values):
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
 
 
-def cell_text(values, paper, n_seeds=1, status=''):
-    """'0.925 ± 0.003 / 0.931 / -0.006': measured, paper, difference; '–' where there is none."""
+def cell_text(values, paper, n_seeds=1, status='', hamming=()):
+    """'0.925 ± 0.003 / 0.931 / -0.006': measured, paper, difference; '–' where there is none. With
+    `hamming` (--released: the measured value is the continuous-output MAP) the Hamming MAP follows
+    in brackets: '0.812 (Hamming 0.660) / 0.931 / -0.119'."""
     mean, std = summary(values)
     if mean is None:
         measured = status or '–'
@@ -546,6 +566,8 @@ def cell_text(values, paper, n_seeds=1, status=''):
         measured = f'{mean:.3f}' + (f' ± {std:.3f}' if std is not None else '')
         if len(values) < n_seeds:
             measured += f' (n={len(values)})'
+        if hamming:
+            measured += f' (Hamming {summary(hamming)[0]:.3f})'
     paper_s = f'{paper:.3f}' if paper is not None else '–'
     diff = f'{mean - paper:+.3f}' if mean is not None and paper is not None else '–'
     return f'{measured} / {paper_s} / {diff}'
@@ -570,9 +592,11 @@ def markdown_table(title, header, rows, datasets, bits, cells, n_seeds, notes=()
             texts = []
             for b in bits:
                 group = by_key.get((row.id, d, b), [])
-                values = [c.result['map'] for c in group if c.result]
+                values = [compared(c.result) for c in group if c.result]
+                hamming = [c.result['map'] for c in group if c.result and RELEASED and compared(c.result) !=
+                           c.result['map']]
                 status = 'failed' if any(c.status == 'failed' for c in group) else 'not run'
-                texts.append(cell_text(values, paper_value(row, d, b), n_seeds, status))
+                texts.append(cell_text(values, paper_value(row, d, b), n_seeds, status, hamming))
             lines.append(f'| {row.label} | {row.id} | {dataset_label(d)} | ' + ' | '.join(texts) + ' |')
     return lines + [''] + [f'- {n}' for n in notes]
 
@@ -582,7 +606,9 @@ def git_commit():
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=_ROOT, capture_output=True, text=True)
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=_ROOT,
                                capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + (' (with uncommitted changes)' if dirty else '') if out.returncode == 0 else 'unknown'
+        if out.returncode != 0:
+            return 'unknown'
+        return out.stdout.strip() + (' (with uncommitted changes)' if dirty else '')
     except OSError:
         return 'unknown'
 
@@ -598,9 +624,13 @@ def measured_on(cells, extra):
             + ', '.join(f"{d} {train.T2_BEST.get(paper_dataset(d), _T2_COMMON)}" for d in DATASETS)
             + (f", train.py {' '.join(_arg(k, v) for k, v in extra.items())}" if extra else '')
             + f"; {done} of {len(cells)} cells measured ({sum(times):.0f} s of training and evaluation) on "
-            f"{hardware()}, commit {git_commit()}, {time.strftime('%Y-%m-%d')}. MAP@K of binary codes "
-            f"(K = 1000 CIFAR-10, 5000 others). Each cell: measured (mean ± std over seeds) / paper / "
-            f"measured − paper; paper numbers are SPEC.md's copy of the paper's tables"
+            f"{hardware()}, commit {git_commit()}, {time.strftime('%Y-%m-%d')}. "
+            + ("--released: the measured value is the authors' own metric, the continuous-output MAP@K (their "
+               "evaluation ranks the tanh outputs with np.argsort, no sign), compared with the paper's numbers as "
+               "their code produced them; the Hamming MAP@K of the binary codes follows in brackets"
+               if RELEASED else "MAP@K of binary codes (Hamming ranking, as the paper's text says)")
+            + " (K = 1000 CIFAR-10, 5000 others). Each cell: measured (mean ± std over seeds) / paper / "
+            "measured − paper; paper numbers are copied from the paper's tables"
             + (f" (paper numbers of another dataset: {', '.join(mapped)})" if mapped else '') + '.')
 
 
@@ -622,10 +652,11 @@ def table_notes(table):
         notes.append('The paper gives the curve only as a plot: its value is shown at T2 = 0.97 (Table 1, CLIP row) '
                      'and at each dataset\'s best T2 (Table 1, best-T2 row).')
     if table == 'baselines':
-        notes.append(f"Supervised methods ({', '.join(sorted(train.SUPERVISED))}) read the training labels; the others do not. "
-                     f"{', '.join(m.upper() for m in sorted(train.QUANTIZED))} store product-quantized codes (8 bits a "
-                     "codebook) and rank by asymmetric quantizer distance; every other row ranks binary codes by Hamming "
-                     "distance; the MAP code is the same. Every row trains our MLP head on the same frozen features "
+        notes.append(f"Supervised methods ({', '.join(sorted(train.SUPERVISED))}) read the training labels; the "
+                     f"others do not. {', '.join(m.upper() for m in sorted(train.QUANTIZED))} store product-quantized "
+                     "codes (8 bits a codebook) and rank by asymmetric quantizer distance; every other row ranks "
+                     "binary codes by Hamming distance; the MAP code is the same. Every row trains our MLP head on the "
+                     "same frozen features "
                      "(CLIP ViT-B/16 unless named). The paper's only baseline row here is CIBHash (Table 1, VGG-16 "
                      "features, the protocol this paper follows), compared with 'CIBHash, VGG-16 features'; the SSDH "
                      "README's CIFAR-10 MAP@5000 (0.2511 / 0.2414 at 16 / 32 bits, VGG-16 trained end to end, its own "
@@ -644,7 +675,6 @@ def plot_figure5(parts, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from nouns_embed import t1_reading
     fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4), squeeze=False)
     for ax, (table, cells) in zip(axes[0], parts):
         rows = table_rows(table)
@@ -652,7 +682,7 @@ def plot_figure5(parts, path):
             colour, marker = STYLE.get(paper_dataset(d), (f'C{k + 4}', 'D'))
             xs, ys, es, ps = [], [], [], []
             for row in rows:
-                values = [c.result['map'] for c in cells if c.row.id == row.id and c.dataset == d and c.result]
+                values = [compared(c.result) for c in cells if c.row.id == row.id and c.dataset == d and c.result]
                 mean, std = summary(values)
                 if mean is not None:
                     xs.append(float(row.id)), ys.append(mean), es.append(std or 0.0)
@@ -672,7 +702,7 @@ def plot_figure5(parts, path):
         ticks = [float(r.id) for r in rows]
         if len(ticks) <= 12:
             ax.set_xticks(ticks, [r.id for r in rows], fontsize=8)
-        reading = t1_reading(T1_READING or None, RELEASED)
+        reading = t1_reading()
         ax.set_xlabel(f'{reading} threshold T1 (Eq. 3)' if table == 'fig5a' else 'similarity threshold T2 (Eq. 8)')
         ax.set_ylabel(f'MAP ({FIG5_BITS} bits)')
         ax.set_title(f"({table[-1]}) measured; star: best measured, hollow: paper", fontsize=9)
@@ -708,34 +738,31 @@ def table4():
     failed = False
     for name, vocab in rows:
         sel, why, where = None, '', ''
-        if not os.path.exists(os.path.join(_ROOT, 'nouns_embed.py')):
-            why = 'nouns_embed.py is not in this checkout'
-        else:
-            from nouns_embed import selection_dir, t1_reading
-            reading = t1_reading(T1_READING or None, RELEASED)
-            path = os.path.join(selection_dir(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1,
-                                              RELEASED, reading), 'selection.json')
-            cmd = nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED,
-                                T1_READING or None)
-            if not os.path.exists(path) and not DRY_RUN:
-                why = run_nouns(cmd, os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
-                where = hardware()  # measured just now, here
-            elif DRY_RUN and not os.path.exists(path):
-                print('would run: ' + shlex.join(['python'] + cmd[1:]))
-            if os.path.exists(path):
-                with open(path) as f:
-                    sel = json.load(f)
+        reading = t1_reading()
+        path = os.path.join(selection_dir(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1,
+                                          RELEASED, reading), 'selection.json')
+        cmd = nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED,
+                            T1_READING or None)
+        if not os.path.exists(path) and not DRY_RUN:
+            why = run_nouns(cmd, os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
+            where = hardware()  # measured just now, here
+        elif DRY_RUN and not os.path.exists(path):
+            print('would run: ' + shlex.join(['python'] + cmd[1:]))
+        if os.path.exists(path):
+            with open(path) as f:
+                sel = json.load(f)
         paper_words, paper_s = PAPER_TABLE4.get(name.lower().replace('imagenet21k', 'imagenet'), (None, None))
         if sel is None:
             failed = failed or not DRY_RUN
-            lines.append(f"| {name} | {why or 'not run'} | – | – | {paper_words or '–'} | {paper_s or '–'} | – | – |")
+            lines.append(f"| {name} | {why or 'not run'} | – | – | {paper_words or '–'} | {paper_s or '–'} | – | "
+                         f"– |")
             continue
         (read, unique, com), (emb, clu, sec, total) = selection_numbers(sel)
         hw = sel.get('hardware') or where or f'{hardware()} (this machine; selection.json does not say)'
         f = lambda x: '–' if x is None else f'{x:.2f}'
         diff = f'{total - paper_s:+.2f}' if total is not None and paper_s is not None else '–'
-        lines.append(f"| {name} | {read or '–'} / {unique or '–'} | {com or '–'} | {f(emb)} / {f(clu)} / {f(sec)} / "
-                     f"{f(total)} | {paper_words or '–'} | {paper_s or '–'} | {diff} | {hw} |")
+        lines.append(f"| {name} | {read or '–'} / {unique or '–'} | {com or '–'} | {f(emb)} / {f(clu)} / "
+                     f"{f(sec)} / {f(total)} | {paper_words or '–'} | {paper_s or '–'} | {diff} | {hw} |")
         print(f"vocab table=4 row={name} seconds={f(total)} paper={paper_s or 'none'} diff={diff}", flush=True)
     lines += ['', '- ' + _IMAGENET_NOTE]
     if not {'conceptnet', 'glove'} <= {n.lower() for n, _ in rows}:
@@ -746,9 +773,15 @@ def table4():
 # -----------------------------------------------------------------------------
 def main():
     configure(globals())
-    dataset.check_ranges(globals(), dict(BITS='[1, 1024]', SEEDS='[0, inf)', N_K='[1, inf)', T1='[-1, 4]', EPOCHS='[1, inf)',
-                                         T1_VALUES='[-1, 4]', T2_VALUES='(-1, 1]', FIG5_BITS='[1, 1024]'))
+    dataset.check_ranges(globals(), dict(BITS='[1, 1024]', SEEDS='[0, inf)', N_K='[1, inf)', EPOCHS='[1, inf)',
+                                         T2_VALUES='(-1, 1]', FIG5_BITS='[1, 1024]'))
+    if T1_READING and T1_READING not in nouns_embed.T1_RANGES:
+        raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(nouns_embed.T1_RANGES)}, "
+                         f"or '' for train.py's")
+    nouns_embed.check_t1(T1, t1_reading())
     tables = ('fig5a', 'fig5b') if TABLE == 'fig5' else (TABLE,)
+    if 'fig5a' in tables:
+        nouns_embed.check_t1(T1_VALUES, t1_reading(), '--t1_values')
     if any(t not in TABLES and t != '4' for t in tables):
         raise SystemExit(f"error: --table={TABLE!r}: choose 1, 2, 3, 4, 5, 6, fig5a, fig5b, fig5 or baselines")
     unknown = [d for d in DATASETS if d not in dataset.DATASETS]
@@ -809,4 +842,5 @@ if __name__ == '__main__':
     try:
         main()
     except KeyboardInterrupt:
-        raise SystemExit('interrupted: the cells finished so far are in the results file; rerun the same command to go on')
+        raise SystemExit('interrupted: the cells finished so far are in the results file; rerun the same command '
+                         'to go on')

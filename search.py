@@ -16,8 +16,11 @@ external feature by Eq. 5-6 over the run's vocabulary, which He maps to a code, 
 searches images by words with no further training. Results: results.json (top-k with Hamming
 distances, ties by index order) and one contact sheet PNG per query.
 """
+import errno
 import json
 import os
+import shutil
+import signal
 import textwrap
 import time
 
@@ -170,6 +173,9 @@ def list_images(spec):
         for d, dirs, files in os.walk(spec):
             dirs.sort()
             out += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(dataset.IMAGE_EXTS)]
+        if not out:
+            raise DataError(f"--images={spec}: the folder holds no images ({', '.join(dataset.IMAGE_EXTS)}, any "
+                            f"nesting); nothing to index")
         return sorted((os.path.relpath(p, spec), p) for p in out)
     if os.path.isfile(spec):
         root = os.path.dirname(os.path.abspath(spec))
@@ -178,7 +184,10 @@ def list_images(spec):
             if line.strip():
                 m = dataset._LIST_PATH.match(line)
                 names.append(m.group(1).strip() if m else line.strip())
-        return sorted(dict.fromkeys((n, os.path.join(root, n)) for n in names))
+        out = sorted(dict.fromkeys((n, os.path.join(root, n)) for n in names))
+        if not out:
+            raise DataError(f"--images={spec}: the list file names no images")
+        return out
     raise DataError(f"--images={spec!r} is neither a folder, a list file nor dataset:<name>")
 
 
@@ -260,7 +269,8 @@ def update_index(index, spec, run, bits, device):
     ident = run_identity(run, bits, run_sha, cfg)
     meta, codes = read_index(index)
     if meta is not None and meta['identity'] != ident:
-        diff = ', '.join(f"{k}: {meta['identity'].get(k)} -> {v}" for k, v in ident.items() if meta['identity'].get(k) != v)
+        diff = ', '.join(f"{k}: {meta['identity'].get(k)} -> {v}" for k, v in ident.items()
+                         if meta['identity'].get(k) != v)
         raise DataError(f"the index {index} holds codes of another run or code length ({diff}); use another --index "
                         f"or delete {index}")
     t0 = time.time()
@@ -284,14 +294,16 @@ def update_index(index, spec, run, bits, device):
             elif n in new_of:
                 entries.append(dict(name=n, path=os.path.abspath(p), stat=list(k[1])))
                 rows.append(fresh[new_of[n]])
-        new_codes = np.array(rows, np.uint8).reshape(len(rows), -1) if rows else np.zeros((0, (bits + 7) // 8), np.uint8)
+        new_codes = (np.array(rows, np.uint8).reshape(len(rows), -1) if rows
+                     else np.zeros((0, (bits + 7) // 8), np.uint8))
         skipped = [dict(path=p, why=w) for p, w in bad]
         kept = len(files) - len(todo)
         print(f"index {index}: {len(todo) - len(bad)} images encoded, {kept} kept from before, "
-              f"{(len(meta['images']) if meta else 0) - kept} dropped (vanished or changed), {len(bad)} unreadable skipped"
+              f"{(len(meta['images']) if meta else 0) - kept} dropped (vanished or changed), {len(bad)} unreadable "
+              f"skipped"
               + (f" (listed in {index}/index.json, e.g. {bad[0][0]}: {bad[0][1]})" if bad else ''))
-    meta = dict(identity=ident, bits=bits, images=entries, skipped=skipped, source=spec,
-                dataset=cfg['DATASET'], seconds=round(time.time() - t0, 2))
+    meta = dict(identity=ident, bits=bits, images=entries, skipped=skipped, source=spec, dataset=cfg['DATASET'],
+                dataset_cache=os.path.abspath(cfg['CACHE_DIR']), seconds=round(time.time() - t0, 2))
     write_index(index, meta, new_codes)
     return meta, new_codes
 
@@ -334,7 +346,7 @@ def search(codes, queries, k, kind='exact'):
 
 # -----------------------------------------------------------------------------
 # pictures: thumbnails and contact sheets
-def thumbnail(entry, size):
+def thumbnail(entry, size, meta=None):
     """A size x size RGB thumbnail of an index entry (a file, or a dataset image), or a grey tile."""
     from PIL import Image
     try:
@@ -342,7 +354,7 @@ def thumbnail(entry, size):
             with Image.open(entry['path']) as im:
                 img = dataset.to_rgb(im)
         else:
-            img = _dataset_images(entry['dataset']).load(entry['row'])
+            img = _dataset_images(entry['dataset'], (meta or {}).get('dataset_cache', 'cache')).load(entry['row'])
         scale = size / max(img.size)  # down, or up for small images (CIFAR-10's 32 x 32)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
     except Exception:  # noqa: BLE001 - a picture that cannot be shown is drawn grey
@@ -352,8 +364,9 @@ def thumbnail(entry, size):
     return tile
 
 
-def _dataset_images(name):
-    return once(('images', name), lambda: dataset.load_images(name, os.path.join('data', name), download=False))
+def _dataset_images(name, cache_dir):
+    """The images dataset_extract.py read into `cache_dir` (checked against their fingerprint)."""
+    return once(('images', name, cache_dir), lambda: dataset.extracted_images(cache_dir, name))
 
 
 def contact_sheet(query, hits, meta, path):
@@ -365,14 +378,14 @@ def contact_sheet(query, hits, meta, path):
     if query.get('image'):
         sheet.paste(thumbnail(dict(path=query['image']), s), (4, 4))
     elif query.get('item') is not None:
-        sheet.paste(thumbnail(meta['images'][query['item']], s), (4, 4))
+        sheet.paste(thumbnail(meta['images'][query['item']], s, meta), (4, 4))
     else:
         draw.rectangle([4, 4, 4 + s, 4 + s], outline=(0, 0, 0))
         draw.multiline_text((8, 8), '\n'.join(textwrap.wrap(query['words'], max(4, s // 7))), fill=(0, 0, 0))
     draw.text((4, s + 8), 'query', fill=(0, 0, 160))
     for j, h in enumerate(hits):
         x = 4 + (j + 1) * (s + 4)
-        sheet.paste(thumbnail(meta['images'][h['row']], s), (x, 4))
+        sheet.paste(thumbnail(meta['images'][h['row']], s, meta), (x, 4))
         draw.text((x, s + 8), f"{j + 1}: d={h['distance']}", fill=(0, 0, 0))
     atomic_write(path, lambda f: sheet.save(f, format='PNG'))
     return path
@@ -426,11 +439,13 @@ def answer(meta, codes, queries, k, kind):
 # -----------------------------------------------------------------------------
 # the search page: a form for words or an image, and the hits as thumbnails (127.0.0.1 only)
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search</title>
-<style>body{{font-family:sans-serif;margin:1em}} .hit{{display:inline-block;margin:4px;text-align:center;font-size:12px}}
+<style>body{{font-family:sans-serif;margin:1em}}
+.hit{{display:inline-block;margin:4px;text-align:center;font-size:12px}}
 </style></head><body><h1>Search {count} images</h1>
 <form action="/search" method="get"><input name="words" id="words" placeholder="words" value="{words}">
 <button id="go">search</button></form>
-<form action="/search" method="post" enctype="multipart/form-data"><input type="file" name="image" id="image" accept="image/*">
+<form action="/search" method="post" enctype="multipart/form-data">
+<input type="file" name="image" id="image" accept="image/*">
 <button id="upload">search with this image</button></form>
 <div id="results">{results}</div></body></html>"""
 
@@ -473,11 +488,13 @@ def serve(meta, codes, device, host, port):
             try:
                 if url.path.startswith('/thumb/'):
                     buf = io.BytesIO()
-                    thumbnail(meta['images'][int(url.path[7:])], THUMB).save(buf, format='JPEG')
+                    thumbnail(meta['images'][int(url.path[7:])], THUMB, meta).save(buf, format='JPEG')
                     return self.send(buf.getvalue(), 'image/jpeg')
                 words = urllib.parse.parse_qs(url.query).get('words', [''])[0].strip()
                 if url.path == '/search' and words:
                     return self.page(results_html(words, word_codes([words], cfg, he, device)[0]), words)
+                if url.path == '/search':  # an empty or blank query
+                    return self.page('<p id="error">type some words to search with first</p>')
                 return self.page()
             except Exception as e:  # noqa: BLE001 - whatever went wrong is shown on the page, the server goes on
                 return self.page(f'<p id="error">{html.escape(type(e).__name__ + ": " + str(e))}</p>')
@@ -487,8 +504,8 @@ def serve(meta, codes, device, host, port):
                 body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
                 head = b'Content-Type: ' + self.headers['Content-Type'].encode() + b'\r\n\r\n'
                 msg = BytesParser(policy=policy.default).parsebytes(head + body)
-                part = next((p for p in msg.iter_parts() if p.get_param('name', header='content-disposition') == 'image'),
-                            None)
+                part = next((p for p in msg.iter_parts()
+                             if p.get_param('name', header='content-disposition') == 'image'), None)
                 if part is None or not part.get_payload(decode=True):
                     return self.page('<p id="error">choose an image file first</p>')
                 name = os.path.basename(part.get_filename() or 'upload')
@@ -502,14 +519,25 @@ def serve(meta, codes, device, host, port):
             except Exception as e:  # noqa: BLE001 - whatever went wrong is shown on the page, the server goes on
                 return self.page(f'<p id="error">{html.escape(type(e).__name__ + ": " + str(e))}</p>')
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        shutil.rmtree(uploads, ignore_errors=True)
+        if e.errno == errno.EADDRINUSE:
+            raise SystemExit(f"error: port {port} on {host} is in use (another search.py?): give another --port")
+        raise
     print(f"serve http://{host}:{server.server_address[1]}/ ({len(codes)} images); Ctrl-C stops it", flush=True)
+
+    def stop(signum, frame):  # a terminated server cleans up as an interrupted one
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        shutil.rmtree(uploads, ignore_errors=True)  # the uploaded images go with the server
 
 
 # -----------------------------------------------------------------------------
@@ -520,6 +548,14 @@ def main():
         raise SystemExit(f"error: --search={SEARCH!r}: choose exact, ivf or hnsw")
     if HOST not in ('127.0.0.1', 'localhost', '::1'):
         raise SystemExit(f"error: --host={HOST!r}: the page serves this machine only (127.0.0.1, localhost, ::1)")
+    if any(not w.strip() for w in WORDS):
+        raise SystemExit("error: --words holds an empty query: give the words to search with, e.g. --words='a red car'")
+    if RUN and not IMAGES:
+        raise SystemExit("error: --run is read only to build an index (with --images); a search uses the run the "
+                         "index was built with: leave --run out, or give --images to index with it")
+    if not (IMAGES or SERVE or QUERY or ITEM or WORDS):
+        raise SystemExit("error: nothing to do: give --query, --item or --words to search, --serve for the page, or "
+                         "--run and --images to build an index")
     device = models.resolve_device(DEVICE)
     t0 = time.time()
     if IMAGES:
@@ -530,6 +566,9 @@ def main():
         meta, codes = read_index(INDEX)
         if meta is None:
             raise SystemExit(f"error: no index in {INDEX}: build one with --run=<train.py run> --images=<folder>")
+    if len(codes) == 0 and (SERVE or QUERY or ITEM or WORDS):
+        raise SystemExit(f"error: the index {INDEX} holds no images ({len(meta.get('skipped', []))} unreadable were "
+                         f"skipped): index a folder of readable images with --run and --images")
     if SERVE:
         return serve(meta, codes, device, HOST, PORT)
     results = answer(meta, codes, query_codes(meta, codes, device), TOPK, SEARCH)

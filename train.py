@@ -7,9 +7,12 @@ and labels of query and retrieval sets, for eval_hash.py --run; the quantization
 retrieval set's product-quantized codes and the codebooks) and result.json, and appends one JSON
 line per run to RESULTS.
 """
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 
 import numpy as np
@@ -18,11 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import baselines
-import eval_hash
 import dataset
-from dataset import (CacheError, DataError, atomic_write, configure, dataset_dir, feature_dir, load_array, load_split,
-                     reusable, save_array, save_json, split_tag)
+import eval_hash
 import models
+import nouns_embed
+from baselines import QUANTIZED, SUPERVISED, TWO_VIEWS, UNTRAINED
+from dataset import (CacheError, DataError, atomic_write, configure, feature_dir, load_array, released_defaults,
+                     split_tag)
 from models import HashHead, pretrained_tag, resolve_device
 
 # data (what dataset_extract.py and nouns_embed.py produced)
@@ -35,14 +40,16 @@ BACKBONE_PRETRAINED = ''    # '' -> 'openai' for CLIP, 'imagenet' for vgg16
 CLIP_MODEL = 'ViT-B-16'     # the CLIP space of nouns and images for the external feature
 CLIP_PRETRAINED = 'openai'  # its weights (as given to dataset_extract.py / nouns_embed.py)
 VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet | a word-list file (Table 5)
-N_K = 800                   # clusters of the noun selection (Eq. 3)
-T1 = 0.9                    # threshold of representative nouns (Eq. 3)
+N_K = nouns_embed.N_K       # clusters of the noun selection (Eq. 3); nouns_embed.py's default
+T1 = nouns_embed.T1         # threshold of representative nouns (Eq. 3); nouns_embed.py's default
 T1_READING = None           # Eq. 3 read as 'distance' (paper) or 'similarity' (authors' code); None: distance, or
                             # similarity with --released (nouns_embed.py --t1_reading)
-VIEW_RECIPE = None          # the views dataset_extract.py made: simclr | released; None: simclr, or released with --released
+VIEW_RECIPE = None          # the views dataset_extract.py made: simclr | released; None: simclr, or released with
+                            # --released
 # method
 METHOD = 'duheg'            # duheg (this paper) | ssdh, cibhash (unsupervised) | dhn, dch, dqn, dvsq, dtq (SUPERVISED:
-                            # read labels; dqn, dvsq, dtq: product quantization, ranked by AQD) | lsh, itq (no training);
+                            # read labels; dqn, dvsq, dtq: product quantization, ranked by AQD) | lsh, itq (no
+                            # training);
                             # baselines train Hv alone, on the plain view (cibhash: two augmented views) (baselines.py)
 CLASS_NAMES = ''            # dvsq: the labels' names, one a line in label order, whose CLIP text features (Eq. 2) are
                             # DVSQ's word vectors; '' -> the dataset's classes.txt (dataset_extract.py writes it)
@@ -54,7 +61,8 @@ SIM = True                  # Table 2: in-batch positives from the external feat
 AUG = True                  # Table 2: two augmented views (off: one plain view, only L_b(hv, he))
 EXTERNAL = 'efc'            # Table 3: efc (selected nouns) | ek (all nouns) | imgk (train images as nouns)
                             #          | imgcls (selection run on train images) | none (IMGAUG: L_b(hv1, hv2) only)
-NORM_INPUTS = None          # L2-normalise Hv's inputs (views, query, retrieval features); None: no, or yes with --released
+NORM_INPUTS = None          # L2-normalise Hv's inputs (views, query, retrieval features); None: no, or yes with
+                            # --released
 RELEASED = False            # the authors' released code: their views and vocabulary (t_com = t_rep), one fixed pair of
                             # views, L2-normalised inputs, drop_last batches, softmax clamped to [1e-12, 1 - 1e-12] in
                             # Eq. 9, Eq. 5-6 in fp16 on a GPU
@@ -71,13 +79,17 @@ THREADS = 0                 # torch CPU threads; 0: torch's default (every core)
 RUN_DIR = ''                # '' -> runs/<dataset>/<automatic name from the settings>
 RESULTS = 'runs/results.jsonl'  # every run appends one JSON line here
 TOPK = 0                    # MAP@K; 0 -> the dataset's K (1000 CIFAR-10, 5000 others)
-FORCE = False               # recompute the cached external features
+FORCE = False               # recompute the cached external features; replace a RUN_DIR made from other settings
 
-_RANGES = dict(SPLIT_SEED='[0, inf)', N_K='[1, inf)', T1='[-1, 4]', BITS='[1, 1024]', TAU1='(0, inf)', TAU2='[0, inf)',
+_RANGES = dict(SPLIT_SEED='[0, inf)', N_K='[1, inf)', BITS='[1, 1024]', TAU1='(0, inf)', TAU2='[0, inf)',
                T2='(-1, 1]', EPOCHS='[1, inf)', WARMUP='[0, inf)', LR_MIN='[0, inf)', LR_MAX='(0, inf)',
                BATCH_SIZE='[2, inf)', SEED='[0, inf)', THREADS='[0, inf)', TOPK='[0, inf)')  # checked before any work
 TAU2_DEFAULT = {'mscoco': 0.2}            # the authors' code: 0.8 elsewhere
 T2_BEST = {'cifar10': 0.99, 'nuswide': 0.98, 'flickr25k': 0.97, 'mscoco': 0.95}  # Figure 5b
+RELEASED_DEFAULTS = dict(  # each None setting above: (its default, the authors' released code's), by RELEASED
+    T1_READING=nouns_embed.RELEASED_DEFAULTS['T1_READING'], VIEW_RECIPE=('simclr', 'released'),
+    NORM_INPUTS=(False, True))
+NOT_RESULT = frozenset({'DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS'})  # settings that do not change a result
 
 
 # -----------------------------------------------------------------------------
@@ -142,33 +154,66 @@ def bcl_loss(hv1, hv2, he, pos, tau2, clamp=False):
 
 
 # -----------------------------------------------------------------------------
+# the inputs: what dataset_extract.py and nouns_embed.py left in CACHE_DIR (dataset.py's cache layout)
+def input_paths(cfg):
+    """{name: path} of the cached files a run with config `cfg` (train.py's settings) is made from:
+    the features of Hv, their augmented views, the split and labels, and what the external feature
+    is built from (the training images in CLIP's space, the vocabulary). Their fingerprints key the
+    external-feature cache and each results line; reproduce.py compares them to tell a done cell
+    from one whose inputs changed."""
+    cfg = dict(cfg, **released_defaults(cfg, RELEASED_DEFAULTS))
+    tag = split_tag(cfg['SPLIT_SEED'], cfg['SPLIT_DIR'])
+    pretrained = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
+    fdir = feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['BACKBONE'], pretrained, cfg['VIEW_RECIPE'])
+    paths = dict(features=os.path.join(fdir, 'images.npy'),
+                 **dataset.split_paths(cfg['CACHE_DIR'], cfg['DATASET'], tag))
+    duheg = cfg['METHOD'] == 'duheg'
+    if (duheg and cfg['AUG']) or cfg['METHOD'] in TWO_VIEWS:
+        paths['views'] = dataset.views_path(fdir, tag)
+    if cfg['METHOD'] == 'dvsq':
+        paths['classes'] = cfg.get('CLASS_NAMES') or os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], cfg['DATASET']),
+                                                                  'classes.txt')
+    if duheg and cfg['EXTERNAL'] != 'none':
+        paths['clip'] = os.path.join(feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['CLIP_MODEL'],
+                                                 cfg['CLIP_PRETRAINED'], cfg['VIEW_RECIPE']), 'images.npy')
+        vocab = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
+        if cfg['EXTERNAL'] == 'efc':
+            paths['vocabulary'] = os.path.join(dataset.selection_dir(*vocab, cfg['N_K'], cfg['T1'], cfg['RELEASED'],
+                                                                     cfg['T1_READING']), 'selected_feats.npy')
+        elif cfg['EXTERNAL'] in ('ek', 'imgcls'):
+            paths['vocabulary'] = os.path.join(dataset.vocab_dir(*vocab, cfg['RELEASED']), 'noun_feats.npy')
+    return paths
+
+
 def load_features():
     """Image features of query / retrieval / train (plain view), the augmented train views,
     the training images' CLIP features, labels and split."""
+    paths = input_paths(globals())
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
-    labels, query, retrieval, train = load_split(CACHE_DIR, DATASET, tag)
-    fdir = feature_dir(CACHE_DIR, DATASET, BACKBONE, BACKBONE_PRETRAINED, VIEW_RECIPE)
-    feats = load_array(os.path.join(fdir, 'images.npy'), dict(build=models.backbone_build(BACKBONE, BACKBONE_PRETRAINED)),
+    labels, query, retrieval, train = dataset.load_split(CACHE_DIR, DATASET, tag)
+    fdir = os.path.dirname(paths['features'])
+    feats = load_array(paths['features'], dict(build=models.backbone_build(BACKBONE, BACKBONE_PRETRAINED)),
                        producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE}')
     if len(feats) != len(labels):
-        raise CacheError(f"{fdir}/images.npy has {len(feats)} rows but {dataset_dir(CACHE_DIR, DATASET)}/labels.npy "
-                         f"{len(labels)}: the two come from different datasets; rerun dataset_extract.py --force")
+        raise CacheError(f"{paths['features']} has {len(feats)} rows but {paths['labels']} {len(labels)}: the two "
+                         f"come from different datasets; rerun dataset_extract.py --force")
     aug = None
-    if (METHOD == 'duheg' and AUG) or METHOD in TWO_VIEWS:  # IMGAUG (EXTERNAL none) requires AUG, checked in main
-        aug = load_array(os.path.join(fdir, f'train_aug_{tag}.npy'),
+    if 'views' in paths:  # IMGAUG (EXTERNAL none) requires AUG, checked in main
+        aug = load_array(paths['views'],
                          producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE} (AUG_VIEWS >= 1)')
         if aug.shape[1] < 1 or aug.shape[0] != len(train):
-            raise CacheError(f"{fdir}/train_aug_{tag}.npy has shape {aug.shape}, expected ({len(train)}, views, F)")
-        if METHOD in TWO_VIEWS and aug.shape[1] < 2:
-            raise CacheError(f"{fdir}/train_aug_{tag}.npy holds {aug.shape[1]} view of each image; --method={METHOD} "
-                             f"trains on two: rerun dataset_extract.py --aug_views=2 (or more) --force")
+            raise CacheError(f"{paths['views']} has shape {aug.shape}, expected ({len(train)}, views, F)")
+        if aug.shape[1] < 2:  # Eq. 1's L_b(hv1, hv2) (and CIBHash) needs two different views of an image
+            raise CacheError(f"{paths['views']} holds {aug.shape[1]} view of each image; --method={METHOD} "
+                             f"{'with --aug=true ' if METHOD == 'duheg' else ''}trains on two: rerun "
+                             f"dataset_extract.py --aug_views=2 (or more) --force"
+                             f"{', or train with --aug=false' if METHOD == 'duheg' and EXTERNAL != 'none' else ''}")
     clip = None  # the training images in CLIP's space, for the external feature
-    if METHOD == 'duheg' and EXTERNAL != 'none':
-        clip_dir = feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED, VIEW_RECIPE)
-        clip = feats if clip_dir == fdir else load_array(
-            os.path.join(clip_dir, 'images.npy'), dict(build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED)),
+    if 'clip' in paths:
+        clip = feats if paths['clip'] == paths['features'] else load_array(
+            paths['clip'], dict(build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED)),
             producer=f'dataset_extract.py --backbone={BACKBONE} --clip_model={CLIP_MODEL}')
-    bad = json.load(open(os.path.join(fdir, 'images.npy.json')))['settings'].get('bad', [])
+    bad = dataset.read_sidecar(paths['features'])['settings'].get('bad', [])
     if bad:  # images dataset_extract.py --bad_images=skip could not read
         query, retrieval, train_keep = (np.setdiff1d(p, bad) for p in (query, retrieval, train))
         keep = np.isin(train, train_keep)
@@ -177,68 +222,50 @@ def load_features():
     if NORM_INPUTS:  # the authors' code L2-normalises every input of Hv
         feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True).clip(min=1e-12)
         if aug is not None:
-            aug = (aug / np.linalg.norm(aug.astype(np.float32), axis=-1, keepdims=True).clip(min=1e-12)).astype(aug.dtype)
+            norm = np.linalg.norm(aug.astype(np.float32), axis=-1, keepdims=True).clip(min=1e-12)
+            aug = (aug / norm).astype(aug.dtype)
     return feats, aug, None if clip is None else clip[train], labels, query, retrieval, train
 
 
-def nouns_build():
-    """The settings a nouns_embed.py cache must have been made with to be read here."""
-    return dict(clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED))
-
-
-def vocabulary(clip_train):
-    """The word features the external feature is built from (Table 3 / Table 5)."""
+def vocabulary(clip_train, path):
+    """The word features the external feature is built from (Table 3 / Table 5), read from `path`."""
     if EXTERNAL == 'imgk':
         return clip_train
-    from nouns_embed import select_vocabulary, selection_dir, vocab_dir
     producer = f'nouns_embed.py --vocab={VOCAB} --clip_model={CLIP_MODEL} --n_k={N_K} --t1={T1}'
-    if EXTERNAL == 'efc':
-        d = selection_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED, T1_READING)
-        return load_array(os.path.join(d, 'selected_feats.npy'), nouns_build(), producer=producer)
-    if EXTERNAL == 'ek':
-        d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
-        return load_array(os.path.join(d, 'noun_feats.npy'), nouns_build(), producer=producer)
+    want = dict(clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED))
+    if EXTERNAL in ('efc', 'ek'):
+        return load_array(path, want, producer=producer)
     # imgcls: Algorithm 1's selection on the training images, same ratio of clusters to points as for nouns
-    d = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
-    n_nouns = len(load_array(os.path.join(d, 'noun_feats.npy'), nouns_build(), producer=producer, mmap=True))
-    n_k = max(2, round(N_K * len(clip_train) / n_nouns))
+    n_k = max(2, round(N_K * len(clip_train) / len(load_array(path, want, producer=producer, mmap=True))))
     t = F.normalize(torch.as_tensor(clip_train, dtype=torch.float32), dim=1).numpy()
-    rep, cen = select_vocabulary(t, n_k, T1, iters=100, restarts=1, seed=SEED, released=RELEASED, reading=T1_READING)
-    if RELEASED:
-        return t[rep]
-    return t[np.union1d(rep, cen)]
+    rep, cen = nouns_embed.select_vocabulary(t, n_k, T1, iters=100, restarts=1, seed=SEED, released=RELEASED,
+                                             reading=T1_READING)
+    return t[rep] if RELEASED else t[np.union1d(rep, cen)]
 
 
-def input_paths(cfg):
-    """{name: path} of the cached files a run with config `cfg` (train.py's settings, resolved) is
-    made from: the features of Hv, their augmented views, the split and labels, and what the external
-    feature is built from (the training images in CLIP's space, the vocabulary). Their fingerprints
-    key the external-feature cache and each results line; reproduce.py compares them to tell a done
-    cell from one whose inputs changed."""
-    from nouns_embed import selection_dir, vocab_dir
-    r = released_settings(cfg)
-    tag = split_tag(cfg['SPLIT_SEED'], cfg['SPLIT_DIR'])
-    pretrained = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
-    fdir = feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['BACKBONE'], pretrained, r['VIEW_RECIPE'])
-    ddir = dataset_dir(cfg['CACHE_DIR'], cfg['DATASET'])
-    paths = dict(features=os.path.join(fdir, 'images.npy'), labels=os.path.join(ddir, 'labels.npy'),
-                 query=os.path.join(ddir, tag, 'query.npy'), retrieval=os.path.join(ddir, tag, 'retrieval.npy'),
-                 train=os.path.join(ddir, tag, 'train.npy'))
-    duheg = cfg['METHOD'] == 'duheg'
-    if (duheg and cfg['AUG']) or cfg['METHOD'] in TWO_VIEWS:
-        paths['views'] = os.path.join(fdir, f'train_aug_{tag}.npy')
-    if cfg['METHOD'] == 'dvsq':
-        paths['classes'] = cfg.get('CLASS_NAMES') or os.path.join(ddir, 'classes.txt')
-    if duheg and cfg['EXTERNAL'] != 'none':
-        paths['clip'] = os.path.join(feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['CLIP_MODEL'],
-                                                 cfg['CLIP_PRETRAINED'], r['VIEW_RECIPE']), 'images.npy')
-        vocab = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
-        if cfg['EXTERNAL'] == 'efc':
-            paths['vocabulary'] = os.path.join(selection_dir(*vocab, cfg['N_K'], cfg['T1'], cfg['RELEASED'],
-                                                             r['T1_READING']), 'selected_feats.npy')
-        elif cfg['EXTERNAL'] in ('ek', 'imgcls'):
-            paths['vocabulary'] = os.path.join(vocab_dir(*vocab, cfg['RELEASED']), 'noun_feats.npy')
-    return paths
+def external_cache(clip_train, train, device='cpu'):
+    """e_i of every training image (Eq. 5-6), cached beside the CLIP features; rebuilt when any input
+    changed (the CLIP features, the split, the vocabulary: their fingerprints are its settings)."""
+    paths = input_paths(globals())
+    settings = dict(dataset=DATASET, split=split_tag(SPLIT_SEED, SPLIT_DIR), clip=CLIP_MODEL,
+                    pretrained=pretrained_tag(CLIP_PRETRAINED),
+                    clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED),
+                    vocab=VOCAB, n_k=N_K, t1=T1, t1_reading=T1_READING, tau1=TAU1,
+                    external=EXTERNAL, released=RELEASED, n_train=len(train),
+                    inputs=dataset.fingerprints(**{k: paths[k] for k in ('clip', 'train', 'vocabulary') if k in paths}))
+    path = dataset.external_path(os.path.dirname(paths['clip']), EXTERNAL, VOCAB, N_K, T1, T1_READING, TAU1, RELEASED,
+                                 settings['split'])
+
+    def build():
+        t = vocabulary(clip_train, paths.get('vocabulary'))
+        if t.shape[1] != clip_train.shape[1]:
+            raise CacheError(f"the training images' CLIP features are {clip_train.shape[1]}-d but the vocabulary "
+                             f"{t.shape[1]}-d: they come from different CLIP models; run dataset_extract.py and "
+                             f"nouns_embed.py with the same --clip_model and --clip_pretrained")
+        half = RELEASED and device.startswith('cuda')  # the authors' Eq. 5-6 runs in fp16 on the GPU
+        return external_features(clip_train, t, TAU1, device=device, half=half).numpy()
+    return dataset.cached(path, settings, build, 'train.py', FORCE, rebuild_stale='the external features',
+                          quiet=True)[0]
 
 
 def write_result(path, result):
@@ -268,91 +295,49 @@ def write_result(path, result):
         atomic_write(path, lambda f: f.write(''.join(json.dumps(r, default=str) + '\n' for r in lines).encode()))
 
 
-NOT_RESULT = frozenset({'DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS'})  # settings that do not change a result
+# -----------------------------------------------------------------------------
+# Algorithm 2
+def views_for(epochs):
+    """Augmented views extracted per train image by default: two fresh ones, (2t, 2t+1), for each epoch
+    t (Algorithm 2, line 10); dataset_extract.py's AUG_VIEWS None extracts as many."""
+    return 2 * epochs
 
 
-def external_cache(clip_train, train, device='cpu'):
-    """e_i of every training image (Eq. 5-6), cached beside the features; rebuilt when any input
-    changed (the CLIP features, the split, the vocabulary: their fingerprints are its settings)."""
-    settings = dict(dataset=DATASET, split=split_tag(SPLIT_SEED, SPLIT_DIR), clip=CLIP_MODEL,
-                    pretrained=pretrained_tag(CLIP_PRETRAINED), clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED),
-                    vocab=VOCAB, n_k=N_K, t1=T1, t1_reading=T1_READING, tau1=TAU1,
-                    external=EXTERNAL, released=RELEASED, n_train=len(train),
-                    inputs=dataset.fingerprints(**{k: v for k, v in input_paths(globals()).items()
-                                                   if k in ('clip', 'train', 'vocabulary')}))
-    name = (f"external_{EXTERNAL}_{os.path.basename(str(VOCAB))}_k{N_K}_t{T1}{'_sim' if T1_READING == 'similarity' else ''}"
-            f"_tau{TAU1}{'_released' if RELEASED else ''}_{settings['split']}.npy")
-    path = os.path.join(feature_dir(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED, VIEW_RECIPE), name)
-    status = dataset.cache_status(path, settings)
-    if status not in ('ok', 'missing'):
-        print(f"rebuilding the external features: {status}")
-    if reusable(path, settings, FORCE or status not in ('ok', 'missing'), 'train.py'):
-        return load_array(path, settings, 'train.py --force', verify=False)  # reusable() checked its sha256
-    half = RELEASED and device.startswith('cuda')  # the authors' Eq. 5-6 runs in fp16 on the GPU
-    t = vocabulary(clip_train)
-    if t.shape[1] != clip_train.shape[1]:
-        raise CacheError(f"the training images' CLIP features are {clip_train.shape[1]}-d but the vocabulary "
-                         f"{t.shape[1]}-d: they come from different CLIP models; run dataset_extract.py and "
-                         f"nouns_embed.py with the same --clip_model and --clip_pretrained")
-    e = external_features(clip_train, t, TAU1, device=device, half=half).numpy()
-    save_array(path, e, settings, 'train.py')
-    return e
-
-
-METHODS = {'duheg': 'this paper', 'ssdh': 'SSDH, unsupervised', 'cibhash': 'CIBHash, unsupervised',
-           'dhn': 'DHN, supervised', 'dch': 'DCH, supervised', 'dqn': 'DQN, supervised, quantization',
-           'dvsq': 'DVSQ, supervised, quantization', 'dtq': 'DTQ, supervised, quantization',
-           'lsh': 'random projection, no training', 'itq': 'PCA-ITQ, no training'}
-SUPERVISED = frozenset({'dhn', 'dch', 'dqn', 'dvsq', 'dtq'})  # baselines that read the training labels
-UNTRAINED = frozenset({'lsh', 'itq'})   # baselines fitted in closed form: no heads, no epochs
-QUANTIZED = frozenset({'dqn', 'dvsq', 'dtq'})  # product-quantized codes, ranked by AQD (eval_hash.map_aqd)
-TWO_VIEWS = frozenset({'cibhash'})      # baselines trained on two augmented views, as DUH-EG
-PAIR_LOSSES = {'ssdh': baselines.ssdh_loss, 'dhn': baselines.dhn_loss, 'dch': baselines.dch_loss}
-QUANT_LAMBDA = {'dqn': baselines.DQN_LAMBDA, 'dvsq': baselines.DVSQ_LAMBDA, 'dtq': baselines.DTQ_LAMBDA}
-
-
-def class_vectors(n_classes, device='cpu'):
-    """DVSQ's word vectors of the labels (n_classes x D, unit rows, label order): CLIP_MODEL's text
-    features of the class names through Eq. 2's prompt ensemble (word2vec in the DVSQ paper)."""
-    from nouns_embed import embed_words
-    path = CLASS_NAMES or os.path.join(dataset_dir(CACHE_DIR, DATASET), 'classes.txt')
-    if not os.path.isfile(path):
-        raise CacheError(f"{path} does not exist: DVSQ needs the labels' names (dataset_extract.py writes classes.txt; "
-                         f"or give --class_names=FILE, one name a line in label order)")
-    names = [w.strip() for w in dataset.read_lines(path)]
-    if len(names) != n_classes or not all(names):
-        raise DataError(f"{path} has {len(names)} names{' (some empty)' if not all(names) else ''} but the labels have "
-                        f"{n_classes} classes: give one name a line, in label order")
-    if all(w.isdigit() for w in names):
-        raise DataError(f"{path} holds class numbers, not names: DVSQ's word vectors are the CLIP text features of the "
-                        f"names; write them one a line in label order and pass --class_names=FILE")
-    model, _, tokenizer = models.load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
-    return embed_words(names, model, tokenizer, device=device)
+def pick_views(n, n_views, gen, epoch=0):
+    """Which two augmented views of each image form (v1, v2) at `epoch` (Algorithm 2, line 10:
+    new views every epoch): views 2t and 2t+1 at epoch t when views_for(EPOCHS) are stored (the
+    default extraction); a random pair of the stored ones when fewer; the fixed pair (0, 1) of the
+    authors' code when RELEASED or when only two are stored."""
+    z = torch.zeros(n, dtype=torch.long)
+    if n_views < 2:
+        return z, z
+    if RELEASED or n_views == 2:
+        return z, z + 1
+    if n_views >= views_for(EPOCHS):
+        return z + 2 * epoch, z + 2 * epoch + 1
+    first = torch.randint(n_views, (n,), generator=gen)
+    second = (first + 1 + torch.randint(n_views - 1, (n,), generator=gen)) % n_views
+    return first, second
 
 
 def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None):
-    """Algorithm 2: Adam on Hv and He, per-epoch learning rate of Eq. 10-11, in-batch positives.
-    A baseline's loss on Hv alone replaces L_BCL: with a pairwise similarity `s` (N x N), with the
-    labels `y` and word vectors `v` (DVSQ), or on two views (CIBHash). The quantization methods'
-    Hv outputs a D-dimensional z; their codebooks are fitted after epoch 0 (when the quantization
-    loss starts, as in DeepHash) and refitted after every epoch. Returns (hv, he, opt, codebooks)."""
+    """Algorithm 2: Adam on Hv and He, per-epoch learning rate of Eq. 10-11, in-batch positives (Eq. 8)
+    and L_BCL (Eq. 1). A baseline's loss on Hv alone replaces L_BCL (baselines.batch_loss); the
+    quantization methods refit their codebooks after every epoch. Returns (hv, he, opt, codebooks)."""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    quantized = METHOD in QUANTIZED
-    out_dim = (len(v[0]) if METHOD == 'dvsq' else baselines.PQ_DIM) if quantized else bits
-    m = baselines.pq_shape(bits, out_dim) if quantized else 0
+    out_dim = baselines.out_dim(METHOD, bits, v)
+    if METHOD in QUANTIZED:
+        baselines.pq_shape(bits, out_dim)  # a code length it cannot split fails here, before training
     hv = HashHead(x_train.shape[1], out_dim).to(device)
     he = HashHead(e.shape[1], bits).to(device) if e is not None else None
-    params = list(hv.parameters()) + (list(he.parameters()) if he is not None else [])
-    opt = torch.optim.Adam(params, lr=LR_MIN)
-    x_cpu = x_train
-    x_train = torch.as_tensor(x_train).to(device)
+    opt = torch.optim.Adam(list(hv.parameters()) + (list(he.parameters()) if he is not None else []), lr=LR_MIN)
+    x_cpu, x_train = x_train, torch.as_tensor(x_train).to(device)
     e, aug, s, y, v = (torch.as_tensor(a).to(device) if a is not None else None for a in (e, aug, s, y, v))
-    n = len(x_train)
-    codebooks = codes = words = None  # the quantizer, the training items' codes (fixed during an epoch), words on device
+    n, codebooks, pq = len(x_train), None, None
     bar = tqdm(range(EPOCHS), desc=f'train {bits} bits', unit='epoch')
     for epoch in bar:
-        lr = lr_at(epoch, LR_MIN, LR_MAX, WARMUP, EPOCHS)
+        lr = lr_at(epoch, LR_MIN, LR_MAX, WARMUP, EPOCHS)  # Eq. 10-11
         for g in opt.param_groups:
             g['lr'] = lr
         hv.train()
@@ -364,67 +349,109 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None)
             idx = perm[a:a + BATCH_SIZE]
             if len(idx) < 2 or (RELEASED and len(idx) < BATCH_SIZE):  # BatchNorm needs two; drop_last (released)
                 continue
-            if quantized:  # DQN, DVSQ, DTQ: similarity loss + lambda * quantization loss (lambda 0 in epoch 0)
-                z = hv(x_train[idx])
-                if METHOD == 'dvsq':
-                    loss = baselines.dvsq_loss(z, y[idx], v)
-                elif METHOD == 'dtq':  # Group-Hard negatives drawn with the run's generator
-                    loss = baselines.dtq_loss(z, s[idx][:, idx], gen=gen)
-                else:
-                    loss = baselines.dqn_loss(z, s[idx][:, idx])
-                if codebooks is not None:
-                    q = baselines.pq_decode(codes[idx], words)
-                    quant = baselines.dvsq_quant_loss(z, q, v) if METHOD == 'dvsq' else baselines.pq_loss(z, q)
-                    loss = loss + QUANT_LAMBDA[METHOD] * quant
-            elif s is not None:  # a pairwise baseline on Hv alone
-                loss = PAIR_LOSSES[METHOD](hv(x_train[idx]), s[idx][:, idx])
-            elif METHOD in TWO_VIEWS:  # CIBHash: two augmented views of each image (stored in fp16)
-                loss = baselines.cibhash_loss(hv(aug[idx, views[0][idx]].float()), hv(aug[idx, views[1][idx]].float()))
+            x1, x2 = ((aug[idx, w[idx]].float() for w in views) if aug is not None  # two views (stored in fp16)
+                      else (x_train[idx], None))                                      # AUG off: one plain view
+            if METHOD != 'duheg':
+                loss = baselines.batch_loss(METHOD, hv, x_train, idx, (x1, x2), s, y, v, gen, pq)
             else:
-                if e is not None:
-                    pos, he_b = positives(e[idx], t2, SIM), he(e[idx])  # Eq. 8, He(e)
-                else:  # IMGAUG: no external feature, only the two views
-                    pos, he_b = torch.eye(len(idx), dtype=torch.bool, device=device), None
-                if aug is not None:  # stored in fp16
-                    hv1, hv2 = hv(aug[idx, views[0][idx]].float()), hv(aug[idx, views[1][idx]].float())
-                else:  # AUG off: one plain view
-                    hv1, hv2 = hv(x_train[idx]), None
-                loss = bcl_loss(hv1, hv2, he_b, pos, tau2, clamp=RELEASED)  # Eq. 1
+                pos = positives(e[idx], t2, SIM) if e is not None else torch.eye(len(idx), dtype=torch.bool,
+                                                                                  device=device)  # Eq. 8; IMGAUG: {i}
+                loss = bcl_loss(hv(x1), hv(x2) if x2 is not None else None, he(e[idx]) if e is not None else None,
+                                pos, tau2, clamp=RELEASED)  # Eq. 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach() * len(idx)
         bar.set_postfix(loss=f'{total.item() / n:.4f}', lr=f'{lr:.2e}')
-        if quantized:  # codebooks (kept on the CPU, where they are fitted) and codes from every training item's z
-            z_all = torch.as_tensor(encode(hv, x_cpu, device))
-            first = codebooks is None
-            codebooks = baselines.pq_fit(z_all, m, baselines.PQ_FIT_ITERS if first else baselines.PQ_UPDATE_ITERS,
-                                         codebooks, seed=SEED)
-            codes, words = baselines.pq_encode(z_all, codebooks).to(device), codebooks.to(device)
+        if METHOD in QUANTIZED:
+            codebooks, pq = baselines.refit_codebooks(torch.as_tensor(encode(hv, x_cpu, device)), bits, codebooks,
+                                                      SEED, device)
     return hv, he, opt, codebooks
-
-
-def pick_views(n, n_views, gen, epoch=0):
-    """Which two augmented views of each image form (v1, v2) at `epoch` (Algorithm 2, line 10:
-    new views every epoch): views 2t and 2t+1 at epoch t when 2 x EPOCHS views are stored (the
-    default extraction); a random pair of the stored ones when fewer; the fixed pair (0, 1) of the
-    authors' code when RELEASED or when only two are stored."""
-    z = torch.zeros(n, dtype=torch.long)
-    if n_views < 2:
-        return z, z
-    if RELEASED or n_views == 2:
-        return z, z + 1
-    if n_views >= 2 * EPOCHS:
-        return z + 2 * epoch, z + 2 * epoch + 1
-    first = torch.randint(n_views, (n,), generator=gen)
-    second = (first + 1 + torch.randint(n_views - 1, (n,), generator=gen)) % n_views
-    return first, second
 
 
 @torch.no_grad()
 def encode(hv, x, device, batch=4096):
     hv.eval()
     return torch.cat([hv(torch.as_tensor(x[a:a + batch]).to(device)).cpu() for a in range(0, len(x), batch)]).numpy()
+
+
+# -----------------------------------------------------------------------------
+def missing_inputs(paths):
+    """One line for the first input of this run that is not there yet, naming the step that makes it
+    and the settings to give it; for the features, also what this cache holds."""
+    for name, path in paths.items():
+        if os.path.exists(path):
+            continue
+        if name == 'vocabulary':
+            flags = f"--vocab={VOCAB} --clip_model={CLIP_MODEL} --clip_pretrained={CLIP_PRETRAINED}"
+            flags += f" --cache_dir={CACHE_DIR}" + (f" --n_k={N_K} --t1={T1}" if EXTERNAL == 'efc' else '')
+            if EXTERNAL == 'efc' and T1_READING != nouns_embed.RELEASED_DEFAULTS['T1_READING'][RELEASED]:
+                flags += f" --t1_reading={T1_READING}"
+            return (f"{path} does not exist: run step 2 first, python nouns_embed.py {flags}"
+                    f"{' --released' if RELEASED else ''}")
+        if name == 'classes':
+            return f"{path} does not exist: --method=dvsq reads the labels' names; give --class_names=FILE"
+        d = dataset.dataset_dir(CACHE_DIR, DATASET)
+        held = sorted(f for f in os.listdir(d) if os.path.exists(os.path.join(d, f, 'images.npy.json'))) \
+            if os.path.isdir(d) else []
+        flags = f"--dataset={DATASET} --cache_dir={CACHE_DIR}" + (f" --split_dir={SPLIT_DIR}" if SPLIT_DIR else
+                                                                   f" --split_seed={SPLIT_SEED}")
+        flags += f" --backbone={BACKBONE} --backbone_pretrained={BACKBONE_PRETRAINED}"
+        if BACKBONE not in models.CLIP_MODELS:
+            flags += f" --clip_model={CLIP_MODEL} --clip_pretrained={CLIP_PRETRAINED}"
+        have = (f"; {d} holds the features of {', '.join(held)} (pass train.py the --backbone and "
+                f"--backbone_pretrained, --clip_model and --clip_pretrained they were extracted with)") if held else ''
+        return (f"{path} does not exist: run step 1 first, python dataset_extract.py {flags}"
+                f"{' --released' if RELEASED else ''}{have}")
+    return None
+
+
+def run_key(cfg, inputs):
+    """What a run's results depend on: every setting that changes them and its inputs' fingerprints
+    (the code length aside: a run folder holds one run at several). Returns (sha256, the key)."""
+    key = dict(config={k: v for k, v in cfg.items() if k not in NOT_RESULT and k != 'BITS'},
+               inputs=inputs)
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest(), key
+
+
+_HELD = []  # the run folders' locks this process holds
+_RUN_FILES = re.compile(r'(\d+bits|run\.json|metrics\.json|pr_curve\.png|p_at_n\.png|top10_query\d+\.png|'
+                        r'nouns_query\d+\.png)')
+
+
+def claim_run_dir(run_dir, sha, key, force=False):
+    """Hold `run_dir` for this run until the process ends (a lock: a second train.py into it stops).
+    A folder that holds a run made from other settings or inputs is refused with what differs, or with
+    `force` emptied of that run first, so a folder never mixes two runs."""
+    import fcntl
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, '.lock'), 'w')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: another train.py is writing {run_dir}: wait for it, or give another --run_dir")
+    path = os.path.join(run_dir, 'run.json')
+    old = json.load(open(path)) if os.path.exists(path) else None
+    ours = [f for f in os.listdir(run_dir) if _RUN_FILES.fullmatch(f)]
+    if (old or ours) and (old or {}).get('sha256') != sha:
+        if old is None:
+            why = 'an older train.py (it has no run.json)'
+        else:
+            was, now = old['key']['config'], key['config']
+            diff = [f"--{k.lower()}={was.get(k)} (now {now.get(k)})" for k in sorted(set(was) | set(now))
+                    if json.dumps(was.get(k), default=str) != json.dumps(now.get(k), default=str)]
+            diff += [f"other {k}" for k in sorted(set(old['key']['inputs']) | set(key['inputs']))
+                     if old['key']['inputs'].get(k) != key['inputs'].get(k)]
+            why = ', '.join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else '')
+        if not force:
+            raise SystemExit(f"error: {run_dir} holds a run made from other settings or inputs ({why}): give "
+                             f"another --run_dir, or --force to replace that run whole")
+        print(f"replacing the run in {run_dir} ({why})")
+        for f in ours:
+            p = os.path.join(run_dir, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    dataset.save_json(path, dict(sha256=sha, key=key))
+    _HELD.append(lock)  # released when the process ends
 
 
 def run_name():
@@ -438,55 +465,89 @@ def run_name():
     return '_'.join(p for p in parts if p)
 
 
-def released_settings(cfg):
-    """The settings that default by RELEASED (None), resolved in a config dict: T1_READING,
-    VIEW_RECIPE, NORM_INPUTS. reproduce.py resolves the configs it expects with it too."""
-    from nouns_embed import t1_reading
-    released = bool(cfg.get('RELEASED'))
-    return dict(T1_READING=t1_reading(cfg.get('T1_READING'), released),
-                VIEW_RECIPE=cfg.get('VIEW_RECIPE') or ('released' if released else 'simclr'),
-                NORM_INPUTS=released if cfg.get('NORM_INPUTS') is None else cfg['NORM_INPUTS'])
-
-
-def resolve_released():
-    """The None settings resolved by RELEASED (released_settings), then checked."""
-    global T1_READING, VIEW_RECIPE, NORM_INPUTS
-    from nouns_embed import READINGS
-    T1_READING, VIEW_RECIPE, NORM_INPUTS = released_settings(globals()).values()
-    if T1_READING not in READINGS:
-        raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(READINGS)}")
+def check_settings():
+    """Every setting checked, and the None ones resolved (RELEASED_DEFAULTS), before any work."""
+    global BACKBONE_PRETRAINED
+    if DATASET not in dataset.DATASETS:
+        raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
+    dataset.check_ranges(globals(), _RANGES)
+    if not BITS:
+        raise SystemExit("error: --bits is empty: give the code lengths, e.g. --bits=16,32,64")
+    if WARMUP >= EPOCHS:
+        raise SystemExit(f"error: --warmup={WARMUP} must be below --epochs={EPOCHS} (Eq. 10-11: T_warm < T_max)")
+    if LR_MIN > LR_MAX:
+        raise SystemExit(f"error: --lr_min={LR_MIN} must be at most --lr_max={LR_MAX} (Eq. 10-11)")
+    if EXTERNAL not in ('efc', 'ek', 'imgk', 'imgcls', 'none'):
+        raise SystemExit(f"error: --external={EXTERNAL!r}: choose efc, ek, imgk, imgcls or none")
+    if EXTERNAL == 'none' and not AUG:
+        raise SystemExit("error: --external=none (IMGAUG) trains on two augmented views: it needs --aug=true")
+    if METHOD not in baselines.METHODS:
+        raise SystemExit(f"error: --method={METHOD!r}: choose one of {', '.join(baselines.METHODS)}")
+    if CLIP_MODEL not in models.CLIP_MODELS:
+        raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
+    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
+    globals().update(released_defaults(globals(), RELEASED_DEFAULTS))
+    if T1_READING not in nouns_embed.T1_RANGES:
+        raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(nouns_embed.T1_RANGES)}")
+    nouns_embed.check_t1(T1, T1_READING)
     if VIEW_RECIPE not in dataset.VIEW_RECIPES:
         raise SystemExit(f"error: --view_recipe={VIEW_RECIPE!r}: choose one of {', '.join(dataset.VIEW_RECIPES)}")
     if not isinstance(NORM_INPUTS, bool):
         raise SystemExit(f"error: --norm_inputs={NORM_INPUTS!r}: choose true or false")
 
 
+def targets(feats, labels, train, clip_train, device):
+    """What the loss reads beside the features: e (Eq. 5-6) for DUH-EG, a baseline's similarity s,
+    DVSQ's word vectors v."""
+    e = s = v = None
+    if METHOD == 'duheg' and EXTERNAL != 'none':
+        e = external_cache(clip_train, train, device)  # Eq. 5-6
+        n_pos = positives(torch.as_tensor(e[:BATCH_SIZE]), T2).sum(1).float().mean().item()
+        print(f"mean in-batch positives at T2={T2}: {n_pos:.1f} of {min(BATCH_SIZE, len(e))}")
+    s = baselines.similarity(METHOD, feats[train], labels[train])
+    if METHOD == 'dvsq':
+        path = CLASS_NAMES or os.path.join(dataset.dataset_dir(CACHE_DIR, DATASET), 'classes.txt')
+        v = baselines.class_vectors(path, labels.shape[1], CLIP_MODEL, CLIP_PRETRAINED, device)
+        print(f"DVSQ word vectors: {CLIP_MODEL} text features of {len(v)} class names")
+    if METHOD in QUANTIZED and len(train) < baselines.PQ_WORDS:
+        print(f"note: {len(train)} training items for {baselines.PQ_WORDS}-word codebooks: some words stay unused")
+    return e, s, v
+
+
+def score(h_q, h_r, codebooks, y_q, y_r, topk):
+    """(MAP@topk of the codes, the continuous outputs' MAP, the product-quantized codes to save)."""
+    mAP_cont = eval_hash.map_continuous(h_q, h_r, y_q, y_r, topk)
+    if codebooks is None:
+        return eval_hash.mean_average_precision(eval_hash.to_codes(h_q), eval_hash.to_codes(h_r), y_q, y_r, topk), \
+            mAP_cont, {}
+    r_words = baselines.pq_encode(h_r, codebooks).numpy().astype(np.uint8 if baselines.PQ_WORDS <= 256 else np.uint16)
+    pq = dict(retrieval_codes=r_words, codebooks=codebooks.numpy(), aqd=baselines.AQD)  # ranked by AQD
+    return eval_hash.map_aqd(h_q, r_words, pq['codebooks'], y_q, y_r, topk, baselines.AQD), mAP_cont, pq
+
+
+def save_run(out, result, nets, h_q, h_r, labels, query, retrieval, pq):
+    """<out>/heads.pt, codes.npz and result.json of one code length, each written whole."""
+    hv, he, opt, codebooks, in_dim, e_dim = nets
+    ckpt = dict(hv=hv and hv.state_dict(), he=he and he.state_dict(), bits=result['bits'], in_dim=in_dim,
+                e_dim=e_dim, optimizer=opt and opt.state_dict(), epoch=EPOCHS, config=result['config'],
+                codebooks=codebooks, out_dim=h_q.shape[1])
+    atomic_write(os.path.join(out, 'heads.pt'), lambda f: torch.save(ckpt, f))
+    atomic_write(os.path.join(out, 'codes.npz'), lambda f: np.savez(
+        f, query_h=h_q, retrieval_h=h_r, query_labels=labels[query], retrieval_labels=labels[retrieval],
+        query_index=query, retrieval_index=retrieval, topk=result['topk'], **pq))
+    dataset.save_json(os.path.join(out, 'result.json'), result)
+
+
 def main():
-    global BACKBONE_PRETRAINED, RUN_DIR
+    global RUN_DIR
     cfg = configure(globals())
-    if DATASET not in dataset.DATASETS:
-        raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
-    dataset.check_ranges(globals(), _RANGES)
-    if not BITS:
-        raise SystemExit("error: --bits is empty: give the code lengths, e.g. --bits=16,32,64")
-    if WARMUP >= EPOCHS or LR_MIN > LR_MAX:
-        raise SystemExit(f"error: --warmup={WARMUP} must be below --epochs={EPOCHS}, and --lr_min={LR_MIN} at most "
-                         f"--lr_max={LR_MAX}")
-    if EXTERNAL not in ('efc', 'ek', 'imgk', 'imgcls', 'none'):
-        raise SystemExit(f"error: --external={EXTERNAL!r}: choose efc, ek, imgk, imgcls or none")
-    if EXTERNAL == 'none' and not AUG:
-        raise SystemExit("error: --external=none (IMGAUG) trains on two augmented views: it needs --aug=true")
-    if METHOD not in METHODS:
-        raise SystemExit(f"error: --method={METHOD!r}: choose one of {', '.join(METHODS)}")
-    if CLIP_MODEL not in models.CLIP_MODELS:
-        raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
-    BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
-    resolve_released()
-    cfg.update(BACKBONE_PRETRAINED=BACKBONE_PRETRAINED, T1_READING=T1_READING, VIEW_RECIPE=VIEW_RECIPE,
-               NORM_INPUTS=NORM_INPUTS)
-    tau2 = tau2_for(DATASET, TAU2)
-    topk = TOPK or dataset.DATASETS[DATASET]['topk']
-    RUN_DIR = RUN_DIR or os.path.join('runs', DATASET, run_name())
+    check_settings()
+    cfg.update({k: globals()[k] for k in ('BACKBONE_PRETRAINED', *RELEASED_DEFAULTS)})
+    tau2, topk = tau2_for(DATASET, TAU2), TOPK or dataset.DATASETS[DATASET]['topk']
+    paths = input_paths(cfg)
+    if missing_inputs(paths):
+        raise SystemExit(f"error: {missing_inputs(paths)}")
+    inputs = dataset.fingerprints(**paths)  # what the results are made from, recorded with them
     device = resolve_device(DEVICE)
     if THREADS:
         torch.set_num_threads(THREADS)
@@ -494,59 +555,33 @@ def main():
 
     feats, aug, clip_train, labels, query, retrieval, train = load_features()
     print(f"{DATASET}: {len(query)} query, {len(retrieval)} retrieval, {len(train)} train images; features "
-          f"{feats.shape[1]}-d; method {METHOD}{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
-    e = s = v = None
-    if METHOD == 'duheg' and EXTERNAL != 'none':
-        e = external_cache(clip_train, train, device)  # Eq. 5-6
-        n_pos = positives(torch.as_tensor(e[:BATCH_SIZE]), T2).sum(1).float().mean().item()
-        print(f"mean in-batch positives at T2={T2}: {n_pos:.1f} of {min(BATCH_SIZE, len(e))}")
-    elif METHOD == 'ssdh':
-        s = baselines.ssdh_similarity(feats[train])
-    elif METHOD == 'dvsq':
-        v = class_vectors(labels.shape[1], device)
-        print(f"DVSQ word vectors: {CLIP_MODEL} text features of {len(v)} class names")
-    elif METHOD in SUPERVISED:
-        s = baselines.label_similarity(labels[train])
-    if METHOD in QUANTIZED and len(train) < baselines.PQ_WORDS:
-        print(f"note: {len(train)} training items for {baselines.PQ_WORDS}-word codebooks: some words stay unused")
-    inputs = dataset.fingerprints(**input_paths(cfg))  # what the results are made from, recorded with them
+          f"{feats.shape[1]}-d; method {METHOD}"
+          f"{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
+    e, s, v = targets(feats, labels, train, clip_train, device)
+    sha, key = run_key(cfg, inputs)
+    RUN_DIR = RUN_DIR or os.path.join('runs', DATASET, f'{run_name()}_{sha[:8]}')  # a folder per run key
+    claim_run_dir(RUN_DIR, sha, key, FORCE)  # refuses a folder of another run, unless --force
     for bits in BITS:
         t0 = time.time()
         if METHOD in UNTRAINED:  # a projection fitted on the training features
-            fit = baselines.lsh_codes if METHOD == 'lsh' else baselines.itq_codes
-            h_q, h_r = (fit(feats[train], feats[p], bits, seed=SEED) for p in (query, retrieval))
+            h_q, h_r = baselines.untrained_codes(METHOD, feats[train], (feats[query], feats[retrieval]), bits, SEED)
             hv = he = opt = codebooks = None
         else:
             hv, he, opt, codebooks = train_heads(bits, feats[train], aug, e, device, tau2, T2, s,
                                                  labels[train] if METHOD == 'dvsq' else None, v)
             h_q, h_r = encode(hv, feats[query], device), encode(hv, feats[retrieval], device)
-        if codebooks is not None:  # product quantization: the retrieval set's codes, ranked by AQD
-            r_words = baselines.pq_encode(h_r, codebooks).numpy().astype(np.uint8 if baselines.PQ_WORDS <= 256 else np.uint16)
-            pq = dict(retrieval_codes=r_words, codebooks=codebooks.numpy(), aqd=baselines.AQD)
-            mAP = eval_hash.map_aqd(h_q, r_words, pq['codebooks'], labels[query], labels[retrieval], topk, baselines.AQD)
-        else:
-            pq = {}
-            mAP = eval_hash.mean_average_precision(eval_hash.to_codes(h_q), eval_hash.to_codes(h_r), labels[query],
-                                                   labels[retrieval], topk)
-        mAP_cont = eval_hash.map_continuous(h_q, h_r, labels[query], labels[retrieval], topk)
+        mAP, mAP_cont, pq = score(h_q, h_r, codebooks, labels[query], labels[retrieval], topk)
         out = os.path.join(RUN_DIR, f'{bits}bits')
-        os.makedirs(out, exist_ok=True)
         result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in SUPERVISED, bits=bits, topk=topk,
                       ranking=f'aqd-{baselines.AQD}' if pq else 'hamming', map=round(float(mAP), 6),
                       map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
-                      run_dir=out, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR), inputs=inputs)
-        ckpt = dict(hv=hv and hv.state_dict(), he=he and he.state_dict(), bits=bits, in_dim=feats.shape[1],
-                    e_dim=e.shape[1] if e is not None else None, optimizer=opt and opt.state_dict(), epoch=EPOCHS,
-                    config=result['config'], codebooks=codebooks, out_dim=h_q.shape[1])
-        atomic_write(os.path.join(out, 'heads.pt'), lambda f: torch.save(ckpt, f))
-        atomic_write(os.path.join(out, 'codes.npz'), lambda f: np.savez(
-            f, query_h=h_q, retrieval_h=h_r, query_labels=labels[query], retrieval_labels=labels[retrieval],
-            query_index=query, retrieval_index=retrieval, topk=topk, **pq))
-        save_json(os.path.join(out, 'result.json'), result)
+                      run_dir=out, run_key=sha, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR), inputs=inputs)
+        save_run(out, result, (hv, he, opt, codebooks, feats.shape[1], e.shape[1] if e is not None else None),
+                 h_q, h_r, labels, query, retrieval, pq)
         write_result(RESULTS, result)
         print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "
-              f"{'(AQD ranking of product-quantized codes) ' if pq else ''}"
-              f"map_continuous@{topk}={mAP_cont:.4f} ({'continuous features' if pq else 'released-code ranking, not binary'}) "
+              f"{'(AQD ranking of product-quantized codes) ' if pq else ''}map_continuous@{topk}={mAP_cont:.4f} "
+              f"({'continuous features' if pq else 'released-code ranking, not binary'}) "
               f"seconds={result['seconds']} run={out}")
 
 

@@ -8,8 +8,9 @@ retrieval items, 64 bits = 8 codebooks of 256 words over a 64-d embedding, top 1
 
 faiss's IndexPQ computes the same distances from its own lookup tables: the benchmark asserts
 that the distances agree within TOLERANCE and that the two top-K lists differ only where
-neighbouring distances are that close (faiss adds in float32, eval_hash in float64). Every method runs ROUNDS times, interleaved, and the fastest round is reported. The
-last line is one parseable result.
+neighbouring distances are that close (faiss adds in float32, eval_hash in float64). Every method
+runs ROUNDS times, interleaved, and the fastest round is reported. The last line is one parseable
+result.
 """
 import os
 import sys
@@ -74,9 +75,10 @@ def main():
     same = bool(not (moved & ~near).any())  # every position the two lists differ at is a near tie
     ok = diff <= TOLERANCE and same
     print(f"top-{TOPK} by AQD: ours {NUM_QUERY / best['ours']:,.0f} queries/s (ties by index), faiss IndexPQ "
-          f"{NUM_QUERY / best['faiss']:,.0f} q/s; ours / faiss time {best['ours'] / best['faiss']:.2f}; Hamming top-{TOPK} "
-          f"of {BITS}-bit codes {NUM_QUERY / best['hamming']:,.0f} q/s; max |distance difference| {diff:.1e}, same lists "
-          f"but for near ties: {same} ({moved.mean():.2%} of positions differ, all within {TOLERANCE:g} of a neighbour)")
+          f"{NUM_QUERY / best['faiss']:,.0f} q/s; ours / faiss time {best['ours'] / best['faiss']:.2f}; "
+          f"Hamming top-{TOPK} of {BITS}-bit codes {NUM_QUERY / best['hamming']:,.0f} q/s; max |distance "
+          f"difference| {diff:.1e}, same lists but for near ties: {same} ({moved.mean():.2%} of positions differ, "
+          f"all within {TOLERANCE:g} of a neighbour)")
     print(f"bench_aqd queries={NUM_QUERY} retrieval={NUM_RETRIEVAL} bits={BITS} metric={METRIC} "
           f"ours_s={best['ours']:.3f} faiss_s={best['faiss']:.3f} hamming_s={best['hamming']:.3f} "
           f"ratio_faiss={best['ours'] / best['faiss']:.2f} max_abs_diff={diff:.2e} ok={ok}")

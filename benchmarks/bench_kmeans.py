@@ -27,11 +27,11 @@ TOPICS = 100               # coarse groups
 LEAVES = 20                # fine groups per topic (2,000 in all, more than N_K, sizes drawn from a Gamma(0.7))
 DATA_SEED = 0              # seed of the generated data
 # K-means (defaults: nouns_embed.py's)
-N_K = 800                  # clusters
-KMEANS_ITERS = nouns_embed._KMEANS_DEFAULT[0]     # most iterations per restart
-KMEANS_RESTARTS = nouns_embed._KMEANS_DEFAULT[1]  # restarts
-KMEANS_TOL = nouns_embed._KMEANS_DEFAULT[2]      # relative objective gain that stops a restart
-KMEANS_INIT = nouns_embed._KMEANS_DEFAULT[3]     # 'k-means++' (on a sample) or 'random'
+N_K = nouns_embed.N_K       # clusters
+KMEANS_ITERS = nouns_embed.RELEASED_DEFAULTS['KMEANS_ITERS'][0]     # most iterations per restart
+KMEANS_RESTARTS = nouns_embed.RELEASED_DEFAULTS['KMEANS_RESTARTS'][0]  # restarts
+KMEANS_TOL = nouns_embed.RELEASED_DEFAULTS['KMEANS_TOL'][0]      # relative objective gain that stops a restart
+KMEANS_INIT = nouns_embed.RELEASED_DEFAULTS['KMEANS_INIT'][0]     # 'k-means++' (on a sample) or 'random'
 KMEANS_SEED = 0            # seed
 # comparison
 SKLEARN = True             # also run scikit-learn's KMeans (Lloyd, k-means++, n_init=1, same max_iter)

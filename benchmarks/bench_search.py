@@ -8,17 +8,17 @@ NUM_QUERY queries from the same distribution.
 
 Recall@10 is tie-aware: the share of an approximate index's hits that are no farther than the exact
 10th hit (with Hamming distances many codes tie, and any of them is an equally right answer). The
-exact search must find faiss's distances at every rank (it asserts so). Every method runs ROUNDS times, interleaved, and the fastest round is reported. The last line is one parseable
-result.
+exact search must find faiss's distances at every rank (it asserts so). Every method runs ROUNDS
+times, interleaved, and the fastest round is reported. The last line is one parseable result.
 """
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
+from bench_aqd import timed  # noqa: E402  (the benchmarks' one timer)
 from dataset import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -41,12 +41,6 @@ def generate(n, rng):
     centres = rng.random((CLASSES, BITS)) < 0.5
     bits = centres[rng.integers(0, CLASSES, n)] ^ (rng.random((n, BITS)) < FLIP)
     return np.packbits(bits, axis=1)
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 def main():
@@ -83,7 +77,8 @@ def main():
         size = len(faiss.serialize_index_binary(index)) / 2**20
         approx[kind] = dict(build=t_build, qps=NUM_QUERY / t_search, recall=recall, speedup=best['ours'] / t_search,
                             mib=size)
-        print(f"{kind}: build {t_build:.1f} s, {NUM_QUERY / t_search:,.0f} queries/s, {best['ours'] / t_search:.1f}x the "
+        print(f"{kind}: build {t_build:.1f} s, {NUM_QUERY / t_search:,.0f} queries/s, "
+              f"{best['ours'] / t_search:.1f}x the "
               f"exact search, recall@{TOPK} {recall:.4f} (tie-aware), index {size:.1f} MiB")
         del index
     print(f"bench_search codes={NUM_CODES} bits={BITS} queries={NUM_QUERY} ours_qps={NUM_QUERY / best['ours']:.0f} "

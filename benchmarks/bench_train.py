@@ -193,7 +193,8 @@ def main():
                      f'batch={BATCH_SIZE} device={device} threads={counts[0]} deterministic={DETERMINISTIC} '
                      f'epochs={EPOCHS} timed_epochs={len(epochs[counts[0], bits])} extrapolated={not full} '
                      f's_per_epoch={med:.3f} train_s={total:.1f}{others} nq={NUM_QUERY} nr={NUM_RETRIEVAL} '
-                     f'topk={TOPK} step_overhead_ms={step_overhead * 1e3:.2f} encode_s={enc_s:.2f} map_s={map_s:.2f} map_cont_s={cont_s:.2f} '
+                     f'topk={TOPK} step_overhead_ms={step_overhead * 1e3:.2f} encode_s={enc_s:.2f} map_s={map_s:.2f} '
+                     f'map_cont_s={cont_s:.2f} '
                      f'total_s={total + (enc_s + map_s + cont_s if EVAL else 0):.1f} load={os.getloadavg()[0]:.1f}')
     print('\n'.join(lines))
 

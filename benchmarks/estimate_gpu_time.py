@@ -56,10 +56,11 @@ CPU_TEXT_PROMPTS = 189.7    # prompts/s of the ViT-B/16 text tower, batches cut 
 NOUNS_CPU_S = 36.0          # nouns_embed.py's CPU-side work on WordNet (reading, tokenizing, selection): the
                             # whole step with the tiny test model less its clustering (36 s idle, 62-84 s under load)
 KMEANS_CPU_S = 19.6         # K-means of WordNet's 117,798 x 512 features into 800 clusters (bench_kmeans.py)
-# the usual image counts; query, retrieval and train sizes follow SPEC.md (Section 4.1.1)
+# the usual image counts; query, retrieval and train sizes follow the paper's Section 4.1.1
 IMAGES = ('cifar10=60000', 'nuswide=195834', 'flickr25k=20015', 'mscoco=122218')  # images of each dataset
 TRAIN = ('cifar10=5000', 'nuswide=10500', 'flickr25k=5000', 'mscoco=10000')  # training images of each
-AUG_VIEWS = 120             # augmented views of every train image (dataset_extract.py's default: 2 x 60 epochs; 2 with --released)
+AUG_VIEWS = 120             # augmented views of every train image (dataset_extract.py's default: 2 x 60 epochs; 2 with
+                            # --released)
 WORDNET_WORDS = 117798      # words of the vocabularies nouns_embed.py reads (WordNet's noun lemmas)
 IMAGENET_WORDS = 1000       # (open_clip's ImageNet-1k class names)
 PAPER_VOCABS = ('imagenet21k=21843', 'wordnet=117797', 'conceptnet=134364', 'glove=317756')  # Table 4's words
@@ -115,7 +116,8 @@ def plan(table):
     and the number of cells."""
     reproduce.DATASETS, reproduce.SEEDS = DATASETS, tuple(range(SEEDS))
     if table == '4':
-        return {}, {('imagenet', reproduce.CLIP_MODEL): IMAGENET_WORDS, ('wordnet', reproduce.CLIP_MODEL): WORDNET_WORDS}, {}, 0
+        words = {('imagenet', reproduce.CLIP_MODEL): IMAGENET_WORDS, ('wordnet', reproduce.CLIP_MODEL): WORDNET_WORDS}
+        return {}, words, {}, 0
     parts = ('fig5a', 'fig5b') if table == 'fig5' else (table,)
     defaults = reproduce.train_defaults()
     cells = [c for t in parts for c in reproduce.make_cells(t, defaults, {})]

@@ -39,7 +39,8 @@ def make_image_folder(root, n_classes=10, per_class=40, size=32, seed=0):
             phase = rng.uniform(0, 2 * np.pi)
             stripes = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 0.6 + phase)[..., None]
             img = hues[c] * (0.6 + 0.3 * stripes) + rng.normal(0, 20, (size, size, 3))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, f'class{c:02d}', f'{i:03d}.png'))
+            path = os.path.join(root, f'class{c:02d}', f'{i:03d}.png')
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
     return root
 
 
@@ -71,7 +72,8 @@ def run_script(script, *args, check=True, env=None):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -117,7 +119,8 @@ def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, se
         fresh = nuisance * rng.normal(0, 1, v[:, :, 16:].shape) * np.linspace(1.5, 0.5, dim - 16)
         v[:, :, 16:] = VIEW_KEEP * v[:, :, 16:] + np.sqrt(1 - VIEW_KEEP ** 2) * fresh
         v += rng.normal(0, 0.3, v.shape)
-        dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
+        dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {},
+                           'test')
     return labels, split
 
 
@@ -167,3 +170,20 @@ def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nu
     sdir = nouns_embed.selection_dir(cache, 'wordnet', 'tiny-test', 'random', METHOD_SET['n_k'], METHOD_SET['t1'])
     dataset.save_array(os.path.join(sdir, 'selected_feats.npy'), t[com], nb, 'test')
     return labels, split, t, com
+
+
+TINY_MODEL = ['--backbone=tiny-test', '--backbone_pretrained=random', '--clip_model=tiny-test',
+              '--clip_pretrained=random']
+
+
+@pytest.fixture(scope='session')
+def run(image_folder, tmp_path_factory):
+    """A DUH-EG run (EXTERNAL imgk: no nouns needed) on the generated image set, 16 and 64 bits, extracted and
+    trained through the command lines: (its temporary folder, the cache, the run folder)."""
+    tmp = tmp_path_factory.mktemp('search')
+    cache = str(tmp / 'cache')
+    run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', *TINY_MODEL,
+               '--num_workers=0', '--aug_views=2', f'--cache_dir={cache}')
+    run_script('train.py', '--dataset=folder', *TINY_MODEL, '--external=imgk', '--bits=16,64', '--epochs=10',
+               '--warmup=2', '--batch_size=100', f'--cache_dir={cache}', f'--run_dir={tmp}/run', f'--results={tmp}/r.jsonl')
+    return tmp, cache, str(tmp / 'run')

@@ -101,7 +101,8 @@ def test_split_rules():
     assert (q != q3).any()
     q, r, t = dataset.make_split(labels, dict(query=7, train=11), seed=0)
     assert len(q) == 7 and len(r) == 113 and len(t) == 11 and set(t) <= set(r)
-    with pytest.raises(DataError, match='class 0 has 30 images left to draw 31'):
+    with pytest.raises(DataError, match='needs 31 query images of each class, but class 0 has 30 images: give '
+                                        'dataset_extract.py a smaller --query'):
         dataset.make_split(labels, dict(query_per_class=31, train_per_class=1), seed=0)
 
 
@@ -125,7 +126,8 @@ def test_folder_dataset_and_views(image_folder):
     assert x1.shape == (3, 3, 32, 32) and (x1 == x2).all()  # the same seed, image and view give the same view
     assert all((x1[u] - x1[v]).abs().max() > 0.1 for u in range(3) for v in range(u))  # three different views
     b = dataset.DecodedImages(images, [5], aug, n_views=3, seed=4)  # another seed, other views
-    assert (dataset.make_views(*dataset.collate_decoded([b[0]])[:2], steps, 'cpu') - x1).abs().amax((1, 2, 3)).min() > 0.1
+    y = dataset.make_views(*dataset.collate_decoded([b[0]])[:2], steps, 'cpu')
+    assert (y - x1).abs().amax((1, 2, 3)).min() > 0.1
 
 
 def test_unreadable_image_stops_or_is_skipped(tmp_path):

@@ -37,7 +37,8 @@ def test_writes_features_split_and_labels(reference):
     d = os.path.join(cache, 'folder')
     for f in ('labels.npy', 'names.txt', 'classes.txt', 'split_s0/query.npy', 'split_s0/retrieval.npy',
               'split_s0/train.npy', 'tiny-test-random/images.npy', 'tiny-test-random/train_aug_split_s0.npy'):
-        assert os.path.isfile(os.path.join(d, f)) and (not f.endswith('.npy') or os.path.isfile(os.path.join(d, f + '.json'))), f
+        assert os.path.isfile(os.path.join(d, f)), f
+        assert not f.endswith('.npy') or os.path.isfile(os.path.join(d, f + '.json')), f
     assert load(cache).shape == (400, 32) and load(cache, 'train_aug_split_s0.npy').shape == (200, 2, 32)
     assert not os.path.exists(os.path.join(d, 'tiny-test-random', '.chunks', 'images'))  # merged and cleaned
     line = proc.stdout.strip().splitlines()[-1]

@@ -1,5 +1,4 @@
-"""--help and -h on every script: purpose, settings grouped as in the file, defaults, comments;
-the README's settings tables come from the same reading of the file."""
+"""--help and -h on every script: purpose, settings grouped as in the file, defaults, comments."""
 import glob
 import io
 import os
@@ -81,7 +80,8 @@ def test_settings_doc_reads_groups_continuations_and_every_constant_above_the_fi
     assert dataset.settings_doc(str(path)) == [
         ('data', 'A', 'the a'), ('data', 'B', 'the b, continued'),
         ('a group over two lines', 'C', ''), ('a group over two lines', 'D', 'two names'),
-        ('a group over two lines', 'E', 'two names'), ('a group over two lines', 'F', 'after a blank line: still a setting')]
+        ('a group over two lines', 'E', 'two names'),
+        ('a group over two lines', 'F', 'after a blank line: still a setting')]
     g = dict(__file__=str(path), A=1, B=(1, 2), _HIDDEN=3, C='x', D=None, E=None, F=2, TABLE={'a': 1})
     assert dataset.configure(g, ['--b=3,4', '--f=3'])['F'] == 3 and g['B'] == (3, 4)
     with pytest.raises(SystemExit, match='unknown setting --table'):
@@ -92,19 +92,3 @@ def test_settings_doc_reads_groups_continuations_and_every_constant_above_the_fi
         dataset.configure(dict(g, LATE=4), [])
     assert str(e.value) == (f"error: {path}:21: LATE is below the first function, where --key=value cannot set it: "
                             f"move it up into the settings, or name it _LATE")
-
-
-def test_readme_settings_tables_equal_the_scripts():
-    """The tables in README.md are what `python dataset.py --readme` writes from each script's
-    settings block, the same reading that --help prints."""
-    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
-        readme = f.read()
-    for script in dataset.README_SCRIPTS:
-        assert f'<!-- settings: {script} -->' in readme, script
-    assert dataset.readme_with_settings(readme, ROOT) == readme, 'run: python dataset.py --readme'
-    for script in dataset.README_SCRIPTS:
-        g = _values(script)
-        table = dataset.settings_markdown(os.path.join(ROOT, script), g)
-        assert table in readme
-        for _, name, _ in dataset.settings_doc(os.path.join(ROOT, script)):
-            assert f"| `--{name.lower()}` | `{dataset.cli_value(g[name])}` |" in table

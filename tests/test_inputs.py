@@ -236,7 +236,8 @@ def test_empty_class_folder_and_corrupt_codes(tmp_path):
     (tmp_path / 'imgs' / 'dogs').mkdir()
     from PIL import Image
     Image.new('RGB', (8, 8)).save(tmp_path / 'imgs' / 'dogs' / 'a.png')
-    with pytest.raises(dataset.DataError, match=r'class folder .*imgs/cats holds no images.*add images to it or move it'):
+    with pytest.raises(dataset.DataError,
+                       match=r'class folder .*imgs/cats holds no images.*add images to it or move it'):
         dataset.load_images('folder', str(tmp_path / 'imgs'))
     run = tmp_path / 'run' / '16bits'
     run.mkdir(parents=True)
@@ -254,8 +255,8 @@ def test_read_only_and_full_disk_messages_name_the_file():
 def test_read_only_cache_from_the_command_line(image_folder):
     """/sys is read-only here: the script stops on its first write with one line naming it."""
     proc = run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', '--backbone=tiny-test',
-                      '--backbone_pretrained=random', '--num_workers=0', '--aug_views=0', '--cache_dir=/sys/duheg-cache',
-                      check=False)
+                      '--backbone_pretrained=random', '--num_workers=0', '--aug_views=0',
+                      '--cache_dir=/sys/duheg-cache', check=False)
     line = _one_error_line(proc)
     assert line.startswith('error: cannot write /sys/duheg-cache') and 'choose a writable --cache_dir' in line
 
@@ -267,7 +268,8 @@ def test_fp16_on_a_cpu_is_refused_before_anything_is_deleted(tmp_path):
     line = _one_error_line(run_script('nouns_embed.py', *TINY, '--vocab=imagenet', '--n_k=10', f'--cache_dir={cache}',
                                       '--precision=fp16', '--force', '--device=cpu', check=False))
     assert 'fp16 needs a GPU' in line
-    assert sorted(p for d, _, fs in os.walk(cache) for p in (os.path.join(d, f) for f in fs) if p.endswith('.json')) == sidecars
+    found = (os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs)
+    assert sorted(p for p in found if p.endswith('.json')) == sidecars
 
 
 # -----------------------------------------------------------------------------

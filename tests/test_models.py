@@ -28,7 +28,8 @@ def test_clip_offline_fails_fast_naming_the_file_and_the_setting(monkeypatch):
     tried = []
     monkeypatch.setattr(models, '_online', lambda *a, **k: tried.append(a[0]) or False)  # as with no network
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
-    with pytest.raises(models.WeightsUnavailable, match=r'openaipublic.*ViT-B-32\.pt.*--clip_pretrained=/path/to/ViT-B-32\.pt'):
+    with pytest.raises(models.WeightsUnavailable,
+                       match=r'openaipublic.*ViT-B-32\.pt.*--clip_pretrained=/path/to/ViT-B-32\.pt'):
         models.load_clip('ViT-B-32', 'openai')
     # one quick look at each host, then the hub is told it is offline: no download is attempted
     assert tried == ['huggingface.co', 'openaipublic.azureedge.net'] and huggingface_hub.constants.HF_HUB_OFFLINE

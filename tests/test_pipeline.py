@@ -23,8 +23,9 @@ def chance_map(labels, query, retrieval):
 def pipeline(image_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('pipeline')
     cache = str(tmp / 'cache')
-    extract = run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', '--backbone=tiny-test',
-                         '--backbone_pretrained=random', *TINY, f'--cache_dir={cache}', '--num_workers=0')
+    extract = run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}',
+                         '--backbone=tiny-test', '--backbone_pretrained=random', *TINY, f'--cache_dir={cache}',
+                         '--num_workers=0')
     nouns = run_script('nouns_embed.py', *TINY, f'--cache_dir={cache}', '--threads=1')  # the whole of WordNet 3.0
     train = run_script('train.py', '--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', *TINY,
                        f'--cache_dir={cache}', '--bits=16,64', '--epochs=20', '--warmup=3', '--batch_size=100',
@@ -35,7 +36,8 @@ def pipeline(image_folder, tmp_path_factory):
 def test_each_step_hands_on_its_files(pipeline):
     tmp, cache, extract, nouns, train = pipeline
     d = os.path.join(cache, 'folder')
-    for f in ('labels.npy', 'split_s0/train.npy', 'tiny-test-random/images.npy', 'tiny-test-random/train_aug_split_s0.npy'):
+    for f in ('labels.npy', 'split_s0/train.npy', 'tiny-test-random/images.npy',
+              'tiny-test-random/train_aug_split_s0.npy'):
         assert os.path.isfile(os.path.join(d, f)) and os.path.isfile(os.path.join(d, f + '.json')), f
     from nouns_embed import selection_dir, vocab_dir
     vdir = vocab_dir(cache, 'wordnet', 'tiny-test', 'random')
@@ -141,6 +143,7 @@ def test_eval_hash_rescores_the_run_and_draws_figures_6_7(pipeline, image_folder
     metrics = json.load(open(os.path.join(run, 'metrics.json')))
     assert set(metrics['bits']) == {'16', '64'}
     from PIL import Image
-    for name in ('pr_curve.png', 'p_at_n.png', 'top10_query0.png', 'top10_query1.png', 'nouns_query0.png', 'nouns_query1.png'):
+    for name in ('pr_curve.png', 'p_at_n.png', 'top10_query0.png', 'top10_query1.png', 'nouns_query0.png',
+                 'nouns_query1.png'):
         with Image.open(os.path.join(run, name)) as im:
             assert im.size[0] > 300 and im.size[1] > 100, name

@@ -224,8 +224,9 @@ def test_quantized_run_is_scored_by_aqd_everywhere(tmp_path):
     z = np.load(f'{tmp_path}/dtq/16bits/codes.npz')
     assert z['retrieval_codes'].shape == (len(z['retrieval_h']), 2) and z['codebooks'].shape == (2, 256, 32)
     # the MAP train.py printed is map_aqd on what it saved
-    assert eval_hash.map_aqd(z['query_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],
-                             z['retrieval_labels'], 1000, str(z['aqd'])) == pytest.approx(float(line.group(1)), abs=1e-4)
+    aqd = eval_hash.map_aqd(z['query_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],
+                            z['retrieval_labels'], 1000, str(z['aqd']))
+    assert aqd == pytest.approx(float(line.group(1)), abs=1e-4)
     ev = run_script('eval_hash.py', f'--run={tmp_path}/dtq', '--examples=0')
     assert f'map@400={float(line.group(1)):.4f} (AQD ranking' in ev.stdout
     assert os.path.exists(f'{tmp_path}/dtq/pr_curve.png')

@@ -1,4 +1,5 @@
-"""--released, item by item (SPEC.md, "Where the authors' released code differs from the paper"), and
+"""--released, item by item (where the authors' released code, XLearning-SCU/2025-ICML-DUHEG, differs from
+the paper), and
 the default's fresh views per epoch (Algorithm 2, line 10). Each behaviour on a small case worked out
 by hand or computed separately here; faiss (the library the authors' code calls) where it applies."""
 import json
@@ -84,7 +85,8 @@ def test_2nn_deletion_on_a_triplicate():
 
 
 def test_2nn_deletion_equals_the_loop_on_faiss():
-    """The deletion loop SPEC.md describes, run on faiss's IndexFlatL2 as the authors' code does, on
+    """The deletion loop of the authors' code (their nouns script), run on faiss's IndexFlatL2 as the authors'
+    code does, on
     unit rows with a triplicate, duplicates and near-duplicates: the same rows survive."""
     faiss = pytest.importorskip('faiss')
     x = F.normalize(torch.randn(200, 8, generator=torch.Generator().manual_seed(1)), dim=1).numpy()
@@ -117,7 +119,8 @@ def test_released_kmeans_schedule_runs_every_iteration(capsys):
     assert out.count('30 iterations') == 2  # tol = 0: no early stop, as faiss's niter
     ne.spherical_kmeans(x, 5, iters=30, restarts=1, seed=0, tol=1e-5, init='k-means++')
     assert '30 iterations' not in capsys.readouterr().out  # ours stops once the objective settles
-    assert ne._KMEANS_RELEASED == (300, 10, 0.0, 'random')
+    assert tuple(ne.RELEASED_DEFAULTS[k][1] for k in ('KMEANS_ITERS', 'KMEANS_RESTARTS', 'KMEANS_TOL', 'KMEANS_INIT')) \
+        == (300, 10, 0.0, 'random')
 
 
 @needs_wordnet
@@ -178,17 +181,19 @@ def test_views_of_each_epoch(monkeypatch):
 
 
 def test_released_settings_resolve_together():
-    assert train.released_settings(dict(RELEASED=False)) == dict(T1_READING='distance', VIEW_RECIPE='simclr',
+    def released_settings(cfg):  # train.py's table, resolved by the one shared function
+        return dataset.released_defaults(cfg, train.RELEASED_DEFAULTS)
+    assert released_settings(dict(RELEASED=False)) == dict(T1_READING='distance', VIEW_RECIPE='simclr',
                                                                  NORM_INPUTS=False)
-    assert train.released_settings(dict(RELEASED=True)) == dict(T1_READING='similarity', VIEW_RECIPE='released',
+    assert released_settings(dict(RELEASED=True)) == dict(T1_READING='similarity', VIEW_RECIPE='released',
                                                                 NORM_INPUTS=True)
     # each one also on its own, over --released
-    assert train.released_settings(dict(RELEASED=True, T1_READING='distance', NORM_INPUTS=False)) == dict(
+    assert released_settings(dict(RELEASED=True, T1_READING='distance', NORM_INPUTS=False)) == dict(
         T1_READING='distance', VIEW_RECIPE='released', NORM_INPUTS=False)
 
 
 # -----------------------------------------------------------------------------
-# the view recipes, against torchvision pipelines written here from SPEC.md's text
+# the view recipes, against torchvision pipelines written here from the authors' data loaders
 def _same_under_seed(ours, ref, img, seed):
     torch.manual_seed(seed)
     a = ours(img)
@@ -230,7 +235,8 @@ def test_cifar10_train_index_split(tmp_path):
     images = dataset.Images([f'cifar10/{i}' for i in range(60000)], np.eye(10, dtype=np.int8)[np.arange(60000) % 10])
     (tmp_path / 'train_index.txt').write_text('\n'.join(map(str, [49999, 3, 17, 0])) + '\n')
     q, r, t = dataset.read_split_dir(str(tmp_path), images)
-    assert q.tolist() == list(range(50000, 60000)) and r.tolist() == list(range(50000)) and t.tolist() == [0, 3, 17, 49999]
+    assert q.tolist() == list(range(50000, 60000)) and r.tolist() == list(range(50000))
+    assert t.tolist() == [0, 3, 17, 49999]
     (tmp_path / 'train_index.txt').write_text('50000\n')  # beyond the training batches
     with pytest.raises(dataset.DataError, match=r'train_index.txt: 1 indices outside 0..49999'):
         dataset.read_split_dir(str(tmp_path), images)
@@ -275,7 +281,8 @@ def test_nuswide_dsdh_lists_with_onehot_labels(tmp_path, capsys):
     parts = dict(test=[0, 1], database=list(range(2, 12)), train=[2, 5, 7])
     for part, idx in parts.items():
         (split / f'{part}_img.txt').write_text(''.join(names[i] + '\n' for i in idx))
-        (split / f'{part}_label_onehot.txt').write_text(''.join(' ' + ' '.join(map(str, onehot[i])) + '\n' for i in idx))
+        rows = (' ' + ' '.join(map(str, onehot[i])) + '\n' for i in idx)
+        (split / f'{part}_label_onehot.txt').write_text(''.join(rows))
     images = dataset.load_images('nuswide', str(data), split_dir=str(split))
     assert len(images) == 12 and images.labels.shape == (12, 21)
     assert all(n.startswith('Flickr/') for n in images.names)

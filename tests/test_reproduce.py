@@ -66,7 +66,8 @@ def test_markdown_table_from_hand_made_results(settings):
     rows = {tuple(p.strip() for p in l.strip('|').split('|')[1:3]): [p.strip() for p in l.strip('|').split('|')[3:]]
             for l in table[1:]}
     # Table 2 #1 on CIFAR-10 is .922 .926 .925 in the paper
-    assert rows[('1', 'CIFAR-10')] == ['0.910 ± 0.014 / 0.922 / -0.012', 'not run / 0.926 / –', 'not run / 0.925 / –']
+    assert rows[('1', 'CIFAR-10')] == ['0.910 ± 0.014 / 0.922 / -0.012', 'not run / 0.926 / –',
+                                       'not run / 0.925 / –']
     # #4 is the full method (= Table 1's best-T2 row: .939 .940 .940)
     assert rows[('4', 'CIFAR-10')][2] == '0.950 ± 0.000 / 0.940 / +0.010'
     # a dataset the paper does not have: measured, and '–' for the paper and the difference
@@ -74,7 +75,7 @@ def test_markdown_table_from_hand_made_results(settings):
     assert rows[('1', 'folder')][0] == 'failed / – / –'
 
 
-def test_paper_numbers_are_spec_md():
+def test_paper_numbers_are_the_papers():
     assert reproduce.PAPER[('table1 vgg16', 'cifar10')] == (.887, .888, .885)
     assert reproduce.PAPER[('table3 imgaug', 'mscoco')] == (.733, .785, .819)
     assert reproduce.PAPER[('table6 vit-b-32', 'nuswide')] == (.855, .856, .860)
@@ -93,7 +94,7 @@ def test_paper_numbers_are_spec_md():
 def test_baselines_rows_every_method_and_cibhash_on_vgg16():
     rows = {r.id: r for r in reproduce.table_rows('baselines')}
     assert list(rows) == list(reproduce.METHODS) + ['cibhash-vgg16']
-    assert set(reproduce.METHODS) == set(train.METHODS)  # every method of train.py has a row
+    assert set(reproduce.METHODS) == set(train.baselines.METHODS)  # every method of train.py has a row
     assert 'supervised' in rows['dvsq'].label and 'AQD' in rows['dvsq'].label and 'AQD' not in rows['dhn'].label
     assert 'supervised' not in rows['cibhash'].label
     cells = {(c.row.id, c.dataset): c.settings for c in cells_of('baselines')}
@@ -140,7 +141,8 @@ def test_figure5_paper_points_and_png(settings, tmp_path):
 def test_table_settings(settings):
     cells = {(c.table, c.row.id, c.dataset): c.settings for t in ('1', '2', '3', '6') for c in cells_of(t)}
     vgg = cells[('1', 'vgg16', 'cifar10')]
-    assert (vgg['BACKBONE'], vgg['BACKBONE_PRETRAINED'], vgg['CLIP_MODEL'], vgg['T2']) == ('vgg16', 'imagenet', 'ViT-B-16', 0.97)
+    assert (vgg['BACKBONE'], vgg['BACKBONE_PRETRAINED'], vgg['CLIP_MODEL'], vgg['T2']) == \
+        ('vgg16', 'imagenet', 'ViT-B-16', 0.97)
     assert cells[('1', 'clip', 'cifar10')]['BACKBONE'] == 'ViT-B-16' and cells[('1', 'clip', 'cifar10')]['T2'] == 0.97
     assert cells[('1', 'best', 'cifar10')]['T2'] == 0.99 and cells[('1', 'best', 'folder')]['T2'] == 0.97
     assert {k: cells[('2', '3', 'cifar10')][k] for k in ('SIM', 'AUG', 'T2', 'EXTERNAL')} == \
@@ -162,7 +164,8 @@ def test_vocab_files_become_rows(settings, tmp_path):
     settings.setattr(reproduce, 'VOCAB_FILES', (f'conceptnet={words}', f'mine={words}'))
     rows = reproduce.table_rows('5')
     assert [r.id for r in rows] == ['imagenet', 'wordnet', 'conceptnet', 'mine']
-    assert reproduce.paper_value(rows[2], 'cifar10', 16) == .938 and reproduce.paper_value(rows[3], 'cifar10', 16) is None
+    assert reproduce.paper_value(rows[2], 'cifar10', 16) == .938
+    assert reproduce.paper_value(rows[3], 'cifar10', 16) is None
     assert cells_of('5')[-1].settings['VOCAB'] == str(words)
 
 

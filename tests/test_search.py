@@ -17,18 +17,6 @@ TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
 MODEL = ['--backbone=tiny-test', '--backbone_pretrained=random', *TINY]
 
 
-@pytest.fixture(scope='module')
-def run(image_folder, tmp_path_factory):
-    """A DUH-EG run (EXTERNAL imgk: no nouns needed) on the generated image set, 16 and 64 bits."""
-    tmp = tmp_path_factory.mktemp('search')
-    cache = str(tmp / 'cache')
-    run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', *MODEL, '--num_workers=0',
-               '--aug_views=2', f'--cache_dir={cache}')
-    run_script('train.py', '--dataset=folder', *MODEL, '--external=imgk', '--bits=16,64', '--epochs=10', '--warmup=2',
-               '--batch_size=100', f'--cache_dir={cache}', f'--run_dir={tmp}/run', f'--results={tmp}/r.jsonl')
-    return tmp, cache, str(tmp / 'run')
-
-
 def search(*args, check=True):
     return run_script('search.py', *args, check=check)
 
@@ -183,6 +171,37 @@ def test_bad_input(run, image_folder, tmp_path):
     assert proc.returncode == 1 and 'no index in' in proc.stderr
 
 
+def test_search_refuses_what_it_cannot_answer_with_one_line(run, image_folder, tmp_path):
+    import socket
+    tmp, cache, rundir = run
+
+    def error(*args):
+        proc = search(*args, check=False)
+        assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+        return proc.stderr.strip().splitlines()[-1]
+    os.makedirs(tmp_path / 'empty' / 'sub')
+    index = str(tmp_path / 'index')
+    assert error(f'--run={rundir}', '--bits=16', f'--images={tmp_path}/empty', f'--index={index}') == (
+        f"error: --images={tmp_path}/empty: the folder holds no images ({', '.join(dataset.IMAGE_EXTS)}, any "
+        f"nesting); nothing to index")
+    assert not os.path.exists(index)  # nothing written
+    assert error(f'--index={index}', '--words= ') == ("error: --words holds an empty query: give the words to search "
+                                                       "with, e.g. --words='a red car'")
+    assert error(f'--index={index}', '--words=') == ("error: nothing to do: give --query, --item or --words to "
+                                                      "search, --serve for the page, or --run and --images to build "
+                                                      "an index")
+    assert error(f'--index={index}', f'--run={rundir}', '--words=cat') == (
+        "error: --run is read only to build an index (with --images); a search uses the run the index was built "
+        "with: leave --run out, or give --images to index with it")
+    search(f'--run={rundir}', '--bits=16', f'--images={image_folder}/class00', f'--index={index}')
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert error(f'--index={index}', '--serve', f'--port={port}') == (
+            f"error: port {port} on 127.0.0.1 is in use (another search.py?): give another --port")
+
+
 # -----------------------------------------------------------------------------
 # the search page in a real browser: Debian's chromium, driven through chromedriver's W3C WebDriver
 # protocol (plain HTTP and JSON, so no client library is needed)
@@ -204,7 +223,8 @@ class Browser:
                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
         for _ in range(100):  # chromedriver takes a moment to listen
             try:
-                caps = {'alwaysMatch': {'browserName': 'chrome', 'goog:chromeOptions': {'binary': chrome, 'args': args}}}
+                options = {'binary': chrome, 'args': args}
+                caps = {'alwaysMatch': {'browserName': 'chrome', 'goog:chromeOptions': options}}
                 self.session = self.call('POST', '/session', {'capabilities': caps})['sessionId']
                 return
             except OSError:
@@ -225,13 +245,17 @@ class Browser:
         self.call('POST', self.s('/url'), {'url': url})
 
     def find(self, css):
-        return [e[self.ELEMENT] for e in self.call('POST', self.s('/elements'), {'using': 'css selector', 'value': css})]
+        found = self.call('POST', self.s('/elements'), {'using': 'css selector', 'value': css})
+        return [e[self.ELEMENT] for e in found]
 
     def text(self, element):
         return self.call('GET', self.s(f'/element/{element}/text'))
 
     def type(self, element, text):  # also sets a file input's path
         self.call('POST', self.s(f'/element/{element}/value'), {'text': text})
+
+    def clear(self, element):
+        self.call('POST', self.s(f'/element/{element}/clear'), {})
 
     def click(self, element):
         self.call('POST', self.s(f'/element/{element}/click'), {})
@@ -268,9 +292,11 @@ def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
     index = str(tmp_path / 'index')
     search(f'--run={rundir}', '--bits=64', f'--images={image_folder}', f'--index={index}')
     browser = Browser()
+    uploads = tmp_path / 'tmp'  # the server's temporary folder, where the uploaded images go
+    os.makedirs(uploads)
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, 'search.py'), f'--index={index}', '--serve',
                                '--port=0', '--topk=6'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, env={**os.environ, 'TMPDIR': str(uploads)})
     try:
         line = server.stdout.readline()  # 'serve http://127.0.0.1:<port>/ (...)'
         assert line.startswith('serve http://127.0.0.1:'), line + server.stderr.read()[-2000:]
@@ -296,7 +322,17 @@ def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
         assert len(browser.find('.hit')) == 6 and not browser.find('#error')
         names = [browser.text(e) for e in browser.find('.name')]
         assert [h['name'] for h in cli_hits(index, '--words=a striped thing')] == names
+        # a blank query: one line in the page, no hits
+        browser.clear(browser.find('#words')[0])
+        browser.type(browser.find('#words')[0], '   ')
+        browser.click(browser.find('#go')[0])
+        browser.wait_for('#error')
+        assert browser.text(browser.find('#error')[0]) == 'type some words to search with first'
+        assert not browser.find('.hit')
+        assert len([f for f in os.listdir(uploads) if f.startswith('duheg-search-')]) == 1  # while it runs
     finally:
         browser.quit()
         server.terminate()
         server.wait(timeout=30)
+    assert server.returncode == 0  # stopped, and its uploads went with it
+    assert not [f for f in os.listdir(uploads) if f.startswith('duheg-search-')]

@@ -238,7 +238,8 @@ def test_vgg16_pth_gives_torchvisions_fc7(tmp_path, monkeypatch):
 
 def test_scripts_stop_on_unusable_weights_with_one_clean_line(tmp_path, image_folder):
     from conftest import run_script
-    cases = [('nouns_embed.py', '--vocab=imagenet', '--clip_model=tiny-test', '--clip_pretrained=/nonexistent/ViT-B-16.pt'),
+    cases = [('nouns_embed.py', '--vocab=imagenet', '--clip_model=tiny-test',
+              '--clip_pretrained=/nonexistent/ViT-B-16.pt'),
              ('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', '--backbone=vgg16',
               '--backbone_pretrained=/nonexistent/vgg16-397923af.pth', '--query=2', '--train=2'),
              ('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', '--backbone=tiny-test',
