@@ -15,14 +15,28 @@ through the run's own machinery: their CLIP text feature (Eq. 2's prompts) is tu
 external feature by Eq. 5-6 over the run's vocabulary, which He maps to a code, so a DUH-EG run
 searches images by words with no further training. Results: results.json (top-k with Hamming
 distances, ties by index order) and one contact sheet PNG per query.
+
+The page (--serve) takes words, an upload or a dropped image, or a click on a hit, and shows the
+query back with its code (hex and bits), the five nouns that weigh most in its external feature
+(Eq. 6), the hits with their distances, links and (on a dataset index) Figure 6's frames, the time,
+and results.json and the contact sheet to download. It answers this machine only (127.0.0.1, and a
+Host header naming it), takes uploads up to MAX_UPLOAD_MB that are images, and keeps thumbnails in
+INDEX/thumbs. From another machine: ssh -L 8765:127.0.0.1:8765 <this machine>.
 """
 import errno
+import html
+import io
 import json
 import os
 import shutil
 import signal
 import textwrap
 import time
+import traceback
+import urllib.parse
+from email import policy
+from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import torch
@@ -57,6 +71,7 @@ HNSW_EF = 64              # HNSW: candidates kept while searching
 SERVE = False             # serve a search page on HOST:PORT until interrupted
 HOST = '127.0.0.1'        # the page's address (this machine only)
 PORT = 8765               # its port
+MAX_UPLOAD_MB = 20.0      # the largest image the page takes, in MB (a larger upload is refused before it is read)
 # system
 DEVICE = 'auto'           # auto | cpu | cuda
 BATCH_SIZE = 64           # images per forward pass while indexing
@@ -125,7 +140,8 @@ def hash_features(x, hv, cfg):
 
 
 def run_vocabulary(cfg):
-    """The features the run built its external features from (Eq. 5-6), loaded once."""
+    """(features, words) the run built its external features from (Eq. 5-6), loaded once; for
+    EXTERNAL=imgk the training images' CLIP features and names."""
     return once(('vocabulary', json.dumps(cfg, sort_keys=True, default=str)), lambda: _read_vocabulary(cfg))
 
 
@@ -133,13 +149,17 @@ def _read_vocabulary(cfg):
     from nouns_embed import load_nouns, load_selection
     args = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
     if cfg['EXTERNAL'] == 'efc':
-        return load_selection(*args, cfg['N_K'], cfg['T1'], cfg['RELEASED'], cfg.get('T1_READING'))[0]
+        return load_selection(*args, cfg['N_K'], cfg['T1'], cfg['RELEASED'], cfg.get('T1_READING'))[:2]
     if cfg['EXTERNAL'] == 'ek':
-        return load_nouns(*args, cfg['RELEASED'])[0]
+        return load_nouns(*args, cfg['RELEASED'])
     if cfg['EXTERNAL'] == 'imgk':
         import train
         paths = train.input_paths(cfg)
-        return dataset.load_array(paths['clip'], producer='dataset_extract.py')[dataset.load_array(paths['train'])]
+        train_idx = dataset.load_array(paths['train'])
+        names_file = os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], cfg['DATASET']), 'names.txt')
+        names = dataset.read_lines(names_file) if os.path.isfile(names_file) else [str(i) for i in train_idx]
+        feats = dataset.load_array(paths['clip'], producer='dataset_extract.py')[train_idx]
+        return feats, [names[i] if len(names) > i else str(i) for i in train_idx]
     raise DataError(f"word queries are not supported for EXTERNAL={cfg['EXTERNAL']} runs (use efc, ek or imgk)")
 
 
@@ -159,7 +179,7 @@ def word_codes(words, cfg, he, device):
         raise DataError(f"this run ({cfg.get('METHOD')}, EXTERNAL={cfg.get('EXTERNAL')}) has no He, the head that "
                         f"maps an external feature to a code: word queries need a DUH-EG run with a vocabulary")
     import train
-    e = train.external_features(text_features(words, cfg, device), run_vocabulary(cfg), cfg['TAU1'])
+    e = train.external_features(text_features(words, cfg, device), run_vocabulary(cfg)[0], cfg['TAU1'])
     return eval_hash.pack(he(e).numpy())
 
 
@@ -197,6 +217,13 @@ def stat_key(path):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def encode_images(imgs, cfg, device):
+    """Backbone features of PIL images, with the run's own preprocessing (its plain view)."""
+    encode, preprocess = image_encoder(cfg, device)
+    return encode(torch.stack([preprocess(im) for im in imgs]).to(device)).float().cpu().numpy()
+
+
 def encode_files(paths, cfg, hv, device):
     """(codes of the readable images, [(path, why)] of the unreadable ones)."""
     encode, preprocess = image_encoder(cfg, device)
@@ -437,92 +464,309 @@ def answer(meta, codes, queries, k, kind):
 
 
 # -----------------------------------------------------------------------------
-# the search page: a form for words or an image, and the hits as thumbnails (127.0.0.1 only)
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search</title>
-<style>body{{font-family:sans-serif;margin:1em}}
-.hit{{display:inline-block;margin:4px;text-align:center;font-size:12px}}
-</style></head><body><h1>Search {count} images</h1>
-<form action="/search" method="get"><input name="words" id="words" placeholder="words" value="{words}">
-<button id="go">search</button></form>
-<form action="/search" method="post" enctype="multipart/form-data">
-<input type="file" name="image" id="image" accept="image/*">
+# the search page: words, an upload (form or drag and drop) or a click on a hit; the query shown back
+# with its code and the nouns that made it; the hits with distances, links, downloads (this machine only)
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search</title><style>
+body{{font-family:sans-serif;margin:1em;max-width:70em}} h1{{font-size:1.3em;margin:.2em 0}}
+form{{display:inline-block;margin:.3em 1em .3em 0}} #drop{{color:#666;font-size:.9em}}
+body.dragging{{outline:3px dashed #48c;outline-offset:-8px}}
+#error{{color:#b00;font-weight:bold}} .query{{display:flex;gap:1em;align-items:flex-start;margin:.8em 0}}
+.query img{{width:128px;height:128px;object-fit:contain;border:1px solid #999}}
+code{{font-size:.85em;word-break:break-all}}
+table.nouns td{{padding:0 .6em 0 0}} .legend,.time{{color:#444;font-size:.9em}}
+.hit{{display:inline-block;margin:4px;text-align:center;font-size:12px;vertical-align:top;width:{w}px}}
+.hit img{{border:3px solid transparent}} .hit.right img{{border-color:#2a2}} .hit.wrong img{{border-color:#d22}}
+.hit a{{text-decoration:none;color:inherit}} .full{{font-size:11px}}
+</style></head><body><h1>Search {count} images <small>({bits}-bit codes of {run})</small></h1>
+<form action="/search" method="get"><input name="words" id="words" size="30" placeholder="words" value="{words}">
+{k_select}<button id="go">search</button></form>
+<form action="/search" method="post" enctype="multipart/form-data" id="upload-form">
+<input type="file" name="image" id="image" accept="image/*"><input type="hidden" name="k" value="{k}">
 <button id="upload">search with this image</button></form>
-<div id="results">{results}</div></body></html>"""
+<span id="drop">or drop an image anywhere on the page</span>
+<div id="results">{results}</div>
+<script>
+document.addEventListener('dragover', e => {{ e.preventDefault(); document.body.classList.add('dragging'); }});
+document.addEventListener('dragleave', e => document.body.classList.remove('dragging'));
+document.addEventListener('drop', e => {{
+  e.preventDefault(); document.body.classList.remove('dragging');
+  const f = e.dataTransfer.files[0]; if (!f) return;
+  const data = new FormData(); data.append('image', f, f.name); data.append('k', '{k}');
+  fetch('/search', {{method: 'POST', body: data}}).then(r => r.text()).then(html => {{
+    document.open(); document.write(html); document.close(); }});
+}});
+</script></body></html>"""
+_K_CHOICES = (6, 10, 20, 50, 100)  # the page's choices of the number of hits
+_LEGEND = ('d = Hamming distance: in how many of the {bits} bits a hit\'s code differs from the query\'s '
+           '(0: the same code); ties in index order')
 
 
-def serve(meta, codes, device, host, port):
-    """A small web page over the index: type words or send an image, see the hits with distances."""
-    import html
-    import io
-    import tempfile
-    import urllib.parse
-    from email import policy
-    from email.parser import BytesParser
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    cfg, hv, he, _ = load_run(meta['identity']['run'], meta['bits'])
-    uploads = tempfile.mkdtemp(prefix='duheg-search-')
+def top_nouns(x, cfg, n=5):
+    """The n words of the run's vocabulary whose weights s_{i,w} (Eq. 6) in the external feature of the
+    CLIP feature x (an image's or words') are the largest, with those weights."""
+    import train
+    t, words = run_vocabulary(cfg)
+    s = train.noun_weights(np.asarray(x, np.float32)[None], t, cfg['TAU1'])[0][0].numpy()
+    best = np.argsort(-s, kind='stable')[:n]
+    return [(words[w], float(s[w])) for w in best]
 
-    def results_html(query, qcode):
-        d, rows = search(codes, qcode[None], TOPK, SEARCH)
-        hits = ''.join(f'<div class="hit"><img src="/thumb/{i}" width="{THUMB}"><br>'
-                       f'<span class="name">{html.escape(meta["images"][i]["name"])}</span><br>'
-                       f'd=<span class="distance">{dist}</span></div>' for dist, i in zip(d[0], rows[0]))
-        return f'<p id="query">{html.escape(query)}</p>{hits}'
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
+@torch.no_grad()
+def clip_image_feature(img, cfg, device):
+    """The run's CLIP image feature of a PIL image (the space of its vocabulary)."""
+    if (cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED']) == (cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED']):
+        encode, preprocess = image_encoder(cfg, device)  # the backbone is that CLIP: its own view
+    else:
+        encode, preprocess, _ = once(('backbone', cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device),
+                                     lambda: models.load_backbone(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device))
+    return encode(preprocess(img)[None].to(device)).float().cpu().numpy()[0]
 
-        def send(self, body, kind='text/html; charset=utf-8', code=200):
-            self.send_response(code)
-            self.send_header('Content-Type', kind)
-            self.send_header('Content-Length', str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def page(self, results='', words=''):
-            self.send(_PAGE.format(count=len(codes), results=results, words=html.escape(words)).encode())
+def entry_image(entry, meta):
+    """The full image of an index entry (a file, or a dataset image), RGB."""
+    from PIL import Image
+    if 'path' in entry:
+        with Image.open(entry['path']) as im:
+            return dataset.to_rgb(im)
+    return _dataset_images(entry['dataset'], meta.get('dataset_cache', 'cache')).load(entry['row'])
 
-        def do_GET(self):
-            url = urllib.parse.urlparse(self.path)
+
+def cached_thumbnail(entry, meta, index, size):
+    """JPEG bytes of an entry's thumbnail, made once and kept beside the index (thumbs/, keyed by the
+    entry's name, size on disk, modification time and the thumbnail size)."""
+    import hashlib
+    key = hashlib.sha1(json.dumps([entry.get('name'), entry.get('stat'), entry.get('row'), size]).encode())
+    path = os.path.join(index, 'thumbs', key.hexdigest()[:20] + '.jpg')
+    if not os.path.exists(path):
+        buf = io.BytesIO()
+        thumbnail(entry, size, meta).save(buf, format='JPEG', quality=85)
+        atomic_write(path, lambda f: f.write(buf.getvalue()))
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def dataset_labels(meta):
+    """Labels of an index made from a dataset (--images=dataset:<name>), to frame hits as Figure 6 does."""
+    names = {e.get('dataset') for e in meta['images']}
+    if len(names) != 1 or None in names:
+        return None
+    name = names.pop()
+    path = dataset.split_paths(meta.get('dataset_cache', 'cache'), name, '')['labels']
+    return once(('labels', path), lambda: dataset.load_array(path, producer='dataset_extract.py'))
+
+
+class SearchPage:
+    """What the page answers with: the index, the run's heads, the uploads and the recent answers."""
+
+    def __init__(self, meta, codes, device, index):
+        import tempfile
+        self.meta, self.codes, self.device, self.index = meta, codes, device, index
+        self.cfg, self.hv, self.he, _ = load_run(meta['identity']['run'], meta['bits'])
+        self.uploads = tempfile.mkdtemp(prefix='duheg-search-')
+        self.answers = {}  # id -> (results.json of the query, its query description); the last 100
+
+    def ask(self, query, code, k, nouns, picture=None):
+        """Search with one code; the answer is kept under a new id for its downloads (`picture`: the
+        uploaded image's file, drawn first on the contact sheet)."""
+        t0 = time.perf_counter()
+        hits = answer(self.meta, self.codes, [(query, code)], k, SEARCH)[0]['hits']
+        ms = (time.perf_counter() - t0) * 1e3
+        qid = f'{len(self.answers) + 1}-{time.time_ns() % 10**6}'
+        self.answers[qid] = dict(index=os.path.abspath(self.index), search=SEARCH, topk=k, seconds=ms / 1e3,
+                                 results=[dict(query=query, code=code_text(code, self.meta['bits'])[0], nouns=nouns,
+                                               hits=hits)], picture=picture)
+        while len(self.answers) > 100:
+            self.answers.pop(next(iter(self.answers)))
+        return qid, hits, ms
+
+    def words_query(self, words, k):
+        """The results of words: their code by Eq. 2, Eq. 5-6 and He, and the nouns that made it."""
+        code = word_codes([words], self.cfg, self.he, self.device)[0]
+        nouns = top_nouns(text_features([words], self.cfg, self.device)[0], self.cfg)
+        qid, hits, ms = self.ask(dict(words=words), code, k, nouns)
+        return self.results_html(qid, dict(words=words), code, hits, ms, nouns, 'the nouns that made its feature',
+                                 None)
+
+    def image_query(self, query, img, k, preview, picture=None):
+        """The results of an image: its code by Hv, and its nearest nouns (none without He)."""
+        code = hash_features(encode_images([img], self.cfg, self.device), self.hv, self.cfg)[0]
+        nouns = top_nouns(clip_image_feature(img, self.cfg, self.device), self.cfg) if self.he is not None else []
+        qid, hits, ms = self.ask(query, code, k, nouns, picture)
+        return self.results_html(qid, query, code, hits, ms, nouns, 'its five nearest nouns (Eq. 5-6)', preview)
+
+    def results_html(self, qid, query, code, hits, ms, nouns, nouns_what, preview):
+        bits = self.meta['bits']
+        hex_code, bit_code = code_text(code, bits)
+        labels = dataset_labels(self.meta)
+        q_row = self.meta['images'][query['item']].get('row') if query.get('item') is not None else None
+        frames = labels is not None and q_row is not None
+        tiles = []
+        for h in hits:
+            frame = ''
+            if frames:  # Figure 6: a hit sharing a label with the query is framed green, else red
+                e = self.meta['images'][h['row']]
+                frame = ' right' if (labels[e['row']] @ labels[q_row]) > 0 else ' wrong'
+            tiles.append(f'<div class="hit{frame}"><a href="/search?item={h["row"]}&k={len(hits)}" title="more like '
+                         f'this"><img loading="lazy" src="/thumb/{h["row"]}" width="{THUMB}" height="{THUMB}"><br>'
+                         f'<span class="name">{html.escape(h["name"])}</span></a><br>d=<span class="distance">'
+                         f'{h["distance"]}</span> <a class="full" href="/image/{h["row"]}" target="_blank">'
+                         f'full image</a></div>')
+        rows = ''.join(f'<tr><td class="noun">{html.escape(w.replace("_", " "))}</td>'
+                       f'<td class="weight">{s:.3f}</td></tr>' for w, s in nouns)
+        nouns_html = (f'<div><b>{nouns_what}</b><table class="nouns">{rows}</table></div>' if nouns else '')
+        shown = (f'<img id="preview" src="{preview}" alt="the query">' if preview else '')
+        framed = '; frames: green shares a label with the query, red does not (Figure 6)' if frames else ''
+        return (f'<div class="query">{shown}<div><p>query: <b id="query">{html.escape(query_name(query, self.meta))}'
+                f'</b></p><p>its code: <code id="code-hex">{hex_code}</code><br><code id="code-bits">{bit_code}</code>'
+                f'</p><p class="time" id="time">searched {len(self.codes)} codes in {ms:.1f} ms ({SEARCH})</p>'
+                f'<p><a id="json" href="/results/{qid}.json" download="results.json">results.json</a> · '
+                f'<a id="sheet" href="/results/{qid}.png" download="contact_sheet.png">contact sheet</a></p></div>'
+                f'{nouns_html}</div><p class="legend" id="legend">{_LEGEND.format(bits=bits)}'
+                f'{framed}</p>' + ''.join(tiles))
+
+
+def code_text(code, bits):
+    """A packed code as hex and as bits in groups of eight."""
+    b = ''.join(np.unpackbits(np.asarray(code, np.uint8))[:bits].astype(str))
+    return np.asarray(code, np.uint8).tobytes().hex(), ' '.join(b[i:i + 8] for i in range(0, bits, 8))
+
+
+def query_name(query, meta):
+    return query.get('words') or query.get('name') or os.path.basename(query.get('image', '')) or 'image'
+
+
+class Handler(BaseHTTPRequestHandler):
+    """The page's routes: /, /search (words, an item, an upload), /thumb/<row>, /image/<row>,
+    /query/<upload>, /results/<id>.json and .png. `site` is the SearchPage it answers from."""
+    site = None
+
+    def log_message(self, *a):
+        pass
+
+    def send(self, body, kind='text/html; charset=utf-8', code=200):
+        self.send_response(code)
+        self.send_header('Content-Type', kind)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def show(self, results='', words='', k=TOPK, code=200):
+        site = self.site
+        options = ''.join(f'<option value="{n}"{" selected" if n == k else ""}>{n} hits</option>'
+                          for n in sorted(set(_K_CHOICES) | {k}))
+        run = os.path.basename(os.path.normpath(site.meta['identity']['run']))
+        self.send(_PAGE.format(count=len(site.codes), bits=site.meta['bits'], run=html.escape(run), k=k, w=THUMB + 16,
+                               words=html.escape(words), k_select=f'<select name="k" id="k">{options}</select>',
+                               results=results).encode(), code=code)
+
+    def error(self, message, k=TOPK, code=200):  # one line, never a temporary path
+        message = message.replace(self.site.uploads + os.sep, '').replace(self.site.uploads, 'the uploads')
+        self.show(f'<p id="error">{html.escape(message)}</p>', k=k, code=code)
+
+    def local(self):  # the Host header must name this machine, else a page elsewhere could reach us
+        host_name = (self.headers.get('Host') or '').rsplit(':', 1)[0].strip('[]').lower()
+        if host_name in ('127.0.0.1', 'localhost', '::1'):
+            return True
+        self.send(f"refused: this page answers requests to this machine only, not to "
+                  f"{html.escape(self.headers.get('Host') or 'no host')}".encode(), 'text/plain; charset=utf-8', 403)
+        return False
+
+    def file(self, path, k):
+        """The pictures and downloads the page links to."""
+        site, name = self.site, os.path.basename(path)
+        if path.startswith('/thumb/'):
+            return self.send(cached_thumbnail(site.meta['images'][int(name)], site.meta, site.index, THUMB),
+                             'image/jpeg')
+        if path.startswith('/image/'):
+            buf = io.BytesIO()
+            entry_image(site.meta['images'][int(name)], site.meta).save(buf, format='PNG')
+            return self.send(buf.getvalue(), 'image/png')
+        if path.startswith('/query/'):
+            with open(os.path.join(site.uploads, name), 'rb') as f:
+                return self.send(f.read(), 'image/jpeg')
+        qid, ext = os.path.splitext(name)  # /results/<id>.json or .png
+        if qid not in site.answers:
+            return self.error('that result is no longer kept: search again', k, 404)
+        res = site.answers[qid]
+        if ext == '.json':
+            out = {key: v for key, v in res.items() if key != 'picture'}
+            return self.send((json.dumps(out, indent=1) + '\n').encode(), 'application/json')
+        r = res['results'][0]
+        drawn = dict(image=res['picture']) if res['picture'] else r['query']
+        with open(contact_sheet(drawn, r['hits'], site.meta, os.path.join(site.uploads, f'{qid}.png')), 'rb') as f:
+            return self.send(f.read(), 'image/png')
+
+    def do_GET(self):
+        if not self.local():
+            return
+        url = urllib.parse.urlparse(self.path)
+        q = urllib.parse.parse_qs(url.query)
+        try:
+            k = max(1, min(int(q.get('k', [TOPK])[0]), len(self.site.codes)))
+            if url.path.startswith(('/thumb/', '/image/', '/query/', '/results/')):
+                return self.file(url.path, k)
+            if url.path == '/search' and 'item' in q:  # a click on a hit: more like it
+                row = int(q['item'][0])
+                entry = self.site.meta['images'][row]
+                return self.show(self.site.image_query(dict(item=row, name=entry['name']),
+                                                       entry_image(entry, self.site.meta), k, f'/thumb/{row}'), k=k)
+            words = q.get('words', [''])[0].strip()
+            if url.path == '/search' and words:
+                return self.show(self.site.words_query(words, k), words, k)
+            if url.path == '/search':  # an empty or blank query
+                return self.error('type some words to search with first', k)
+            return self.show(k=k)
+        except Exception as e:  # noqa: BLE001 - one line in the page, the server goes on
+            return self.failed(e)
+
+    def do_POST(self):
+        if not self.local():
+            return
+        size = int(self.headers.get('Content-Length') or 0)
+        if size > MAX_UPLOAD_MB * 2**20:  # refused before it is read
+            self.close_connection = True
+            return self.error(f'the upload is {size / 2**20:.1f} MB, more than this page takes '
+                              f'(search.py --max_upload_mb={MAX_UPLOAD_MB:g})', code=413)
+        try:
+            head = b'Content-Type: ' + (self.headers['Content-Type'] or '').encode() + b'\r\n\r\n'
+            msg = BytesParser(policy=policy.default).parsebytes(head + self.rfile.read(size))
+            parts = {p.get_param('name', header='content-disposition'): p
+                     for p in (msg.iter_parts() if msg.is_multipart() else [])}
+            k = max(1, min(int(parts['k'].get_content().strip()), len(self.site.codes))) if 'k' in parts else TOPK
+            part = parts.get('image')
+            data = part.get_payload(decode=True) if part is not None else None
+            if not data:
+                return self.error('choose an image file first', k)
+            name = os.path.basename(part.get_filename() or 'upload')
+            from PIL import Image
             try:
-                if url.path.startswith('/thumb/'):
-                    buf = io.BytesIO()
-                    thumbnail(meta['images'][int(url.path[7:])], THUMB, meta).save(buf, format='JPEG')
-                    return self.send(buf.getvalue(), 'image/jpeg')
-                words = urllib.parse.parse_qs(url.query).get('words', [''])[0].strip()
-                if url.path == '/search' and words:
-                    return self.page(results_html(words, word_codes([words], cfg, he, device)[0]), words)
-                if url.path == '/search':  # an empty or blank query
-                    return self.page('<p id="error">type some words to search with first</p>')
-                return self.page()
-            except Exception as e:  # noqa: BLE001 - whatever went wrong is shown on the page, the server goes on
-                return self.page(f'<p id="error">{html.escape(type(e).__name__ + ": " + str(e))}</p>')
+                with Image.open(io.BytesIO(data)) as im:
+                    img = dataset.to_rgb(im)
+            except Exception:  # noqa: BLE001 - whatever PIL cannot read is not an image here
+                return self.error(f'{name} is not an image this page can read (JPEG, PNG, GIF, WebP, ...)', k)
+            saved = os.path.join(self.site.uploads, f'{time.time_ns()}.jpg')
+            img.save(saved, format='JPEG', quality=90)  # the preview, and the contact sheet's first picture
+            return self.show(self.site.image_query(dict(upload=name, name=name), img, k,
+                                                   f'/query/{os.path.basename(saved)}', saved), k=k)
+        except Exception as e:  # noqa: BLE001 - one line in the page, the server goes on
+            return self.failed(e)
 
-        def do_POST(self):
-            try:
-                body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
-                head = b'Content-Type: ' + self.headers['Content-Type'].encode() + b'\r\n\r\n'
-                msg = BytesParser(policy=policy.default).parsebytes(head + body)
-                part = next((p for p in msg.iter_parts()
-                             if p.get_param('name', header='content-disposition') == 'image'), None)
-                if part is None or not part.get_payload(decode=True):
-                    return self.page('<p id="error">choose an image file first</p>')
-                name = os.path.basename(part.get_filename() or 'upload')
-                path = os.path.join(uploads, f'{time.time_ns()}-{name}')
-                with open(path, 'wb') as f:
-                    f.write(part.get_payload(decode=True))
-                q, bad = encode_files([path], cfg, hv, device)
-                if bad:
-                    return self.page(f'<p id="error">cannot read {html.escape(name)}: {html.escape(bad[0][1])}</p>')
-                return self.page(results_html(name, q[0]))
-            except Exception as e:  # noqa: BLE001 - whatever went wrong is shown on the page, the server goes on
-                return self.page(f'<p id="error">{html.escape(type(e).__name__ + ": " + str(e))}</p>')
+    def failed(self, e):
+        if isinstance(e, (DataError, CacheError, ValueError, IndexError, OSError)):  # the user's to mend
+            return self.error(str(e).split('\n')[0][:300])
+        traceback.print_exc()  # ours: the trace on the console, one line in the page
+        return self.error(f"the search failed ({type(e).__name__}); the server's console says why")
 
+
+def serve(meta, codes, device, host, port, index):
+    """The search page on host:port until interrupted (Handler). Requests whose Host header names
+    another machine are refused (DNS rebinding), uploads are bounded (MAX_UPLOAD_MB) and must be images."""
+    from http.server import ThreadingHTTPServer
+    site = Handler.site = SearchPage(meta, codes, device, index)
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
-        shutil.rmtree(uploads, ignore_errors=True)
+        shutil.rmtree(site.uploads, ignore_errors=True)
         if e.errno == errno.EADDRINUSE:
             raise SystemExit(f"error: port {port} on {host} is in use (another search.py?): give another --port")
         raise
@@ -537,7 +781,7 @@ def serve(meta, codes, device, host, port):
         pass
     finally:
         server.server_close()
-        shutil.rmtree(uploads, ignore_errors=True)  # the uploaded images go with the server
+        shutil.rmtree(site.uploads, ignore_errors=True)  # the uploaded images go with the server
 
 
 # -----------------------------------------------------------------------------
@@ -570,7 +814,7 @@ def main():
         raise SystemExit(f"error: the index {INDEX} holds no images ({len(meta.get('skipped', []))} unreadable were "
                          f"skipped): index a folder of readable images with --run and --images")
     if SERVE:
-        return serve(meta, codes, device, HOST, PORT)
+        return serve(meta, codes, device, HOST, PORT, INDEX)
     results = answer(meta, codes, query_codes(meta, codes, device), TOPK, SEARCH)
     if results:
         out = OUT or os.path.join(INDEX, 'results')

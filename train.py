@@ -165,8 +165,8 @@ def input_paths(cfg):
     tag = split_tag(cfg['SPLIT_SEED'], cfg['SPLIT_DIR'])
     pretrained = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
     fdir = feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['BACKBONE'], pretrained, cfg['VIEW_RECIPE'])
-    paths = dict(features=os.path.join(fdir, 'images.npy'),
-                 **dataset.split_paths(cfg['CACHE_DIR'], cfg['DATASET'], tag))
+    paths = dataset.split_paths(cfg['CACHE_DIR'], cfg['DATASET'], tag)  # labels and split first: step 1's start
+    paths['features'] = os.path.join(fdir, 'images.npy')
     duheg = cfg['METHOD'] == 'duheg'
     if (duheg and cfg['AUG']) or cfg['METHOD'] in TWO_VIEWS:
         paths['views'] = dataset.views_path(fdir, tag)
@@ -387,7 +387,7 @@ def missing_inputs(paths):
             flags += f" --cache_dir={CACHE_DIR}" + (f" --n_k={N_K} --t1={T1}" if EXTERNAL == 'efc' else '')
             if EXTERNAL == 'efc' and T1_READING != nouns_embed.RELEASED_DEFAULTS['T1_READING'][RELEASED]:
                 flags += f" --t1_reading={T1_READING}"
-            return (f"{path} does not exist: run step 2 first, python nouns_embed.py {flags}"
+            return (f"{path} does not exist: run nouns_embed.py first (step 2): python nouns_embed.py {flags}"
                     f"{' --released' if RELEASED else ''}")
         if name == 'classes':
             return f"{path} does not exist: --method=dvsq reads the labels' names; give --class_names=FILE"
@@ -401,7 +401,7 @@ def missing_inputs(paths):
             flags += f" --clip_model={CLIP_MODEL} --clip_pretrained={CLIP_PRETRAINED}"
         have = (f"; {d} holds the features of {', '.join(held)} (pass train.py the --backbone and "
                 f"--backbone_pretrained, --clip_model and --clip_pretrained they were extracted with)") if held else ''
-        return (f"{path} does not exist: run step 1 first, python dataset_extract.py {flags}"
+        return (f"{path} does not exist: run dataset_extract.py first (step 1): python dataset_extract.py {flags}"
                 f"{' --released' if RELEASED else ''}{have}")
     return None
 

@@ -133,7 +133,7 @@ def test_train_before_nouns_embed_names_step_2_and_its_settings(tmp_path):
     write_feature_set(str(cache), views=2)
     sel = f'{cache}/nouns/wordnet_tiny-test_random/select_k800_t0.9/selected_feats.npy'
     assert error(train(cache, check=False)) == (
-        f"error: {sel} does not exist: run step 2 first, python nouns_embed.py --vocab=wordnet "
+        f"error: {sel} does not exist: run nouns_embed.py first (step 2): python nouns_embed.py --vocab=wordnet "
         f"--clip_model=tiny-test --clip_pretrained=random --cache_dir={cache} --n_k=800 --t1=0.9")
 
 
@@ -142,8 +142,8 @@ def test_train_names_the_features_this_cache_holds(tmp_path):
     write_feature_set(str(cache), views=2)
     proc = run_script('train.py', '--dataset=folder', f'--cache_dir={cache}', check=False)
     assert error(proc) == (
-        f"error: {cache}/folder/ViT-B-16-openai/images.npy does not exist: run step 1 first, python "
-        f"dataset_extract.py --dataset=folder --cache_dir={cache} --split_seed=0 --backbone=ViT-B-16 "
+        f"error: {cache}/folder/ViT-B-16-openai/images.npy does not exist: run dataset_extract.py first (step 1): "
+        f"python dataset_extract.py --dataset=folder --cache_dir={cache} --split_seed=0 --backbone=ViT-B-16 "
         f"--backbone_pretrained=openai; {cache}/folder holds the features of tiny-test-random (pass train.py the "
         f"--backbone and --backbone_pretrained, --clip_model and --clip_pretrained they were extracted with)")
 
@@ -176,7 +176,7 @@ def test_a_failed_split_names_the_setting_and_train_names_step_1(tmp_path, image
                            "the query set: give dataset_extract.py a smaller --train (per class), or your own split "
                            "with --split_dir")
     assert error(train(cache, '--external=imgk', check=False)).startswith(
-        f"error: {cache}/folder/tiny-test-random/images.npy does not exist: run step 1 first, python "
+        f"error: {cache}/folder/split_s0/query.npy does not exist: run dataset_extract.py first (step 1): python "
         f"dataset_extract.py --dataset=folder --cache_dir={cache} --split_seed=0 --backbone=tiny-test")
 
 

@@ -167,7 +167,7 @@ def test_bad_input(run, image_folder, tmp_path):
                f'--run_dir={tmp_path}/lsh', f'--results={tmp_path}/r.jsonl')
     proc = search(f'--run={tmp_path}/lsh', '--bits=16', f'--images={photos}', f'--index={tmp_path}/x', check=False)
     assert proc.returncode == 1 and 'holds no trained Hv' in proc.stderr
-    proc = search(f'--index={tmp_path}/none', check=False)
+    proc = search(f'--index={tmp_path}/none', '--words=cat', check=False)
     assert proc.returncode == 1 and 'no index in' in proc.stderr
 
 
@@ -263,6 +263,17 @@ class Browser:
     def script(self, js, *args):
         return self.call('POST', self.s('/execute/sync'), {'script': js, 'args': [{self.ELEMENT: a} for a in args]})
 
+    def run_js(self, js, *args):  # plain values as arguments
+        return self.call('POST', self.s('/execute/sync'), {'script': js, 'args': list(args)})
+
+    def screenshot(self, path):
+        import base64
+        with open(path, 'wb') as f:
+            f.write(base64.b64decode(self.call('GET', self.s('/screenshot'))))
+
+    def select(self, element, value):
+        self.script(f"arguments[0].value = '{value}'", element)
+
     def wait_for(self, css, timeout=60):
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -336,3 +347,120 @@ def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
         server.wait(timeout=30)
     assert server.returncode == 0  # stopped, and its uploads went with it
     assert not [f for f in os.listdir(uploads) if f.startswith('duheg-search-')]
+
+
+def start_page(index, *args, env=None):
+    """search.py --serve on a free port: (the process, the page's address)."""
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, 'search.py'), f'--index={index}', '--serve',
+                               '--port=0', *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **(env or {})})
+    line = server.stdout.readline()  # 'serve http://127.0.0.1:<port>/ (...)'
+    assert line.startswith('serve http://127.0.0.1:'), line + server.stderr.read()[-2000:]
+    return server, line.split()[1]
+
+
+def test_search_page_shows_why_and_lets_results_be_taken_away(run, image_folder, tmp_path):
+    """The page on the run's retrieval set (a dataset with labels): a words query with its code, nouns,
+    distances and time; the hit count; a click on a hit (framed as Figure 6); the downloads; a drop of an
+    image file; a file that is not an image, an upload too large, a foreign Host header. Screenshots
+    of each state are saved in the test's folder."""
+    import base64
+    import re
+    import urllib.error
+    import urllib.request
+    tmp, cache, rundir = run
+    index = str(tmp_path / 'index')
+    search(f'--run={rundir}', '--bits=64', '--images=dataset:folder', f'--index={index}')
+    browser = Browser()
+    server, base = start_page(index, '--topk=6', '--max_upload_mb=0.05')
+    shots = tmp_path / 'screenshots'
+    os.makedirs(shots)
+    try:
+        browser.get(base)
+        browser.type(browser.find('#words')[0], 'a striped thing')
+        browser.click(browser.find('#go')[0])
+        browser.wait_for('#code-hex')
+        browser.screenshot(shots / '1_words.png')
+        hexcode, bits = browser.text(browser.find('#code-hex')[0]), browser.text(browser.find('#code-bits')[0])
+        assert re.fullmatch(r'[0-9a-f]{16}', hexcode) and bits.replace(' ', '') == bin(int(hexcode, 16))[2:].zfill(64)
+        nouns = [browser.text(e) for e in browser.find('.noun')]  # imgk: the training images are its nouns
+        weights = [float(browser.text(e)) for e in browser.find('.weight')]
+        assert len(nouns) == 5 and weights == sorted(weights, reverse=True) and 0 < sum(weights) <= 1.0001
+        assert re.fullmatch(r'searched 300 codes in [0-9.]+ ms \(exact\)', browser.text(browser.find('#time')[0]))
+        assert browser.text(browser.find('#legend')[0]).startswith('d = Hamming distance: in how many of the 64 bits')
+        dists = [int(browser.text(e)) for e in browser.find('.distance')]
+        assert len(dists) == 6 and dists == sorted(dists)
+        # the hit count
+        browser.select(browser.find('#k')[0], '20')
+        browser.click(browser.find('#go')[0])
+        browser.wait_for('#code-hex')
+        assert len(browser.find('.hit')) == 20
+        # the downloads: results.json of this query, its contact sheet
+        href = browser.script('return arguments[0].href', browser.find('#json')[0])
+        res = json.load(urllib.request.urlopen(href))
+        assert [h['distance'] for h in res['results'][0]['hits']] == [int(browser.text(e))
+                                                                       for e in browser.find('.distance')]
+        assert res['results'][0]['query'] == {'words': 'a striped thing'} and res['results'][0]['code'] == hexcode
+        sheet = urllib.request.urlopen(browser.script('return arguments[0].href', browser.find('#sheet')[0]))
+        assert sheet.headers['Content-Type'] == 'image/png' and sheet.read()[:8] == b'\x89PNG\r\n\x1a\n'
+        # a click on a hit: more like it, framed green (a label shared with it) or red, as Figure 6
+        first = browser.text(browser.find('.hit .name')[0])
+        browser.click(browser.find('.hit a')[0])
+        browser.wait_for('#preview')
+        browser.screenshot(shots / '2_more_like_this.png')
+        assert browser.text(browser.find('#query')[0]) == first
+        assert browser.text(browser.find('.hit .name')[0]) == first
+        assert browser.text(browser.find('.distance')[0]) == '0'
+        frames = browser.find('.hit.right') + browser.find('.hit.wrong')
+        assert len(frames) == 20 and len(browser.find('.hit.right')) >= 10  # the tiny set's classes hold together
+        assert 'Figure 6' in browser.text(browser.find('#legend')[0])
+        assert len(browser.find('.noun')) == 5
+        full = urllib.request.urlopen(browser.script('return arguments[0].href', browser.find('.full')[0]))
+        assert full.headers['Content-Type'] == 'image/png'
+        # an image dropped on the page
+        png = open(os.path.join(image_folder, 'class07', '020.png'), 'rb').read()
+        browser.run_js("""
+            const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            const dt = new DataTransfer(); dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+            document.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        """, base64.b64encode(png).decode())
+        browser.wait_for('#preview')
+        deadline = time.time() + 60
+        while browser.text(browser.find('#query')[0]) != 'dropped.png' and time.time() < deadline:
+            time.sleep(0.2)
+        browser.screenshot(shots / '3_dropped.png')
+        assert browser.text(browser.find('#query')[0]) == 'dropped.png'
+        assert browser.script('return arguments[0].naturalWidth', browser.find('#preview')[0]) == 32
+        assert sum(browser.text(e).startswith('class07/') for e in browser.find('.hit .name')) >= 10
+        # errors: one line in the page, never a traceback or a temporary path
+        (tmp_path / 'notes.png').write_text('not a picture')
+        browser.type(browser.find('#image')[0], str(tmp_path / 'notes.png'))
+        browser.click(browser.find('#upload')[0])
+        browser.wait_for('#error')
+        assert browser.text(browser.find('#error')[0]) == ('notes.png is not an image this page can read (JPEG, PNG, '
+                                                           'GIF, WebP, ...)')
+        big = tmp_path / 'big.png'
+        from PIL import Image
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(big)
+        browser.type(browser.find('#image')[0], str(big))
+        browser.click(browser.find('#upload')[0])
+        deadline = time.time() + 60
+        while 'more than this page takes' not in (browser.find('#error') and browser.text(browser.find('#error')[0])
+                                                  or '') and time.time() < deadline:
+            time.sleep(0.2)
+        browser.screenshot(shots / '4_too_large.png')
+        assert re.fullmatch(r'the upload is 0\.1 MB, more than this page takes \(search.py --max_upload_mb=0.05\)',
+                            browser.text(browser.find('#error')[0]))
+        assert 'Traceback' not in browser.text(browser.find('body')[0]) and '/tmp' not in browser.text(
+            browser.find('body')[0])
+        # a request naming another host (DNS rebinding) is refused
+        req = urllib.request.Request(base, headers={'Host': 'attacker.example:80'})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 403
+        assert len(os.listdir(os.path.join(index, 'thumbs'))) >= 20  # thumbnails made once, kept beside the index
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
+
