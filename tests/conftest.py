@@ -185,5 +185,6 @@ def run(image_folder, tmp_path_factory):
     run_script('dataset_extract.py', '--dataset=folder', f'--data_path={image_folder}', *TINY_MODEL,
                '--num_workers=0', '--aug_views=2', f'--cache_dir={cache}')
     run_script('train.py', '--dataset=folder', *TINY_MODEL, '--external=imgk', '--bits=16,64', '--epochs=10',
-               '--warmup=2', '--batch_size=100', f'--cache_dir={cache}', f'--run_dir={tmp}/run', f'--results={tmp}/r.jsonl')
+               '--warmup=2', '--batch_size=100', f'--cache_dir={cache}', f'--run_dir={tmp}/run',
+               f'--results={tmp}/r.jsonl')
     return tmp, cache, str(tmp / 'run')
