@@ -40,14 +40,19 @@ def test_a_run_folder_is_refused_to_other_inputs_then_replaced_whole(tmp_path):
         f"error: {run} holds a run made from other settings or inputs (--cache_dir={a} (now {b}), other "
         f"features): give another --run_dir, or --force to replace that run whole")
     assert json.load(open(run / 'run.json')) == first  # refused: nothing touched
+    shutil.copytree(run / '32bits', tmp_path / 'old32')
     out = train(b, '--bits=16', *common, '--force').stdout
     assert f'replacing the run in {run}' in out
     assert sorted(os.listdir(run)) == ['.lock', '16bits', 'run.json']  # the old 32 bits went with the old run
     assert json.load(open(run / '16bits' / 'result.json'))['config']['CACHE_DIR'] == str(b)
-    # the same settings and inputs again: the same run, trained again into its folder
-    train(b, '--bits=16', *common)
     lines = [json.loads(l) for l in open(tmp_path / 'results.jsonl')]
     assert len({l['run_key'] for l in lines}) == 2 and all(len(l['run_key']) == 64 for l in lines)
+    # a folder an older train.py could leave, two runs' code lengths in one (put together here by hand):
+    # eval_hash.py refuses to score it
+    shutil.copytree(tmp_path / 'old32', run / '32bits')
+    proc = run_script('eval_hash.py', f'--run={run}', '--examples=0', check=False)
+    assert error(proc) == (f"error: {run} mixes runs made from different settings or inputs (16 bits and 32 bits: "
+                           f"cache_dir {b} / {a}, other features); train each into its own --run_dir")
 
 
 def test_a_second_train_py_into_the_same_folder_stops(tmp_path):
@@ -59,18 +64,6 @@ def test_a_second_train_py_into_the_same_folder_stops(tmp_path):
         proc = train(tmp_path / 'c', '--method=lsh', '--bits=8', f'--run_dir={run}', f'--results={tmp_path}/r.jsonl',
                      check=False)
     assert error(proc) == f"error: another train.py is writing {run}: wait for it, or give another --run_dir"
-
-
-def test_eval_hash_refuses_a_folder_that_mixes_two_runs(tmp_path):
-    """A folder an older train.py left with code lengths of two runs (here put together by hand)."""
-    write_feature_set(str(tmp_path / 'c'))
-    for t2, bits in (('0.97', '16'), ('0.9', '64')):
-        train(tmp_path / 'c', '--method=lsh', f'--bits={bits}', f'--t2={t2}', f'--run_dir={tmp_path}/t{t2}',
-              f'--results={tmp_path}/r.jsonl')
-    shutil.copytree(tmp_path / 't0.9' / '64bits', tmp_path / 't0.97' / '64bits')
-    proc = run_script('eval_hash.py', f'--run={tmp_path}/t0.97', '--examples=0', check=False)
-    assert error(proc) == (f"error: {tmp_path}/t0.97 mixes runs made from different settings or inputs (16 bits "
-                           f"and 64 bits: t2 0.97 / 0.9); train each into its own --run_dir")
 
 
 # -----------------------------------------------------------------------------
