@@ -650,8 +650,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def show(self, results='', words='', k=TOPK, code=200):
-        site = self.site
+    def show(self, results='', words='', k=None, code=200):
+        site, k = self.site, k or TOPK  # (TOPK as the command line set it)
         options = ''.join(f'<option value="{n}"{" selected" if n == k else ""}>{n} hits</option>'
                           for n in sorted(set(_K_CHOICES) | {k}))
         run = os.path.basename(os.path.normpath(site.meta['identity']['run']))
@@ -659,7 +659,7 @@ class Handler(BaseHTTPRequestHandler):
                                words=html.escape(words), k_select=f'<select name="k" id="k">{options}</select>',
                                results=results).encode(), code=code)
 
-    def error(self, message, k=TOPK, code=200):  # one line, never a temporary path
+    def error(self, message, k=None, code=200):  # one line, never a temporary path
         message = message.replace(self.site.uploads + os.sep, '').replace(self.site.uploads, 'the uploads')
         self.show(f'<p id="error">{html.escape(message)}</p>', k=k, code=code)
 

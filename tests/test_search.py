@@ -451,6 +451,7 @@ def test_search_page_shows_why_and_lets_results_be_taken_away(run, image_folder,
         browser.screenshot(shots / '4_too_large.png')
         assert re.fullmatch(r'the upload is 0\.1 MB, more than this page takes \(search.py --max_upload_mb=0.05\)',
                             browser.text(browser.find('#error')[0]))
+        assert browser.script('return arguments[0].value', browser.find('#k')[0]) == '6'  # the server's --topk
         assert 'Traceback' not in browser.text(browser.find('body')[0]) and '/tmp' not in browser.text(
             browser.find('body')[0])
         # a request naming another host (DNS rebinding) is refused
