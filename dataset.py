@@ -257,8 +257,9 @@ def configure(g, argv=None):
     import difflib
     argv = sys.argv[1:] if argv is None else argv
     path = g.get('__file__')
-    if path and str(path).endswith('.py') and os.path.isfile(path) and unreachable_settings(path, g):
-        raise SystemExit('error: ' + '\n       '.join(unreachable_settings(path, g)))
+    unreachable = unreachable_settings(path, g) if path and str(path).endswith('.py') and os.path.isfile(path) else []
+    if unreachable:
+        raise SystemExit('error: ' + '\n       '.join(unreachable))
     keys = _setting_keys(g)
     if '--help' in argv or '-h' in argv:
         print(help_text(g), end='')

@@ -619,14 +619,13 @@ def mixed_runs(run, bits):
         except (OSError, ValueError):
             continue
     keys = {b: train.run_key(r.get('config') or {}, r.get('inputs') or {}) for b, r in results.items()}
+    if not keys:
+        return ''
+    b0, (sha0, key0) = next(iter(keys.items()))
     for b, (sha, key) in keys.items():
-        b0, (sha0, key0) = next(iter(keys.items()))
         if sha != sha0:
-            diff = [f"{k.lower()} {key0['config'].get(k)} / {key['config'].get(k)}"
-                    for k in sorted(set(key0['config']) | set(key['config']))
-                    if json.dumps(key0['config'].get(k), default=str) != json.dumps(key['config'].get(k), default=str)]
-            diff += [f"other {k}" for k in sorted(set(key0['inputs']) | set(key['inputs']))
-                     if key0['inputs'].get(k) != key['inputs'].get(k)]
+            settings, inputs = train.key_differences(key0, key)
+            diff = [f"{k.lower()} {was} / {now}" for k, was, now in settings] + [f"other {k}" for k in inputs]
             return f"{b0} bits and {b} bits: " + ', '.join(diff[:3])
     return ''
 

@@ -771,8 +771,8 @@ def table4():
 
 
 # -----------------------------------------------------------------------------
-def main():
-    configure(globals())
+def check_settings():
+    """Every setting checked before any work; the tables to make."""
     dataset.check_ranges(globals(), dict(BITS='[1, 1024]', SEEDS='[0, inf)', N_K='[1, inf)', EPOCHS='[1, inf)',
                                          T2_VALUES='(-1, 1]', FIG5_BITS='[1, 1024]'))
     if T1_READING and T1_READING not in nouns_embed.T1_RANGES:
@@ -793,13 +793,12 @@ def main():
     for name, path in vocab_files().items():
         if not os.path.isfile(path):
             raise SystemExit(f"error: --vocab_files: {name}={path} is not a file")
-    os.makedirs(OUT_DIR, exist_ok=True)
-    if TABLE == '4':
-        lines, failed = table4()
-        save_text(os.path.join(OUT_DIR, 'table4.md'), lines)
-        print('\n'.join(lines))
-        raise SystemExit(1 if failed else 0)
+    return tables
 
+
+def checked_train_args(tables):
+    """TRAIN_ARGS as train.py settings, refused where reproduce.py sets them itself (its own settings, the
+    rows of these tables) or where train.py's warm-up does not fit EPOCHS."""
     extra = train_args()
     owned = {'DATASET', 'SEED', 'BITS', 'CACHE_DIR', 'BACKBONE', 'BACKBONE_PRETRAINED', 'CLIP_MODEL',
              'CLIP_PRETRAINED', 'EPOCHS', 'EXTERNAL', 'VOCAB', 'N_K', 'T1', 'T2', 'METHOD', 'RESULTS', 'RUN_DIR'}
@@ -813,6 +812,20 @@ def main():
     if EPOCHS <= warmup:
         raise SystemExit(f"error: --epochs={EPOCHS} must exceed train.py's warm-up ({warmup} epochs): pass "
                          f"--train_args=--warmup=N with N < {EPOCHS}")
+    return extra
+
+
+def main():
+    configure(globals())
+    tables = check_settings()
+    os.makedirs(OUT_DIR, exist_ok=True)
+    if TABLE == '4':
+        lines, failed = table4()
+        save_text(os.path.join(OUT_DIR, 'table4.md'), lines)
+        print('\n'.join(lines))
+        raise SystemExit(1 if failed else 0)
+
+    extra = checked_train_args(tables)
     defaults = train_defaults()
     results_path = os.path.abspath(RESULTS or os.path.join(OUT_DIR, 'results.jsonl'))
     print(f"reproduce table={TABLE} datasets={','.join(DATASETS)} seeds={','.join(map(str, SEEDS))} "

@@ -155,12 +155,17 @@ def _read_vocabulary(cfg):
     if cfg['EXTERNAL'] == 'imgk':
         import train
         paths = train.input_paths(cfg)
+        feats = dataset.load_array(paths['clip'], producer='dataset_extract.py')
         train_idx = dataset.load_array(paths['train'])
-        names_file = os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], cfg['DATASET']), 'names.txt')
-        names = dataset.read_lines(names_file) if os.path.isfile(names_file) else [str(i) for i in train_idx]
-        feats = dataset.load_array(paths['clip'], producer='dataset_extract.py')[train_idx]
-        return feats, [names[i] if len(names) > i else str(i) for i in train_idx]
+        names = image_names(cfg, len(feats))
+        return feats[train_idx], [names[i] for i in train_idx]
     raise DataError(f"word queries are not supported for EXTERNAL={cfg['EXTERNAL']} runs (use efc, ek or imgk)")
+
+
+def image_names(cfg, n):
+    """The names of the run's dataset's n images (names.txt of dataset_extract.py), or <dataset>/<i>."""
+    path = os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], cfg['DATASET']), 'names.txt')
+    return dataset.read_lines(path) if os.path.isfile(path) else [f"{cfg['DATASET']}/{i}" for i in range(n)]
 
 
 def text_features(words, cfg, device):
@@ -172,14 +177,19 @@ def text_features(words, cfg, device):
                                    raw_mean=bool(cfg['RELEASED']))
 
 
-@torch.no_grad()
 def word_codes(words, cfg, he, device):
     """Codes of word queries: text feature -> external feature (Eq. 5-6 on the run's vocabulary) -> He."""
+    return text_codes(text_features(words, cfg, device), cfg, he)
+
+
+@torch.no_grad()
+def text_codes(t, cfg, he):
+    """Codes of CLIP text features t (text_features): Eq. 5-6 on the run's vocabulary, then He."""
     if he is None:
         raise DataError(f"this run ({cfg.get('METHOD')}, EXTERNAL={cfg.get('EXTERNAL')}) has no He, the head that "
                         f"maps an external feature to a code: word queries need a DUH-EG run with a vocabulary")
     import train
-    e = train.external_features(text_features(words, cfg, device), run_vocabulary(cfg)[0], cfg['TAU1'])
+    e = train.external_features(t, run_vocabulary(cfg)[0], cfg['TAU1'])
     return eval_hash.pack(he(e).numpy())
 
 
@@ -257,8 +267,7 @@ def dataset_entries(name, cfg, hv):
     paths = train.input_paths(cfg)
     feats = dataset.load_array(paths['features'], producer='dataset_extract.py', mmap=True)
     retrieval = dataset.load_array(paths['retrieval'], producer='dataset_extract.py')
-    names_file = os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], name), 'names.txt')
-    names = dataset.read_lines(names_file) if os.path.isfile(names_file) else [f'{name}/{i}' for i in range(len(feats))]
+    names = image_names(cfg, len(feats))
     entries = [dict(name=names[i], dataset=name, row=int(i)) for i in retrieval]
     return entries, hash_features(feats[retrieval], hv, cfg)
 
@@ -377,11 +386,7 @@ def thumbnail(entry, size, meta=None):
     """A size x size RGB thumbnail of an index entry (a file, or a dataset image), or a grey tile."""
     from PIL import Image
     try:
-        if 'path' in entry:
-            with Image.open(entry['path']) as im:
-                img = dataset.to_rgb(im)
-        else:
-            img = _dataset_images(entry['dataset'], (meta or {}).get('dataset_cache', 'cache')).load(entry['row'])
+        img = entry_image(entry, meta or {})
         scale = size / max(img.size)  # down, or up for small images (CIFAR-10's 32 x 32)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
     except Exception:  # noqa: BLE001 - a picture that cannot be shown is drawn grey
@@ -512,13 +517,13 @@ def top_nouns(x, cfg, n=5):
 
 
 @torch.no_grad()
-def clip_image_feature(img, cfg, device):
-    """The run's CLIP image feature of a PIL image (the space of its vocabulary)."""
+def clip_image_feature(img, x, cfg, device):
+    """The run's CLIP image feature of a PIL image (the space of its vocabulary): its backbone feature x
+    when the backbone is that CLIP (the same view), else CLIP's own forward."""
     if (cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED']) == (cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED']):
-        encode, preprocess = image_encoder(cfg, device)  # the backbone is that CLIP: its own view
-    else:
-        encode, preprocess, _ = once(('backbone', cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device),
-                                     lambda: models.load_backbone(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device))
+        return x
+    encode, preprocess, _ = once(('backbone', cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device),
+                                 lambda: models.load_backbone(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device))
     return encode(preprocess(img)[None].to(device)).float().cpu().numpy()[0]
 
 
@@ -564,6 +569,7 @@ class SearchPage:
         self.cfg, self.hv, self.he, _ = load_run(meta['identity']['run'], meta['bits'])
         self.uploads = tempfile.mkdtemp(prefix='duheg-search-')
         self.answers = {}  # id -> (results.json of the query, its query description); the last 100
+        self.labels = dataset_labels(meta)  # a dataset index's labels (Figure 6's frames), else None
 
     def ask(self, query, code, k, nouns, picture=None):
         """Search with one code; the answer is kept under a new id for its downloads (`picture`: the
@@ -581,23 +587,24 @@ class SearchPage:
 
     def words_query(self, words, k):
         """The results of words: their code by Eq. 2, Eq. 5-6 and He, and the nouns that made it."""
-        code = word_codes([words], self.cfg, self.he, self.device)[0]
-        nouns = top_nouns(text_features([words], self.cfg, self.device)[0], self.cfg)
+        t = text_features([words], self.cfg, self.device)
+        code, nouns = text_codes(t, self.cfg, self.he)[0], top_nouns(t[0], self.cfg)
         qid, hits, ms = self.ask(dict(words=words), code, k, nouns)
         return self.results_html(qid, dict(words=words), code, hits, ms, nouns, 'the nouns that made its feature',
                                  None)
 
     def image_query(self, query, img, k, preview, picture=None):
         """The results of an image: its code by Hv, and its nearest nouns (none without He)."""
-        code = hash_features(encode_images([img], self.cfg, self.device), self.hv, self.cfg)[0]
-        nouns = top_nouns(clip_image_feature(img, self.cfg, self.device), self.cfg) if self.he is not None else []
+        x = encode_images([img], self.cfg, self.device)
+        code = hash_features(x, self.hv, self.cfg)[0]
+        nouns = top_nouns(clip_image_feature(img, x[0], self.cfg, self.device), self.cfg) if self.he is not None else []
         qid, hits, ms = self.ask(query, code, k, nouns, picture)
         return self.results_html(qid, query, code, hits, ms, nouns, 'its five nearest nouns (Eq. 5-6)', preview)
 
     def results_html(self, qid, query, code, hits, ms, nouns, nouns_what, preview):
         bits = self.meta['bits']
         hex_code, bit_code = code_text(code, bits)
-        labels = dataset_labels(self.meta)
+        labels = self.labels
         q_row = self.meta['images'][query['item']].get('row') if query.get('item') is not None else None
         frames = labels is not None and q_row is not None
         tiles = []

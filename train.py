@@ -414,6 +414,14 @@ def run_key(cfg, inputs):
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest(), key
 
 
+def key_differences(a, b):
+    """What differs between two run keys (run_key): ([(NAME, a's value, b's value)], [input name])."""
+    settings = [(k, a['config'].get(k), b['config'].get(k)) for k in sorted(set(a['config']) | set(b['config']))
+                if json.dumps(a['config'].get(k), default=str) != json.dumps(b['config'].get(k), default=str)]
+    inputs = [k for k in sorted(set(a['inputs']) | set(b['inputs'])) if a['inputs'].get(k) != b['inputs'].get(k)]
+    return settings, inputs
+
+
 _HELD = []  # the run folders' locks this process holds
 _RUN_FILES = re.compile(r'(\d+bits|run\.json|metrics\.json|pr_curve\.png|p_at_n\.png|top10_query\d+\.png|'
                         r'nouns_query\d+\.png)')
@@ -437,11 +445,8 @@ def claim_run_dir(run_dir, sha, key, force=False):
         if old is None:
             why = 'an older train.py (it has no run.json)'
         else:
-            was, now = old['key']['config'], key['config']
-            diff = [f"--{k.lower()}={was.get(k)} (now {now.get(k)})" for k in sorted(set(was) | set(now))
-                    if json.dumps(was.get(k), default=str) != json.dumps(now.get(k), default=str)]
-            diff += [f"other {k}" for k in sorted(set(old['key']['inputs']) | set(key['inputs']))
-                     if old['key']['inputs'].get(k) != key['inputs'].get(k)]
+            settings, inputs = key_differences(old['key'], key)
+            diff = [f"--{k.lower()}={was} (now {now})" for k, was, now in settings] + [f"other {k}" for k in inputs]
             why = ', '.join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else '')
         if not force:
             raise SystemExit(f"error: {run_dir} holds a run made from other settings or inputs ({why}): give "
@@ -545,8 +550,9 @@ def main():
     cfg.update({k: globals()[k] for k in ('BACKBONE_PRETRAINED', *RELEASED_DEFAULTS)})
     tau2, topk = tau2_for(DATASET, TAU2), TOPK or dataset.DATASETS[DATASET]['topk']
     paths = input_paths(cfg)
-    if missing_inputs(paths):
-        raise SystemExit(f"error: {missing_inputs(paths)}")
+    missing = missing_inputs(paths)
+    if missing:
+        raise SystemExit(f"error: {missing}")
     inputs = dataset.fingerprints(**paths)  # what the results are made from, recorded with them
     device = resolve_device(DEVICE)
     if THREADS:
