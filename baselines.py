@@ -479,10 +479,11 @@ def class_vectors(path, n_classes, clip_model, clip_pretrained, device='cpu'):
     import os
     import dataset
     import models
+    from cache import CacheError
     from nouns_embed import embed_words
     if not os.path.isfile(path):
-        raise dataset.CacheError(f"{path} does not exist: DVSQ needs the labels' names (dataset_extract.py writes "
-                                 f"classes.txt; or give --class_names=FILE, one name a line in label order)")
+        raise CacheError(f"{path} does not exist: DVSQ needs the labels' names (dataset_extract.py writes "
+                         f"classes.txt; or give --class_names=FILE, one name a line in label order)")
     names = [w.strip() for w in dataset.read_lines(path)]
     if len(names) != n_classes or not all(names):
         raise dataset.DataError(f"{path} has {len(names)} names{' (some empty)' if not all(names) else ''} but the "

@@ -21,13 +21,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cache
 import dataset
-from dataset import (CacheError, DataError, augment_settings, augment_transform, cached, configure, dataset_dir,
-                     feature_dir, load_array, load_images, make_split, read_sidecar, read_split_dir, released_defaults,
-                     reusable, save_array, save_json, save_text, split_paths, split_rule, split_tag)
 import models
+import nouns_embed
 import train
+import views
+from cache import (CacheError, cached, dataset_dir, feature_dir, load_array, read_sidecar, reusable, save_array,
+                   save_json, save_text, split_paths, split_tag)
+from configurator import check_choice, check_ranges, configure, released_defaults
+from dataset import DataError, load_images, make_split, read_split_dir, split_rule
 from models import hardware, load_backbone, pretrained_tag, resolve_device
+from views import augment_settings, augment_transform
 
 # data
 DATASET = 'cifar10'        # cifar10 | nuswide | flickr25k | mscoco | folder (your own DATA_PATH/<class>/<img>)
@@ -38,10 +43,10 @@ SPLIT_DIR = ''             # your own split: a folder with query.txt, retrieval.
 QUERY = None               # override the query size (per class for cifar10/nuswide/folder), None: the paper's
 TRAIN = None               # override the train size likewise
 # backbone
-BACKBONE = 'ViT-B-16'      # ViT-B-16 | ViT-B-32 (Table 6) | vgg16 (Table 1, CNN rows)
+BACKBONE = nouns_embed.CLIP_MODEL  # ViT-B-16 | ViT-B-32 (Table 6) | vgg16 (Table 1, CNN rows)
 BACKBONE_PRETRAINED = ''   # '' -> 'openai' for CLIP, 'imagenet' for vgg16; or a checkpoint file; 'random' (tests)
-CLIP_MODEL = 'ViT-B-16'    # the CLIP whose image space the external feature lives in (used with vgg16)
-CLIP_PRETRAINED = 'openai' # its weights: tag, checkpoint file, or 'random'
+CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP whose image space the external feature lives in (used with vgg16)
+CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights: tag, checkpoint file, or 'random'
 AUG_VIEWS = None           # augmented views per train image; None: 120 = 2 x T_max, a fresh pair (2t, 2t+1) in each of
                            # train.py's 60 epochs (Algorithm 2, line 10), or the one fixed pair (2) with --released
 AUG_SEED = 0               # seed of the augmented views
@@ -50,7 +55,7 @@ VIEW_RECIPE = None         # 'simclr' (the backbone's own plain view and normali
                            # released with --released
 RELEASED = False           # the authors' released code: their view recipe, one fixed pair of views, fp16 CLIP (GPU)
 # system
-CACHE_DIR = 'cache'        # where the three steps hand each other files
+CACHE_DIR = nouns_embed.CACHE_DIR  # where the three steps hand each other files
 DEVICE = 'auto'            # auto | cpu | cuda | cuda:1 ...
 PRECISION = None           # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only); None: fp16 on a GPU (as OpenAI's
                            # clip.load runs CLIP on CUDA), fp32 on the CPU
@@ -102,7 +107,7 @@ def loader_for(data, batches, device):
     """One DataLoader for a whole pass: its workers decode each image once (pinned memory for a GPU)."""
     cuda = device.startswith('cuda')
     return torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=NUM_WORKERS, pin_memory=cuda,
-                                       collate_fn=dataset.collate_decoded, prefetch_factor=4 if NUM_WORKERS else None)
+                                       collate_fn=views.collate_decoded, prefetch_factor=4 if NUM_WORKERS else None)
 
 
 def encode_views(name, images, indices, transform, n_views, encode, out_path, settings, rank, world, device,
@@ -134,14 +139,14 @@ def extract_views(name, images, indices, transform, n_views, encode, out_path, s
             if not reusable(paths[c], chunk_settings, False, 'dataset_extract.py')]
     dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[PRECISION]
     # on a GPU the GPU makes the views; on the CPU the loader's workers make them beside the forward
-    data = dataset.DecodedImages(images, indices, transform, n_views, seed, VIEW_PATH, BAD_IMAGES,
+    data = views.DecodedImages(images, indices, transform, n_views, seed, VIEW_PATH, BAD_IMAGES,
                                  make_here=not device.startswith('cuda'))
     batches = [list(range(a, min(a + per_load, span[c][1]))) for c in todo for a in range(*span[c], per_load)]
     with tqdm(total=sum(span[c][1] - span[c][0] for c in todo) * n_views, desc=name, unit='view', unit_scale=True,
               disable=(rank > 0 and world > 1) or not todo) as bar:
         pending, feats, bad, c_i, seen = [], [], [], 0, 0
         for x, draws, k, ok in (loader_for(data, batches, device) if todo else []):
-            pending.append(dataset.make_views(x, draws, data.steps, device))
+            pending.append(views.make_views(x, draws, data.steps, device))
             bad += [int(indices[j]) for j, o in zip(k.tolist(), ok.tolist()) if not o]
             seen += len(k)
             c = todo[c_i]
@@ -163,7 +168,7 @@ def extract_views(name, images, indices, transform, n_views, encode, out_path, s
         bad = sorted(sum((m['settings'].get('bad', []) for m in metas), []))
         shape, dt = (len(indices), *metas[0]['shape'][1:]), metas[0]['dtype']
         parts = ((np.s_[a:e], load_array(p, chunk_settings, 'dataset_extract.py')) for (a, e), p in zip(span, paths))
-        dataset.save_array_by_parts(out_path, shape, dt, dict(settings, bad=bad), 'dataset_extract.py', parts)
+        cache.save_array_by_parts(out_path, shape, dt, dict(settings, bad=bad), 'dataset_extract.py', parts)
         shutil.rmtree(chunk_dir, ignore_errors=True)
     barrier(world)
 
@@ -178,16 +183,12 @@ def resolve_settings(device):
             print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
     if not isinstance(AUG_VIEWS, int):  # its range was checked with the others (_RANGES)
         raise SystemExit(f"error: --aug_views={AUG_VIEWS!r} is not a whole number of views")
-    if PRECISION not in ('fp32', 'bf16', 'fp16'):
-        raise SystemExit(f"error: --precision={PRECISION!r}: choose fp32, bf16 or fp16")
-    if BAD_IMAGES not in ('stop', 'skip'):
-        raise SystemExit(f"error: --bad_images={BAD_IMAGES!r}: choose stop or skip")
+    check_choice('precision', PRECISION, ('fp32', 'bf16', 'fp16'))
+    check_choice('bad_images', BAD_IMAGES, ('stop', 'skip'))
     if PRECISION == 'fp16' and not device.startswith('cuda'):
         raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
-    if VIEW_PATH not in dataset.VIEW_PATHS:
-        raise SystemExit(f"error: --view_path={VIEW_PATH!r}: choose one of {', '.join(dataset.VIEW_PATHS)}")
-    if VIEW_RECIPE not in dataset.VIEW_RECIPES:
-        raise SystemExit(f"error: --view_recipe={VIEW_RECIPE!r}: choose one of {', '.join(dataset.VIEW_RECIPES)}")
+    check_choice('view_path', VIEW_PATH, views.VIEW_PATHS)
+    check_choice('view_recipe', VIEW_RECIPE, views.VIEW_RECIPES)
 
 
 def split_step(images, rank, world):
@@ -215,7 +216,7 @@ def split_step(images, rank, world):
         return train
     if rank == 0:
         cached(paths['labels'], data_settings, labels, 'dataset_extract.py', FORCE, load=False)
-        save_json(dataset.source_path(CACHE_DIR, DATASET), dict(  # where the pictures of eval_hash/search come from
+        save_json(cache.source_path(CACHE_DIR, DATASET), dict(  # where the pictures of eval_hash/search come from
             data_path=os.path.abspath(DATA_PATH), split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '',
             images_sha=data_settings['images_sha']))
         cached(paths['train'], split_settings, split, 'dataset_extract.py', FORCE, load=False)
@@ -232,11 +233,11 @@ def features_step(images, data_settings, split_settings, train, rank, world, dev
     if BACKBONE not in models.CLIP_MODELS:
         jobs.append((CLIP_MODEL, CLIP_PRETRAINED, 0))
     dims = {}
-    for backbone, pretrained, views in jobs:
+    for backbone, pretrained, n_views in jobs:
         fdir = feature_dir(CACHE_DIR, DATASET, backbone, pretrained, VIEW_RECIPE)
         encode, preprocess, dims[backbone] = load_backbone(backbone, pretrained, device)
         if VIEW_RECIPE == 'released':
-            preprocess, augment = dataset.released_views(DATASET, models.preprocess_params(preprocess)[0])
+            preprocess, augment = views.released_views(DATASET, models.preprocess_params(preprocess)[0])
         else:
             augment = augment_transform(preprocess)
         settings = dict(data_settings, backbone=backbone, pretrained=pretrained_tag(pretrained),
@@ -244,11 +245,11 @@ def features_step(images, data_settings, split_settings, train, rank, world, dev
                         precision=PRECISION, view_path=VIEW_PATH, version=_VERSION)
         encode_views(f'{backbone} images', images, np.arange(len(images)), preprocess, 1, encode,
                      os.path.join(fdir, 'images.npy'), settings, rank, world, device)
-        if views:  # all views of a train image from one decode (views 2t, 2t+1 are train.py's epoch t)
+        if n_views:  # all views of a train image from one decode (views 2t, 2t+1 are train.py's epoch t)
             aug = augment_settings() if VIEW_RECIPE == 'simclr' else repr(augment)
-            aug_settings = dict(settings, split=split_settings, aug=aug, aug_views=views, aug_seed=AUG_SEED)
-            encode_views(f'{backbone} train views', images, train, augment, views, encode,
-                         dataset.views_path(fdir, split_settings['split']), aug_settings, rank, world, device,
+            aug_settings = dict(settings, split=split_settings, aug=aug, aug_views=n_views, aug_seed=AUG_SEED)
+            encode_views(f'{backbone} train views', images, train, augment, n_views, encode,
+                         cache.views_path(fdir, split_settings['split']), aug_settings, rank, world, device,
                          seed=AUG_SEED)
         barrier(world)
         bad = read_sidecar(os.path.join(fdir, 'images.npy'))['settings'].get('bad', [])
@@ -261,9 +262,8 @@ def features_step(images, data_settings, split_settings, train, rank, world, dev
 def main():
     global BACKBONE_PRETRAINED, DATA_PATH, NUM_WORKERS
     cfg = configure(globals())
-    if DATASET not in dataset.DATASETS:
-        raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
-    dataset.check_ranges(globals(), _RANGES)
+    check_choice('dataset', DATASET, dataset.DATASETS)
+    check_ranges(globals(), _RANGES)
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
     DATA_PATH = DATA_PATH or os.path.join('data', DATASET)
     t0 = time.time()
@@ -273,8 +273,10 @@ def main():
     cfg.update(AUG_VIEWS=AUG_VIEWS, VIEW_RECIPE=VIEW_RECIPE, PRECISION=PRECISION,
                BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
 
-    images = load_images(DATASET, DATA_PATH, DOWNLOAD and rank == 0, SPLIT_DIR)  # every image and its labels
-    if world > 1 and DATASET == 'cifar10' and rank > 0:
+    if rank == 0:  # every image and its labels; rank 0 alone downloads CIFAR-10, the others wait for it
+        images = load_images(DATASET, DATA_PATH, DOWNLOAD, SPLIT_DIR)
+    barrier(world)
+    if rank > 0:
         images = load_images(DATASET, DATA_PATH, False, SPLIT_DIR)
     data_settings, split_settings, query, retrieval, train = split_step(images, rank, world)  # Section 4.1.1
     dim = features_step(images, data_settings, split_settings, train, rank, world, device)    # Section 4.1.2
@@ -293,4 +295,4 @@ if __name__ == '__main__':
     try:
         main()
     except (DataError, CacheError, models.WeightsUnavailable, OSError) as e:
-        raise SystemExit(dataset.user_error(e))
+        raise SystemExit(cache.user_error(e))

@@ -14,17 +14,20 @@ The authors' released code ranks by the continuous tanh outputs instead, without
     python eval_hash.py --run=runs/cifar10            # every <bits>bits/codes.npz in the run
     python eval_hash.py --runs=runs/a,runs/b --bits=64  # one line per run in the same plot
 """
-import glob
 import json
 import os
-import re
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
 
-from dataset import configure, save_json
+import cache
+import dataset
+import external
+from cache import save_json
+from configurator import check_ranges, configure
+from runs import bits_dirs, mixed_runs, run_dataset
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -540,7 +543,6 @@ def plot_top_nouns(img, words, weights, path, words_all=None, weights_all=None):
 def draw_examples(run, bits, z, n):
     """Figures 6 and 7 for the first n queries of a run, at `bits`: each query with its top-10
     retrievals, and its top-5 nouns of Eq. 6 with and without the noun selection."""
-    import dataset
     with open(os.path.join(run, f'{bits}bits', 'result.json')) as f:
         cfg = json.load(f)['config']
     name = cfg['DATASET']
@@ -565,24 +567,18 @@ def draw_examples(run, bits, z, n):
     if cfg.get('METHOD', 'duheg') != 'duheg' or cfg.get('EXTERNAL', 'efc') == 'none':
         return paths
     try:  # Figure 7: the weights of Eq. 6 over t_com, and over every noun
-        from nouns_embed import load_nouns, load_selection
-        i_feats = dataset.load_array(os.path.join(dataset.feature_dir(
-            cfg['CACHE_DIR'], name, cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], cfg.get('VIEW_RECIPE') or 'simclr'),
-            'images.npy'), mmap=True)
-        t_com, words_com, _ = load_selection(cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
-                                             cfg['N_K'], cfg['T1'], cfg['RELEASED'], cfg.get('T1_READING'))
-        t_all, words_all = load_nouns(cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
-                                      cfg['RELEASED'])
+        i_feats = cache.load_array(external.clip_images_path(cfg), mmap=True)
+        t_com, words_com = external.run_vocabulary(dict(cfg, EXTERNAL='efc'), words=True)
+        t_all, words_all = external.run_vocabulary(dict(cfg, EXTERNAL='ek'), words=True)
     except (Exception, SystemExit) as e:  # noqa: BLE001
         print(f'no Figure 7 pictures: the nouns or CLIP features of the run cannot be read ({str(e)[:200]})')
         return paths
 
     def top5(i, t, words):  # the five largest weights s_{i,w} of Eq. 6
-        s = train.noun_weights(i[None], t, cfg['TAU1'])[0][0].numpy()
+        s = external.noun_weights(i[None], t, cfg['TAU1'])[0][0].numpy()
         best = np.argsort(-s, kind='stable')[:5]
         return [words[w] for w in best], s[best]
 
-    import train
     for j, q in enumerate(q_idx):
         i = np.asarray(i_feats[q], np.float32)
         (w1, s1), (w2, s2) = top5(i, t_com, words_com), top5(i, t_all, words_all)
@@ -592,44 +588,6 @@ def draw_examples(run, bits, z, n):
 
 
 # -----------------------------------------------------------------------------
-def bits_dirs(run):
-    """{code length: its <run>/<L>bits folder} of a training run."""
-    return {int(m.group(1)): d for d in glob.glob(os.path.join(run, '*bits'))
-            if (m := re.fullmatch(r'(\d+)bits', os.path.basename(d)))}
-
-
-def run_dataset(run, bits):
-    """The dataset a run was trained on (its result.json), or '?' when it does not say."""
-    try:
-        with open(os.path.join(run, f'{bits}bits', 'result.json')) as f:
-            return json.load(f).get('dataset', '?')
-    except (OSError, ValueError):
-        return '?'
-
-
-def mixed_runs(run, bits):
-    """'' when every code length of a run folder comes from one run (train.run_key of its result.json),
-    else what differs between the first two that do not (an older train.py could leave such a folder)."""
-    import train
-    results = {}
-    for b in bits:
-        try:
-            with open(os.path.join(run, f'{b}bits', 'result.json')) as f:
-                results[b] = json.load(f)
-        except (OSError, ValueError):
-            continue
-    keys = {b: train.run_key(r.get('config') or {}, r.get('inputs') or {}) for b, r in results.items()}
-    if not keys:
-        return ''
-    b0, (sha0, key0) = next(iter(keys.items()))
-    for b, (sha, key) in keys.items():
-        if sha != sha0:
-            settings, inputs = train.key_differences(key0, key)
-            diff = [f"{k.lower()} {was} / {now}" for k, was, now in settings] + [f"other {k}" for k in inputs]
-            return f"{b0} bits and {b} bits: " + ', '.join(diff[:3])
-    return ''
-
-
 def _load_codes(path):
     """The arrays of one codes.npz (query_h, retrieval_h, query_labels, retrieval_labels, topk)."""
     if not os.path.exists(path):
@@ -667,8 +625,7 @@ def _score(path, name):
 
 def main():
     cfg = configure(globals())
-    import dataset
-    dataset.check_ranges(globals(), _RANGES)
+    check_ranges(globals(), _RANGES)
     if not RUN and not RUNS:
         raise SystemExit('error: give --run=<run dir> or --runs=<dir>,<dir> (see the docstring)')
     if RUN:
@@ -725,8 +682,7 @@ def main():
 
 
 if __name__ == '__main__':
-    import dataset
     try:
         main()
-    except (OSError, ValueError, dataset.CacheError) as e:
-        raise SystemExit(dataset.user_error(e))
+    except (OSError, ValueError, cache.CacheError) as e:
+        raise SystemExit(cache.user_error(e))

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import (CacheError, cached, check_ranges, configure, kmeans_dir, load_array,
-                     released_defaults, save_json, save_text, selection_dir, user_error, vocab_dir, vocab_tag)
+from cache import CacheError, cached, kmeans_dir, save_json, save_text, selection_dir, user_error, vocab_dir, vocab_tag
+from configurator import check_choice, check_ranges, choice_error, configure, released_defaults
+from external import read_word_lines
 from models import WeightsUnavailable, clip_build, encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _wordnet_reader(cache_dir, wordnet_dir):
         return WordNetCorpusReader(nltk.data.find('corpora/wordnet'), None), wordnet_dir
 
 
-def read_words(vocab, cache_dir='cache', wordnet_dir=WORDNET_DIR, released=False):
+def read_words(vocab, cache_dir=CACHE_DIR, wordnet_dir=WORDNET_DIR, released=False):
     """(words, tag, source): the vocabulary's words, de-duplicated, in a fixed order.
     wordnet: every noun lemma name, lower-cased, sorted (117,798 in WordNet 3.0); released: the
     lemma names as the synsets spell them, case kept (119,034, the words of the authors'
@@ -217,7 +218,7 @@ def embed_words(words, model, tokenizer, batch_size=128, device='cpu', prompts=P
             raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
         autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
     else:
-        raise SystemExit(f"error: --precision={precision!r}: choose fp32, fp16 or bf16")
+        check_choice('precision', precision, ('fp32', 'fp16', 'bf16'))
     n_p = len(prompts)
     toks = _prompt_tokens([w if keep_underscores else w.replace('_', ' ') for w in words], prompts, tokenizer)
     uniq = {}
@@ -300,7 +301,7 @@ def _seed_centres(x, k, init, g):
     if init == 'random':
         return x[torch.randperm(len(x), generator=g)[:k]].clone()
     if init != 'k-means++':
-        raise ValueError(f"KMEANS_INIT={init!r}: choose 'k-means++' or 'random'")
+        raise ValueError(choice_error('kmeans_init', init, ('k-means++', 'random')))
     xs = x[torch.randperm(len(x), generator=g)[:_KPP_SAMPLE * k]] if len(x) > _KPP_SAMPLE * k else x
     trials = 2 + int(np.log(k))
     idx = [int(torch.randint(len(xs), (1,), generator=g))]
@@ -417,42 +418,8 @@ def _check_selection(idx_com, n_k, t1, released):
 
 
 # -----------------------------------------------------------------------------
-# what train.py reads: the nouns (EK of Table 3) and the selection t_com (paths: dataset.py's cache layout)
 def _sha256_lines(lines):
     return hashlib.sha256(''.join(w + '\n' for w in lines).encode()).hexdigest()
-
-
-def _read_lines(path):
-    with open(path, encoding='utf-8') as f:
-        return f.read().split('\n')[:-1]
-
-
-def _load(path, settings, companions=()):
-    try:
-        return load_array(path, settings, 'nouns_embed.py', companions=companions)
-    except CacheError as e:
-        raise SystemExit(f"error: {e}")
-
-
-def load_nouns(cache_dir, vocab, clip_model, clip_pretrained, released=False):
-    """(t_w, words) of every kept noun, as written by nouns_embed.py."""
-    d = vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released)
-    want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
-                released=released, clip_build=clip_build(clip_model, clip_pretrained))
-    t = _load(os.path.join(d, 'noun_feats.npy'), want, ['noun_words.txt'])
-    return t, _read_lines(os.path.join(d, 'noun_words.txt'))
-
-
-def load_selection(cache_dir, vocab, clip_model, clip_pretrained, n_k=N_K, t1=T1, released=False, reading=None):
-    """(t_com, words, tags) of the selected nouns as written by nouns_embed.py; tags 'rep' or 'cen'."""
-    reading = released_defaults(dict(T1_READING=reading, RELEASED=released), RELEASED_DEFAULTS)['T1_READING']
-    d = selection_dir(cache_dir, vocab, clip_model, clip_pretrained, n_k, t1, released, reading)
-    want = dict(clip_model=clip_model, clip_pretrained=pretrained_tag(clip_pretrained), vocab=vocab_tag(vocab),
-                n_k=n_k, t1=t1, released=released, clip_build=clip_build(clip_model, clip_pretrained),
-                t1_reading=reading)
-    t = _load(os.path.join(d, 'selected_feats.npy'), want, ['selected_words.txt', 'selection.json'])
-    rows = [line.split('\t') for line in _read_lines(os.path.join(d, 'selected_words.txt'))]
-    return t, [r[0] for r in rows], [r[1] for r in rows]
 
 
 def check_t1(t1, reading, key='--t1'):
@@ -491,7 +458,7 @@ def embed_step(words, source, vtag, device, batch, precision):
         return t_all[keep], dict(seconds=time.time() - t0, hardware=hardware(device), vocab_source=source,
                                  duplicates=len(dropped))
     t, meta = cached(os.path.join(vdir, 'noun_feats.npy'), settings, build, 'nouns_embed.py', FORCE, ['noun_words.txt'])
-    return t, _read_lines(os.path.join(vdir, 'noun_words.txt')), meta
+    return t, read_word_lines(os.path.join(vdir, 'noun_words.txt')), meta
 
 
 def cluster_step(t, feats_meta, iters, restarts, tol, init, device):
@@ -561,16 +528,13 @@ def resolve_settings(device):
     """The None settings resolved (RELEASED_DEFAULTS; PRECISION and BATCH_SIZE by the device), then checked."""
     globals().update(released_defaults(globals(), RELEASED_DEFAULTS))
     precision = PRECISION or ('fp16' if device.startswith('cuda') else 'fp32')
-    if precision not in ('fp32', 'fp16', 'bf16'):
-        raise SystemExit(f"error: --precision={precision!r}: choose fp32, fp16 or bf16")
+    check_choice('precision', precision, ('fp32', 'fp16', 'bf16'))
     if precision == 'fp16' and not device.startswith('cuda'):  # refused before any cache is touched
         raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     if RELEASED and PRECISION is None and precision == 'fp32':
         print("note: the authors' code runs CLIP in fp16 on a GPU; on this CPU it runs in fp32")
-    if KMEANS_INIT not in ('k-means++', 'random'):
-        raise SystemExit(f"error: --kmeans_init={KMEANS_INIT!r}: choose k-means++ or random")
-    if T1_READING not in T1_RANGES:
-        raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(T1_RANGES)}")
+    check_choice('kmeans_init', KMEANS_INIT, ('k-means++', 'random'))
+    check_choice('t1_reading', T1_READING, T1_RANGES)
     check_t1(T1, T1_READING)
     if any(p.count('{}') != 1 for p in PROMPTS):
         raise SystemExit(f"error: every prompt needs exactly one '{{}}' for the noun, got {PROMPTS}")

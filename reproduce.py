@@ -30,12 +30,17 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
+import baselines
+import cache
 import dataset
 import models
 import nouns_embed
+import runs
 import train  # train.py's settings: their defaults and types, and T2_BEST (Figure 5b)
-from dataset import configure, feature_dir, released_defaults, save_text, selection_dir, vocab_dir
+from cache import feature_dir, save_text, selection_dir, vocab_dir
+from configurator import check_choice, check_ranges, configure, released_defaults
 from models import hardware, pretrained_tag
+from runs import read_results
 
 # what to reproduce
 TABLE = '1'                 # 1 | 2 | 3 | 4 | 5 | 6 | fig5a | fig5b | fig5 (both) | baselines
@@ -44,13 +49,13 @@ DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')  # the table's columns
 BITS = (16, 32, 64)         # code lengths
 SEEDS = (0,)                # train.py --seed; several: each cell is mean +- std over them
 # features and models (what dataset_extract.py wrote to CACHE_DIR)
-CACHE_DIR = 'cache'         # dataset_extract.py's and nouns_embed.py's files
-CLIP_MODEL = 'ViT-B-16'     # the CLIP of every CLIP row: the image backbone and the space of the nouns
-CLIP_PRETRAINED = 'openai'  # its weights: tag, checkpoint file or 'random'
+CACHE_DIR = nouns_embed.CACHE_DIR  # dataset_extract.py's and nouns_embed.py's files
+CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP of every CLIP row: the image backbone and the space of the nouns
+CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights: tag, checkpoint file or 'random'
 CNN_BACKBONE = 'vgg16'      # Table 1's CNN row (its external features still come from CLIP_MODEL)
 CNN_PRETRAINED = 'imagenet' # its weights: 'imagenet', a .pth file or 'random'
 ALT_CLIP = 'ViT-B-32'       # Table 6's other CLIP: backbone and space of the nouns both
-ALT_CLIP_PRETRAINED = 'openai'  # its weights
+ALT_CLIP_PRETRAINED = CLIP_PRETRAINED  # its weights
 # the method's settings where a table's rows do not vary them
 EXTERNAL = 'efc'            # efc = the paper; imgk needs no nouns_embed.py (quick checks)
 RELEASED = False            # every cell as the authors' released code: train.py and nouns_embed.py --released (run
@@ -80,7 +85,6 @@ DRY_RUN = False             # list the cells, their state and train.py commands;
 TABLE4_CACHE_DIR = ''       # Table 4: '' reads CACHE_DIR's selection.json; an empty folder times every step anew
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-_IGNORED = train.NOT_RESULT  # train.py settings that do not change a result
 _BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the dataset (train.T2_BEST)
 _T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
 
@@ -174,8 +178,8 @@ def table_rows(table):
             rows.append(Row('cibhash-vgg16', 'CIBHash, VGG-16 features', 'table1 cibhash',
                             dict(METHOD='cibhash', BACKBONE='cnn', T2=_T2_COMMON)))
         rows = [r._replace(label=r.label + ' (supervised: reads labels' + (
-            '; product quantization, AQD ranking)' if r.settings['METHOD'] in train.QUANTIZED else ')'))
-                if r.settings['METHOD'] in train.SUPERVISED else r for r in rows]
+            '; product quantization, AQD ranking)' if r.settings['METHOD'] in baselines.QUANTIZED else ')'))
+                if r.settings['METHOD'] in baselines.SUPERVISED else r for r in rows]
     else:
         rows = TABLES[table][1]
     if ROWS:
@@ -276,13 +280,13 @@ def _same(a, b):
 
 def matches(result, cfg, defaults):
     """Does the results line `result` hold the cell whose config is `cfg`? Every setting but
-    _IGNORED must agree; a setting the line does not record (an older train.py) must be at its default."""
+    runs.NOT_RESULT must agree; a setting the line does not record (an older train.py) must be at its default."""
     got = result.get('config') or {}
     if result.get('dataset') != cfg['DATASET'] or result.get('bits') != cfg['BITS'] \
             or result.get('method', 'duheg') != cfg['METHOD'] or not isinstance(result.get('map'), (int, float)):
         return False
     for k, v in cfg.items():
-        if k in _IGNORED:
+        if k in runs.NOT_RESULT:
             continue
         if k not in got:
             if k not in defaults or not _same(v, defaults[k]):
@@ -292,29 +296,12 @@ def matches(result, cfg, defaults):
     return True
 
 
-def read_results(path):
-    """The JSON lines of `path` (a line cut short by a kill is left out, with a note)."""
-    if not os.path.exists(path):
-        return []
-    out, bad = [], 0
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    bad += 1
-    if bad:
-        print(f"note: {bad} unreadable line(s) in {path} left out (a run killed while writing?)")
-    return out
-
-
 def changed_inputs(result, cfg):
     """The inputs of a results line (train.input_paths: features, views, split, vocabulary) whose
     fingerprint is no longer what the line recorded: the same rule as every cache's."""
     recorded = result.get('inputs') or {}
     return [name for name, path in train.input_paths(cfg).items()
-            if name in recorded and os.path.exists(path) and dataset.fingerprint(path) != recorded[name]]
+            if name in recorded and os.path.exists(path) and cache.fingerprint(path) != recorded[name]]
 
 
 def find_result(cell, results, defaults):
@@ -375,7 +362,7 @@ def missing_features(s):
         path = os.path.join(feature_dir(s['CACHE_DIR'], s['DATASET'], backbone, weights, recipe), 'images.npy.json')
         if not os.path.exists(path):
             extra = f" --clip_model={s['CLIP_MODEL']} --clip_pretrained={s['CLIP_PRETRAINED']}" \
-                if backbone not in ('ViT-B-16', 'ViT-B-32', 'tiny-test') else ''
+                if backbone not in models.CLIP_MODELS else ''
             extra += ' --released' if s.get('RELEASED') else (' --view_recipe=released' if recipe == 'released' else '')
             return (f"no {backbone} features of {s['DATASET']} ({path} is missing): run python dataset_extract.py "
                     f"--dataset={s['DATASET']} --backbone={backbone} --backbone_pretrained={weights}{extra} "
@@ -459,9 +446,10 @@ def _arg(k, v):
 
 
 def run_name(s):
-    import hashlib
-    key = json.dumps({k: v for k, v in sorted(s.items()) if k not in _IGNORED}, default=str)
-    return f"{s['DATASET']}/{s['METHOD']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-seed{s['SEED']}"
+    """<dataset>/<name>_<key8> of the train.py run of a cell's settings `s` (runs.run_name; the key of
+    its settings, all code lengths)."""
+    cfg = expected_config(s, None, train_defaults())
+    return runs.run_name(cfg, runs.digest(runs.result_settings(cfg)))
 
 
 def train_command(cells, results_path):
@@ -652,16 +640,16 @@ def table_notes(table):
         notes.append('The paper gives the curve only as a plot: its value is shown at T2 = 0.97 (Table 1, CLIP row) '
                      'and at each dataset\'s best T2 (Table 1, best-T2 row).')
     if table == 'baselines':
-        notes.append(f"Supervised methods ({', '.join(sorted(train.SUPERVISED))}) read the training labels; the "
-                     f"others do not. {', '.join(m.upper() for m in sorted(train.QUANTIZED))} store product-quantized "
-                     "codes (8 bits a codebook) and rank by asymmetric quantizer distance; every other row ranks "
-                     "binary codes by Hamming distance; the MAP code is the same. Every row trains our MLP head on the "
-                     "same frozen features "
-                     "(CLIP ViT-B/16 unless named). The paper's only baseline row here is CIBHash (Table 1, VGG-16 "
-                     "features, the protocol this paper follows), compared with 'CIBHash, VGG-16 features'; the SSDH "
-                     "README's CIFAR-10 MAP@5000 (0.2511 / 0.2414 at 16 / 32 bits, VGG-16 trained end to end, its own "
-                     "split) and the DeepHash papers' numbers (AlexNet fine-tuned, other splits and K) are other "
-                     "protocols and are not compared.")
+        supervised = ', '.join(sorted(baselines.SUPERVISED))
+        quantized = ', '.join(m.upper() for m in sorted(baselines.QUANTIZED))
+        notes.append(f"Supervised methods ({supervised}) read the training labels; the others do not. {quantized} "
+                     "store product-quantized codes (8 bits a codebook) and rank by asymmetric quantizer distance; "
+                     "every other row ranks binary codes by Hamming distance; the MAP code is the same. Every row "
+                     "trains our MLP head on the same frozen features (CLIP ViT-B/16 unless named). The paper's only "
+                     "baseline row here is CIBHash (Table 1, VGG-16 features, the protocol this paper follows), "
+                     "compared with 'CIBHash, VGG-16 features'; the SSDH README's CIFAR-10 MAP@5000 (0.2511 / 0.2414 "
+                     "at 16 / 32 bits, VGG-16 trained end to end, its own split) and the DeepHash papers' numbers "
+                     "(AlexNet fine-tuned, other splits and K) are other protocols and are not compared.")
     return notes
 
 
@@ -754,8 +742,8 @@ def table4():
         paper_words, paper_s = PAPER_TABLE4.get(name.lower().replace('imagenet21k', 'imagenet'), (None, None))
         if sel is None:
             failed = failed or not DRY_RUN
-            lines.append(f"| {name} | {why or 'not run'} | – | – | {paper_words or '–'} | {paper_s or '–'} | – | "
-                         f"– |")
+            lines.append(f"| {name} | {why or 'not run'} | – | – | {paper_words or '–'} | {paper_s or '–'} | "
+                         f"– | – |")
             continue
         (read, unique, com), (emb, clu, sec, total) = selection_numbers(sel)
         hw = sel.get('hardware') or where or f'{hardware()} (this machine; selection.json does not say)'
@@ -773,8 +761,8 @@ def table4():
 # -----------------------------------------------------------------------------
 def check_settings():
     """Every setting checked before any work; the tables to make."""
-    dataset.check_ranges(globals(), dict(BITS='[1, 1024]', SEEDS='[0, inf)', N_K='[1, inf)', EPOCHS='[1, inf)',
-                                         T2_VALUES='(-1, 1]', FIG5_BITS='[1, 1024]'))
+    check_ranges(globals(), dict(BITS='[1, 1024]', SEEDS='[0, inf)', N_K='[1, inf)', EPOCHS='[1, inf)',
+                                 T2_VALUES='(-1, 1]', FIG5_BITS='[1, 1024]'))
     if T1_READING and T1_READING not in nouns_embed.T1_RANGES:
         raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(nouns_embed.T1_RANGES)}, "
                          f"or '' for train.py's")
@@ -782,8 +770,7 @@ def check_settings():
     tables = ('fig5a', 'fig5b') if TABLE == 'fig5' else (TABLE,)
     if 'fig5a' in tables:
         nouns_embed.check_t1(T1_VALUES, t1_reading(), '--t1_values')
-    if any(t not in TABLES and t != '4' for t in tables):
-        raise SystemExit(f"error: --table={TABLE!r}: choose 1, 2, 3, 4, 5, 6, fig5a, fig5b, fig5 or baselines")
+    check_choice('table', TABLE, sorted({*TABLES, '4', 'fig5'}))
     unknown = [d for d in DATASETS if d not in dataset.DATASETS]
     if unknown or not DATASETS or not SEEDS or not BITS:
         raise SystemExit(f"error: --datasets={','.join(DATASETS)}: choose from {', '.join(dataset.DATASETS)}; "

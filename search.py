@@ -42,10 +42,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cache
 import dataset
 import eval_hash
+import external
 import models
-from dataset import CacheError, DataError, atomic_write, configure, save_json, sha256_file
+import nouns_embed
+import runs
+import views
+from cache import CacheError, atomic_write, save_json, sha256_file
+from configurator import check_choice, check_ranges, configure
+from dataset import DataError
 
 # -----------------------------------------------------------------------------
 # the index
@@ -127,7 +134,7 @@ def image_encoder(cfg, device):
     encode, preprocess, _ = once(('backbone', cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device),
                                  lambda: models.load_backbone(cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device))
     if (cfg.get('VIEW_RECIPE') or 'simclr') == 'released':
-        preprocess = dataset.released_views(cfg['DATASET'], models.preprocess_params(preprocess)[0])[0]
+        preprocess = views.released_views(cfg['DATASET'], models.preprocess_params(preprocess)[0])[0]
     return encode, preprocess
 
 
@@ -142,35 +149,13 @@ def hash_features(x, hv, cfg):
 def run_vocabulary(cfg):
     """(features, words) the run built its external features from (Eq. 5-6), loaded once; for
     EXTERNAL=imgk the training images' CLIP features and names."""
-    return once(('vocabulary', json.dumps(cfg, sort_keys=True, default=str)), lambda: _read_vocabulary(cfg))
-
-
-def _read_vocabulary(cfg):
-    from nouns_embed import load_nouns, load_selection
-    args = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
-    if cfg['EXTERNAL'] == 'efc':
-        return load_selection(*args, cfg['N_K'], cfg['T1'], cfg['RELEASED'], cfg.get('T1_READING'))[:2]
-    if cfg['EXTERNAL'] == 'ek':
-        return load_nouns(*args, cfg['RELEASED'])
-    if cfg['EXTERNAL'] == 'imgk':
-        import train
-        paths = train.input_paths(cfg)
-        feats = dataset.load_array(paths['clip'], producer='dataset_extract.py')
-        train_idx = dataset.load_array(paths['train'])
-        names = image_names(cfg, len(feats))
-        return feats[train_idx], [names[i] for i in train_idx]
-    raise DataError(f"word queries are not supported for EXTERNAL={cfg['EXTERNAL']} runs (use efc, ek or imgk)")
-
-
-def image_names(cfg, n):
-    """The names of the run's dataset's n images (names.txt of dataset_extract.py), or <dataset>/<i>."""
-    path = os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], cfg['DATASET']), 'names.txt')
-    return dataset.read_lines(path) if os.path.isfile(path) else [f"{cfg['DATASET']}/{i}" for i in range(n)]
+    if cfg['EXTERNAL'] not in ('efc', 'ek', 'imgk'):
+        raise DataError(f"word queries are not supported for EXTERNAL={cfg['EXTERNAL']} runs (use efc, ek or imgk)")
+    return once(('vocabulary', runs.digest(cfg)), lambda: external.run_vocabulary(cfg, words=True))
 
 
 def text_features(words, cfg, device):
     """CLIP text features of free text, as Eq. 2 embeds a noun: the run's CLIP, its prompts."""
-    import nouns_embed
     model, _, tok = once(('clip', cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device),
                          lambda: models.load_clip(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device))
     return nouns_embed.embed_words(list(words), model, tok, device=device, keep_underscores=bool(cfg['RELEASED']),
@@ -188,8 +173,7 @@ def text_codes(t, cfg, he):
     if he is None:
         raise DataError(f"this run ({cfg.get('METHOD')}, EXTERNAL={cfg.get('EXTERNAL')}) has no He, the head that "
                         f"maps an external feature to a code: word queries need a DUH-EG run with a vocabulary")
-    import train
-    e = train.external_features(t, run_vocabulary(cfg)[0], cfg['TAU1'])
+    e = external.external_features(t, run_vocabulary(cfg)[0], cfg['TAU1'])
     return eval_hash.pack(he(e).numpy())
 
 
@@ -227,7 +211,6 @@ def stat_key(path):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def encode_images(imgs, cfg, device):
     """Backbone features of PIL images, with the run's own preprocessing (its plain view)."""
     encode, preprocess = image_encoder(cfg, device)
@@ -261,13 +244,14 @@ def encode_files(paths, cfg, hv, device):
 
 def dataset_entries(name, cfg, hv):
     """Index entries and codes of a dataset's retrieval set, from the run's cached features."""
-    import train
     if name != cfg['DATASET']:
         raise DataError(f"--images=dataset:{name}, but the run was trained on {cfg['DATASET']}")
-    paths = train.input_paths(cfg)
-    feats = dataset.load_array(paths['features'], producer='dataset_extract.py', mmap=True)
-    retrieval = dataset.load_array(paths['retrieval'], producer='dataset_extract.py')
-    names = image_names(cfg, len(feats))
+    fdir = cache.feature_dir(cfg['CACHE_DIR'], name, cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'],
+                             cfg.get('VIEW_RECIPE') or 'simclr')
+    feats = cache.load_array(os.path.join(fdir, 'images.npy'), producer='dataset_extract.py', mmap=True)
+    split = cache.split_paths(cfg['CACHE_DIR'], name, cache.split_tag(cfg['SPLIT_SEED'], cfg.get('SPLIT_DIR')))
+    retrieval = cache.load_array(split['retrieval'], producer='dataset_extract.py')
+    names = cache.image_names(cfg['CACHE_DIR'], cfg['DATASET'], len(feats))
     entries = [dict(name=names[i], dataset=name, row=int(i)) for i in retrieval]
     return entries, hash_features(feats[retrieval], hv, cfg)
 
@@ -509,9 +493,8 @@ _LEGEND = ('d = Hamming distance: in how many of the {bits} bits a hit\'s code d
 def top_nouns(x, cfg, n=5):
     """The n words of the run's vocabulary whose weights s_{i,w} (Eq. 6) in the external feature of the
     CLIP feature x (an image's or words') are the largest, with those weights."""
-    import train
     t, words = run_vocabulary(cfg)
-    s = train.noun_weights(np.asarray(x, np.float32)[None], t, cfg['TAU1'])[0][0].numpy()
+    s = external.noun_weights(np.asarray(x, np.float32)[None], t, cfg['TAU1'])[0][0].numpy()
     best = np.argsort(-s, kind='stable')[:n]
     return [(words[w], float(s[w])) for w in best]
 
@@ -533,7 +516,7 @@ def entry_image(entry, meta):
     if 'path' in entry:
         with Image.open(entry['path']) as im:
             return dataset.to_rgb(im)
-    return _dataset_images(entry['dataset'], meta.get('dataset_cache', 'cache')).load(entry['row'])
+    return _dataset_images(entry['dataset'], meta.get('dataset_cache', nouns_embed.CACHE_DIR)).load(entry['row'])
 
 
 def cached_thumbnail(entry, meta, index, size):
@@ -556,8 +539,8 @@ def dataset_labels(meta):
     if len(names) != 1 or None in names:
         return None
     name = names.pop()
-    path = dataset.split_paths(meta.get('dataset_cache', 'cache'), name, '')['labels']
-    return once(('labels', path), lambda: dataset.load_array(path, producer='dataset_extract.py'))
+    path = cache.split_paths(meta.get('dataset_cache', nouns_embed.CACHE_DIR), name, '')['labels']
+    return once(('labels', path), lambda: cache.load_array(path, producer='dataset_extract.py'))
 
 
 class SearchPage:
@@ -632,6 +615,40 @@ class SearchPage:
                 f'{framed}</p>' + ''.join(tiles))
 
 
+    def download(self, path):
+        """(bytes, content type) of a picture or download the page links to: /thumb/<row>, /image/<row>,
+        /query/<upload>, /results/<id>.json or .png; None for an answer no longer kept."""
+        name = os.path.basename(path)
+        if path.startswith('/thumb/'):
+            return cached_thumbnail(self.meta['images'][int(name)], self.meta, self.index, THUMB), 'image/jpeg'
+        if path.startswith('/image/'):
+            buf = io.BytesIO()
+            entry_image(self.meta['images'][int(name)], self.meta).save(buf, format='PNG')
+            return buf.getvalue(), 'image/png'
+        if path.startswith('/query/'):
+            with open(os.path.join(self.uploads, name), 'rb') as f:
+                return f.read(), 'image/jpeg'
+        qid, ext = os.path.splitext(name)  # /results/<id>.json or .png
+        if qid not in self.answers:
+            return None
+        res = self.answers[qid]
+        if ext == '.json':
+            out = {key: v for key, v in res.items() if key != 'picture'}
+            return (json.dumps(out, indent=1) + '\n').encode(), 'application/json'
+        r = res['results'][0]
+        drawn = dict(image=res['picture']) if res['picture'] else r['query']
+        with open(contact_sheet(drawn, r['hits'], self.meta, os.path.join(self.uploads, f'{qid}.png')), 'rb') as f:
+            return f.read(), 'image/png'
+
+
+def form_parts(content_type, body):
+    """{name: part} of a multipart/form-data POST body (the page's upload form)."""
+    head = b'Content-Type: ' + (content_type or '').encode() + b'\r\n\r\n'
+    msg = BytesParser(policy=policy.default).parsebytes(head + body)
+    parts = msg.iter_parts() if msg.is_multipart() else []
+    return {p.get_param('name', header='content-disposition'): p for p in parts}
+
+
 def code_text(code, bits):
     """A packed code as hex and as bits in groups of eight."""
     b = ''.join(np.unpackbits(np.asarray(code, np.uint8))[:bits].astype(str))
@@ -680,28 +697,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def file(self, path, k):
         """The pictures and downloads the page links to."""
-        site, name = self.site, os.path.basename(path)
-        if path.startswith('/thumb/'):
-            return self.send(cached_thumbnail(site.meta['images'][int(name)], site.meta, site.index, THUMB),
-                             'image/jpeg')
-        if path.startswith('/image/'):
-            buf = io.BytesIO()
-            entry_image(site.meta['images'][int(name)], site.meta).save(buf, format='PNG')
-            return self.send(buf.getvalue(), 'image/png')
-        if path.startswith('/query/'):
-            with open(os.path.join(site.uploads, name), 'rb') as f:
-                return self.send(f.read(), 'image/jpeg')
-        qid, ext = os.path.splitext(name)  # /results/<id>.json or .png
-        if qid not in site.answers:
-            return self.error('that result is no longer kept: search again', k, 404)
-        res = site.answers[qid]
-        if ext == '.json':
-            out = {key: v for key, v in res.items() if key != 'picture'}
-            return self.send((json.dumps(out, indent=1) + '\n').encode(), 'application/json')
-        r = res['results'][0]
-        drawn = dict(image=res['picture']) if res['picture'] else r['query']
-        with open(contact_sheet(drawn, r['hits'], site.meta, os.path.join(site.uploads, f'{qid}.png')), 'rb') as f:
-            return self.send(f.read(), 'image/png')
+        got = self.site.download(path)
+        return self.send(*got) if got else self.error('that result is no longer kept: search again', k, 404)
 
     def do_GET(self):
         if not self.local():
@@ -735,10 +732,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(f'the upload is {size / 2**20:.1f} MB, more than this page takes '
                               f'(search.py --max_upload_mb={MAX_UPLOAD_MB:g})', code=413)
         try:
-            head = b'Content-Type: ' + (self.headers['Content-Type'] or '').encode() + b'\r\n\r\n'
-            msg = BytesParser(policy=policy.default).parsebytes(head + self.rfile.read(size))
-            parts = {p.get_param('name', header='content-disposition'): p
-                     for p in (msg.iter_parts() if msg.is_multipart() else [])}
+            parts = form_parts(self.headers['Content-Type'], self.rfile.read(size))
             k = max(1, min(int(parts['k'].get_content().strip()), len(self.site.codes))) if 'k' in parts else TOPK
             part = parts.get('image')
             data = part.get_payload(decode=True) if part is not None else None
@@ -794,9 +788,8 @@ def serve(meta, codes, device, host, port, index):
 # -----------------------------------------------------------------------------
 def main():
     configure(globals())
-    dataset.check_ranges(globals(), _RANGES)
-    if SEARCH not in ('exact', 'ivf', 'hnsw'):
-        raise SystemExit(f"error: --search={SEARCH!r}: choose exact, ivf or hnsw")
+    check_ranges(globals(), _RANGES)
+    check_choice('search', SEARCH, ('exact', 'ivf', 'hnsw'))
     if HOST not in ('127.0.0.1', 'localhost', '::1'):
         raise SystemExit(f"error: --host={HOST!r}: the page serves this machine only (127.0.0.1, localhost, ::1)")
     if any(not w.strip() for w in WORDS):
@@ -840,4 +833,4 @@ if __name__ == '__main__':
     try:
         main()
     except (DataError, CacheError, models.WeightsUnavailable, OSError, ValueError) as e:
-        raise SystemExit(dataset.user_error(e))
+        raise SystemExit(cache.user_error(e))

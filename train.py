@@ -7,12 +7,8 @@ and labels of query and retrieval sets, for eval_hash.py --run; the quantization
 retrieval set's product-quantized codes and the codebooks) and result.json, and appends one JSON
 line per run to RESULTS.
 """
-import hashlib
-import json
 import math
 import os
-import re
-import shutil
 import time
 
 import numpy as np
@@ -21,24 +17,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import baselines
+import cache
 import dataset
 import eval_hash
+import external
 import models
 import nouns_embed
+import runs
+import views
 from baselines import QUANTIZED, SUPERVISED, TWO_VIEWS, UNTRAINED
-from dataset import (CacheError, DataError, atomic_write, configure, feature_dir, load_array, released_defaults,
-                     split_tag)
+from cache import CacheError, atomic_write, feature_dir, load_array, split_tag
+from configurator import check_choice, check_ranges, configure, released_defaults
+from dataset import DataError
+from external import external_features
 from models import HashHead, pretrained_tag, resolve_device
 
 # data (what dataset_extract.py and nouns_embed.py produced)
 DATASET = 'cifar10'         # cifar10 | nuswide | flickr25k | mscoco | folder
-CACHE_DIR = 'cache'         # where dataset_extract.py and nouns_embed.py left their files
+CACHE_DIR = nouns_embed.CACHE_DIR  # where dataset_extract.py and nouns_embed.py left their files
 SPLIT_SEED = 0              # which split (dataset_extract.py --split_seed)
 SPLIT_DIR = ''              # or the name of your own split folder (dataset_extract.py --split_dir)
-BACKBONE = 'ViT-B-16'       # features feeding Hv: ViT-B-16 | ViT-B-32 | vgg16
+BACKBONE = nouns_embed.CLIP_MODEL  # features feeding Hv: ViT-B-16 | ViT-B-32 | vgg16
 BACKBONE_PRETRAINED = ''    # '' -> 'openai' for CLIP, 'imagenet' for vgg16
-CLIP_MODEL = 'ViT-B-16'     # the CLIP space of nouns and images for the external feature
-CLIP_PRETRAINED = 'openai'  # its weights (as given to dataset_extract.py / nouns_embed.py)
+CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP space of nouns and images for the external feature
+CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights (as given to dataset_extract.py / nouns_embed.py)
 VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet | a word-list file (Table 5)
 N_K = nouns_embed.N_K       # clusters of the noun selection (Eq. 3); nouns_embed.py's default
 T1 = nouns_embed.T1         # threshold of representative nouns (Eq. 3); nouns_embed.py's default
@@ -89,9 +91,6 @@ T2_BEST = {'cifar10': 0.99, 'nuswide': 0.98, 'flickr25k': 0.97, 'mscoco': 0.95} 
 RELEASED_DEFAULTS = dict(  # each None setting above: (its default, the authors' released code's), by RELEASED
     T1_READING=nouns_embed.RELEASED_DEFAULTS['T1_READING'], VIEW_RECIPE=('simclr', 'released'),
     NORM_INPUTS=(False, True))
-NOT_RESULT = frozenset({'DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS'})  # settings that do not change a result
-
-
 # -----------------------------------------------------------------------------
 def lr_at(epoch, lr_min=1e-5, lr_max=1e-4, warm=10, total=60):
     """Eq. 10-11: linear warm-up from lr_min to lr_max over `warm` epochs, then half-cosine back."""
@@ -105,25 +104,6 @@ def lr_at(epoch, lr_min=1e-5, lr_max=1e-4, warm=10, total=60):
 def tau2_for(dataset, tau2=0.0):
     """Eq. 9's temperature: `tau2`, or the authors' per-dataset value when it is 0."""
     return tau2 or TAU2_DEFAULT.get(dataset, 0.8)
-
-
-def noun_weights(i, t, tau1, device='cpu', half=False):
-    """Eq. 6: s_{i,w} = softmax_w(cos(i_i, t_w) / tau1), the weight of noun w in image i's external
-    feature (Figure 7 draws the largest); i and t need not be normalised. Returns (s, t normalised)."""
-    dtype = torch.float16 if half else torch.float32
-    i = F.normalize(torch.as_tensor(i, dtype=torch.float32), dim=1).to(device, dtype)
-    t = F.normalize(torch.as_tensor(t, dtype=torch.float32), dim=1).to(device, dtype)
-    return torch.softmax(i @ t.T / tau1, dim=1), t
-
-
-def external_features(i, t, tau1, chunk=2048, device='cpu', half=False):
-    """Eq. 5: e_i = normalise(sum_w s_{i,w} t_w) for every image, the weights s of Eq. 6 (half: in
-    fp16, as the authors' code on a GPU)."""
-    out = []
-    for a in range(0, len(i), chunk):
-        s, t_n = noun_weights(i[a:a + chunk], t, tau1, device, half)
-        out.append(s @ t_n)
-    return F.normalize(torch.cat(out).float(), dim=1).cpu()
 
 
 def positives(e, t2, sim=True):
@@ -165,23 +145,18 @@ def input_paths(cfg):
     tag = split_tag(cfg['SPLIT_SEED'], cfg['SPLIT_DIR'])
     pretrained = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
     fdir = feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['BACKBONE'], pretrained, cfg['VIEW_RECIPE'])
-    paths = dataset.split_paths(cfg['CACHE_DIR'], cfg['DATASET'], tag)  # labels and split first: step 1's start
+    paths = cache.split_paths(cfg['CACHE_DIR'], cfg['DATASET'], tag)  # labels and split first: step 1's start
     paths['features'] = os.path.join(fdir, 'images.npy')
     duheg = cfg['METHOD'] == 'duheg'
     if (duheg and cfg['AUG']) or cfg['METHOD'] in TWO_VIEWS:
-        paths['views'] = dataset.views_path(fdir, tag)
+        paths['views'] = cache.views_path(fdir, tag)
     if cfg['METHOD'] == 'dvsq':
-        paths['classes'] = cfg.get('CLASS_NAMES') or os.path.join(dataset.dataset_dir(cfg['CACHE_DIR'], cfg['DATASET']),
+        paths['classes'] = cfg.get('CLASS_NAMES') or os.path.join(cache.dataset_dir(cfg['CACHE_DIR'], cfg['DATASET']),
                                                                   'classes.txt')
     if duheg and cfg['EXTERNAL'] != 'none':
-        paths['clip'] = os.path.join(feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['CLIP_MODEL'],
-                                                 cfg['CLIP_PRETRAINED'], cfg['VIEW_RECIPE']), 'images.npy')
-        vocab = (cfg['CACHE_DIR'], cfg['VOCAB'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])
-        if cfg['EXTERNAL'] == 'efc':
-            paths['vocabulary'] = os.path.join(dataset.selection_dir(*vocab, cfg['N_K'], cfg['T1'], cfg['RELEASED'],
-                                                                     cfg['T1_READING']), 'selected_feats.npy')
-        elif cfg['EXTERNAL'] in ('ek', 'imgcls'):
-            paths['vocabulary'] = os.path.join(dataset.vocab_dir(*vocab, cfg['RELEASED']), 'noun_feats.npy')
+        paths['clip'] = external.clip_images_path(cfg)
+        if external.vocabulary_path(cfg):
+            paths['vocabulary'] = external.vocabulary_path(cfg)
     return paths
 
 
@@ -190,7 +165,7 @@ def load_features():
     the training images' CLIP features, labels and split."""
     paths = input_paths(globals())
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
-    labels, query, retrieval, train = dataset.load_split(CACHE_DIR, DATASET, tag)
+    labels, query, retrieval, train = cache.load_split(CACHE_DIR, DATASET, tag)
     fdir = os.path.dirname(paths['features'])
     feats = load_array(paths['features'], dict(build=models.backbone_build(BACKBONE, BACKBONE_PRETRAINED)),
                        producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE}')
@@ -213,7 +188,7 @@ def load_features():
         clip = feats if paths['clip'] == paths['features'] else load_array(
             paths['clip'], dict(build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED)),
             producer=f'dataset_extract.py --backbone={BACKBONE} --clip_model={CLIP_MODEL}')
-    bad = dataset.read_sidecar(paths['features'])['settings'].get('bad', [])
+    bad = cache.read_sidecar(paths['features'])['settings'].get('bad', [])
     if bad:  # images dataset_extract.py --bad_images=skip could not read
         query, retrieval, train_keep = (np.setdiff1d(p, bad) for p in (query, retrieval, train))
         keep = np.isin(train, train_keep)
@@ -227,16 +202,14 @@ def load_features():
     return feats, aug, None if clip is None else clip[train], labels, query, retrieval, train
 
 
-def vocabulary(clip_train, path):
-    """The word features the external feature is built from (Table 3 / Table 5), read from `path`."""
+def vocabulary(clip_train):
+    """The word features the external feature is built from (Table 3 / Table 5)."""
     if EXTERNAL == 'imgk':
         return clip_train
-    producer = f'nouns_embed.py --vocab={VOCAB} --clip_model={CLIP_MODEL} --n_k={N_K} --t1={T1}'
-    want = dict(clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED))
     if EXTERNAL in ('efc', 'ek'):
-        return load_array(path, want, producer=producer)
+        return external.run_vocabulary(globals())[0]
     # imgcls: Algorithm 1's selection on the training images, same ratio of clusters to points as for nouns
-    n_k = max(2, round(N_K * len(clip_train) / len(load_array(path, want, producer=producer, mmap=True))))
+    n_k = max(2, round(N_K * len(clip_train) / len(external.run_vocabulary(globals(), mmap=True)[0])))
     t = F.normalize(torch.as_tensor(clip_train, dtype=torch.float32), dim=1).numpy()
     rep, cen = nouns_embed.select_vocabulary(t, n_k, T1, iters=100, restarts=1, seed=SEED, released=RELEASED,
                                              reading=T1_READING)
@@ -252,47 +225,20 @@ def external_cache(clip_train, train, device='cpu'):
                     clip_build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED),
                     vocab=VOCAB, n_k=N_K, t1=T1, t1_reading=T1_READING, tau1=TAU1,
                     external=EXTERNAL, released=RELEASED, n_train=len(train),
-                    inputs=dataset.fingerprints(**{k: paths[k] for k in ('clip', 'train', 'vocabulary') if k in paths}))
-    path = dataset.external_path(os.path.dirname(paths['clip']), EXTERNAL, VOCAB, N_K, T1, T1_READING, TAU1, RELEASED,
+                    inputs=cache.fingerprints(**{k: paths[k] for k in ('clip', 'train', 'vocabulary') if k in paths}))
+    path = cache.external_path(os.path.dirname(paths['clip']), EXTERNAL, VOCAB, N_K, T1, T1_READING, TAU1, RELEASED,
                                  settings['split'])
 
     def build():
-        t = vocabulary(clip_train, paths.get('vocabulary'))
+        t = vocabulary(clip_train)
         if t.shape[1] != clip_train.shape[1]:
             raise CacheError(f"the training images' CLIP features are {clip_train.shape[1]}-d but the vocabulary "
                              f"{t.shape[1]}-d: they come from different CLIP models; run dataset_extract.py and "
                              f"nouns_embed.py with the same --clip_model and --clip_pretrained")
         half = RELEASED and device.startswith('cuda')  # the authors' Eq. 5-6 runs in fp16 on the GPU
         return external_features(clip_train, t, TAU1, device=device, half=half).numpy()
-    return dataset.cached(path, settings, build, 'train.py', FORCE, rebuild_stale='the external features',
+    return cache.cached(path, settings, build, 'train.py', FORCE, rebuild_stale='the external features',
                           quiet=True)[0]
-
-
-def write_result(path, result):
-    """Put `result` into the JSON-lines file `path` as one whole line: the file is rewritten into a
-    temporary file and renamed, so a full disk or a kill leaves the old file; a partial line an older
-    writer left is dropped (and said); a line of the same run (same config but for where it was
-    written, same code length) is replaced, not repeated."""
-    import fcntl
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    key = lambda r: json.dumps([r.get('dataset'), r.get('bits'), r.get('method', 'duheg'),
-                                {k: v for k, v in (r.get('config') or {}).items() if k not in NOT_RESULT}],
-                               sort_keys=True, default=str)
-    with open(path + '.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time
-        lines = []
-        if os.path.exists(path):
-            with open(path, encoding='utf-8', errors='replace') as f:
-                for n, line in enumerate(f, 1):
-                    try:
-                        lines.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        print(f"note: {path}:{n} is not a whole JSON line (left by an interrupted write); dropped")
-        same = [r for r in lines if key(r) == key(result)]
-        if same:
-            print(f"note: {path} held this run already ({len(same)} line{'s' if len(same) > 1 else ''}); replaced")
-        lines = [r for r in lines if key(r) != key(result)] + [result]
-        atomic_write(path, lambda f: f.write(''.join(json.dumps(r, default=str) + '\n' for r in lines).encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -391,7 +337,7 @@ def missing_inputs(paths):
                     f"{' --released' if RELEASED else ''}")
         if name == 'classes':
             return f"{path} does not exist: --method=dvsq reads the labels' names; give --class_names=FILE"
-        d = dataset.dataset_dir(CACHE_DIR, DATASET)
+        d = cache.dataset_dir(CACHE_DIR, DATASET)
         held = sorted(f for f in os.listdir(d) if os.path.exists(os.path.join(d, f, 'images.npy.json'))) \
             if os.path.isdir(d) else []
         flags = f"--dataset={DATASET} --cache_dir={CACHE_DIR}" + (f" --split_dir={SPLIT_DIR}" if SPLIT_DIR else
@@ -406,97 +352,27 @@ def missing_inputs(paths):
     return None
 
 
-def run_key(cfg, inputs):
-    """What a run's results depend on: every setting that changes them and its inputs' fingerprints
-    (the code length aside: a run folder holds one run at several). Returns (sha256, the key)."""
-    key = dict(config={k: v for k, v in cfg.items() if k not in NOT_RESULT and k != 'BITS'},
-               inputs=inputs)
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest(), key
-
-
-def key_differences(a, b):
-    """What differs between two run keys (run_key): ([(NAME, a's value, b's value)], [input name])."""
-    settings = [(k, a['config'].get(k), b['config'].get(k)) for k in sorted(set(a['config']) | set(b['config']))
-                if json.dumps(a['config'].get(k), default=str) != json.dumps(b['config'].get(k), default=str)]
-    inputs = [k for k in sorted(set(a['inputs']) | set(b['inputs'])) if a['inputs'].get(k) != b['inputs'].get(k)]
-    return settings, inputs
-
-
-_HELD = []  # the run folders' locks this process holds
-_RUN_FILES = re.compile(r'(\d+bits|run\.json|metrics\.json|pr_curve\.png|p_at_n\.png|top10_query\d+\.png|'
-                        r'nouns_query\d+\.png)')
-
-
-def claim_run_dir(run_dir, sha, key, force=False):
-    """Hold `run_dir` for this run until the process ends (a lock: a second train.py into it stops).
-    A folder that holds a run made from other settings or inputs is refused with what differs, or with
-    `force` emptied of that run first, so a folder never mixes two runs."""
-    import fcntl
-    os.makedirs(run_dir, exist_ok=True)
-    lock = open(os.path.join(run_dir, '.lock'), 'w')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"error: another train.py is writing {run_dir}: wait for it, or give another --run_dir")
-    path = os.path.join(run_dir, 'run.json')
-    old = json.load(open(path)) if os.path.exists(path) else None
-    ours = [f for f in os.listdir(run_dir) if _RUN_FILES.fullmatch(f)]
-    if (old or ours) and (old or {}).get('sha256') != sha:
-        if old is None:
-            why = 'an older train.py (it has no run.json)'
-        else:
-            settings, inputs = key_differences(old['key'], key)
-            diff = [f"--{k.lower()}={was} (now {now})" for k, was, now in settings] + [f"other {k}" for k in inputs]
-            why = ', '.join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else '')
-        if not force:
-            raise SystemExit(f"error: {run_dir} holds a run made from other settings or inputs ({why}): give "
-                             f"another --run_dir, or --force to replace that run whole")
-        print(f"replacing the run in {run_dir} ({why})")
-        for f in ours:
-            p = os.path.join(run_dir, f)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    dataset.save_json(path, dict(sha256=sha, key=key))
-    _HELD.append(lock)  # released when the process ends
-
-
-def run_name():
-    parts = [METHOD, BACKBONE, EXTERNAL if EXTERNAL != 'efc' else None, f'vocab-{os.path.basename(str(VOCAB))}'
-             if VOCAB != 'wordnet' else None, f't2-{T2}', None if SIM else 'nosim', None if AUG else 'noaug',
-             'released' if RELEASED else None,
-             None if RELEASED else '_'.join(filter(None, ['t1sim' if T1_READING == 'similarity' else None,
-                                                          'viewsrel' if VIEW_RECIPE == 'released' else None,
-                                                          'norm' if NORM_INPUTS else None])) or None,
-             f'seed{SEED}']
-    return '_'.join(p for p in parts if p)
-
-
 def check_settings():
     """Every setting checked, and the None ones resolved (RELEASED_DEFAULTS), before any work."""
     global BACKBONE_PRETRAINED
-    if DATASET not in dataset.DATASETS:
-        raise SystemExit(f"error: unknown --dataset={DATASET!r}; choose one of {', '.join(dataset.DATASETS)}")
-    dataset.check_ranges(globals(), _RANGES)
+    check_choice('dataset', DATASET, dataset.DATASETS)
+    check_ranges(globals(), _RANGES)
     if not BITS:
         raise SystemExit("error: --bits is empty: give the code lengths, e.g. --bits=16,32,64")
     if WARMUP >= EPOCHS:
         raise SystemExit(f"error: --warmup={WARMUP} must be below --epochs={EPOCHS} (Eq. 10-11: T_warm < T_max)")
     if LR_MIN > LR_MAX:
         raise SystemExit(f"error: --lr_min={LR_MIN} must be at most --lr_max={LR_MAX} (Eq. 10-11)")
-    if EXTERNAL not in ('efc', 'ek', 'imgk', 'imgcls', 'none'):
-        raise SystemExit(f"error: --external={EXTERNAL!r}: choose efc, ek, imgk, imgcls or none")
+    check_choice('external', EXTERNAL, ('efc', 'ek', 'imgk', 'imgcls', 'none'))
     if EXTERNAL == 'none' and not AUG:
         raise SystemExit("error: --external=none (IMGAUG) trains on two augmented views: it needs --aug=true")
-    if METHOD not in baselines.METHODS:
-        raise SystemExit(f"error: --method={METHOD!r}: choose one of {', '.join(baselines.METHODS)}")
-    if CLIP_MODEL not in models.CLIP_MODELS:
-        raise SystemExit(f"error: --clip_model={CLIP_MODEL!r}: choose one of {', '.join(models.CLIP_MODELS)}")
+    check_choice('method', METHOD, baselines.METHODS)
+    check_choice('clip_model', CLIP_MODEL, models.CLIP_MODELS)
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
     globals().update(released_defaults(globals(), RELEASED_DEFAULTS))
-    if T1_READING not in nouns_embed.T1_RANGES:
-        raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(nouns_embed.T1_RANGES)}")
+    check_choice('t1_reading', T1_READING, nouns_embed.T1_RANGES)
     nouns_embed.check_t1(T1, T1_READING)
-    if VIEW_RECIPE not in dataset.VIEW_RECIPES:
-        raise SystemExit(f"error: --view_recipe={VIEW_RECIPE!r}: choose one of {', '.join(dataset.VIEW_RECIPES)}")
+    check_choice('view_recipe', VIEW_RECIPE, views.VIEW_RECIPES)
     if not isinstance(NORM_INPUTS, bool):
         raise SystemExit(f"error: --norm_inputs={NORM_INPUTS!r}: choose true or false")
 
@@ -511,7 +387,7 @@ def targets(feats, labels, train, clip_train, device):
         print(f"mean in-batch positives at T2={T2}: {n_pos:.1f} of {min(BATCH_SIZE, len(e))}")
     s = baselines.similarity(METHOD, feats[train], labels[train])
     if METHOD == 'dvsq':
-        path = CLASS_NAMES or os.path.join(dataset.dataset_dir(CACHE_DIR, DATASET), 'classes.txt')
+        path = CLASS_NAMES or os.path.join(cache.dataset_dir(CACHE_DIR, DATASET), 'classes.txt')
         v = baselines.class_vectors(path, labels.shape[1], CLIP_MODEL, CLIP_PRETRAINED, device)
         print(f"DVSQ word vectors: {CLIP_MODEL} text features of {len(v)} class names")
     if METHOD in QUANTIZED and len(train) < baselines.PQ_WORDS:
@@ -540,7 +416,7 @@ def save_run(out, result, nets, h_q, h_r, labels, query, retrieval, pq):
     atomic_write(os.path.join(out, 'codes.npz'), lambda f: np.savez(
         f, query_h=h_q, retrieval_h=h_r, query_labels=labels[query], retrieval_labels=labels[retrieval],
         query_index=query, retrieval_index=retrieval, topk=result['topk'], **pq))
-    dataset.save_json(os.path.join(out, 'result.json'), result)
+    cache.save_json(os.path.join(out, 'result.json'), result)
 
 
 def main():
@@ -553,7 +429,7 @@ def main():
     missing = missing_inputs(paths)
     if missing:
         raise SystemExit(f"error: {missing}")
-    inputs = dataset.fingerprints(**paths)  # what the results are made from, recorded with them
+    inputs = cache.fingerprints(**paths)  # what the results are made from, recorded with them
     device = resolve_device(DEVICE)
     if THREADS:
         torch.set_num_threads(THREADS)
@@ -564,9 +440,9 @@ def main():
           f"{feats.shape[1]}-d; method {METHOD}"
           f"{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
     e, s, v = targets(feats, labels, train, clip_train, device)
-    sha, key = run_key(cfg, inputs)
-    RUN_DIR = RUN_DIR or os.path.join('runs', DATASET, f'{run_name()}_{sha[:8]}')  # a folder per run key
-    claim_run_dir(RUN_DIR, sha, key, FORCE)  # refuses a folder of another run, unless --force
+    sha, key = runs.run_key(cfg, inputs)
+    RUN_DIR = RUN_DIR or os.path.join('runs', runs.run_name(cfg, sha))  # a folder per run key
+    runs.claim_run_dir(RUN_DIR, sha, key, FORCE)  # refuses a folder of another run, unless --force
     for bits in BITS:
         t0 = time.time()
         if METHOD in UNTRAINED:  # a projection fitted on the training features
@@ -584,7 +460,7 @@ def main():
                       run_dir=out, run_key=sha, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR), inputs=inputs)
         save_run(out, result, (hv, he, opt, codebooks, feats.shape[1], e.shape[1] if e is not None else None),
                  h_q, h_r, labels, query, retrieval, pq)
-        write_result(RESULTS, result)
+        runs.write_result(RESULTS, result)
         print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "
               f"{'(AQD ranking of product-quantized codes) ' if pq else ''}map_continuous@{topk}={mAP_cont:.4f} "
               f"({'continuous features' if pq else 'released-code ranking, not binary'}) "
@@ -595,4 +471,4 @@ if __name__ == '__main__':
     try:
         main()
     except (DataError, CacheError, ValueError, models.WeightsUnavailable, OSError) as e:
-        raise SystemExit(dataset.user_error(e))
+        raise SystemExit(cache.user_error(e))

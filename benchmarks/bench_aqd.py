@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_hash  # noqa: E402
-from dataset import configure  # noqa: E402
+from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
 NUM_QUERY = 10000         # CIFAR-10 query set

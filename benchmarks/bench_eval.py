@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_hash  # noqa: E402
-from dataset import configure  # noqa: E402
+from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
 NUM_QUERY = 5000          # MS-COCO query set

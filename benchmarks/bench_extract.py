@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dataset  # noqa: E402
 import dataset_extract  # noqa: E402
-from dataset import augment_transform, configure, load_images  # noqa: E402
+import views  # noqa: E402
+from configurator import configure  # noqa: E402
+from dataset import load_images  # noqa: E402
 from models import load_backbone, resolve_device  # noqa: E402
+from views import augment_transform  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # images
@@ -191,9 +193,9 @@ def main():
         threads, m = torch.get_num_threads(), max(1, DATA_PATH_IMAGES)
         torch.set_num_threads(1)
         rate = {}
-        for path in dataset.VIEW_PATHS:
+        for path in views.VIEW_PATHS:
             for kind, tr, v in (('plain', preprocess, 1), ('aug', augment, VIEWS)):
-                data = dataset.DecodedImages(images, np.resize(idx, m), tr, v, None if v == 1 else SEED, path,
+                data = views.DecodedImages(images, np.resize(idx, m), tr, v, None if v == 1 else SEED, path,
                                              make_here=not device.startswith('cuda'))
                 t = time.perf_counter()
                 for k in range(m):
@@ -202,20 +204,20 @@ def main():
         torch.set_num_threads(threads)
         print('one worker (1 thread), views/s it hands over: ' + ', '.join(f'{k} {v:.0f}' for k, v in rate.items()))
 
-        pil_plain = dataset.DecodedImages(images, idx, preprocess, 1, None, 'pil')
-        steps = dataset.view_steps(preprocess)
-        ready = torch.cat([dataset.make_views(*dataset.collate_decoded([pil_plain[k]])[:2], steps, device)
+        pil_plain = views.DecodedImages(images, idx, preprocess, 1, None, 'pil')
+        steps = views.view_steps(preprocess)
+        ready = torch.cat([views.make_views(*views.collate_decoded([pil_plain[k]])[:2], steps, device)
                            for k in range(n)])
         bare_forward(encode, ready[:BATCH_SIZE], device)  # warm-up (allocator, kernel choice), untimed
 
-        passes = [('bare', None, 1, None)] + [(f'{path}_{kind}', tr, v, path) for path in dataset.VIEW_PATHS
+        passes = [('bare', None, 1, None)] + [(f'{path}_{kind}', tr, v, path) for path in views.VIEW_PATHS
                                               for kind, tr, v in (('plain', preprocess, 1), ('aug', augment, VIEWS))]
         secs = {p[0]: [] for p in passes}
         fwd = {p[0]: [] for p in passes}
         startup = {p[0]: [] for p in passes}
         feats = {}
         for r in range(ROUNDS):
-            for name, tr, views, path in (passes if r % 2 == 0 else passes[::-1]):
+            for name, tr, nv, path in (passes if r % 2 == 0 else passes[::-1]):
                 if name == 'bare':
                     sync(device)
                     t0 = time.perf_counter()
@@ -225,7 +227,7 @@ def main():
                     fwd[name].append(s)
                     startup[name].append(0.0)
                 else:
-                    f, s, fs, st = pipeline(images, idx, tr, views, path, encode, device, tmp, f'{name}_r{r}')
+                    f, s, fs, st = pipeline(images, idx, tr, nv, path, encode, device, tmp, f'{name}_r{r}')
                     secs[name].append(s)
                     fwd[name].append(fs)
                     startup[name].append(st)
@@ -233,13 +235,13 @@ def main():
             rates = ', '.join(f'{k} {n * p[2] / secs[k][-1]:.1f}' for k, p in zip(secs, passes))
             print(f'round {r + 1}/{ROUNDS}: {rates} views/s; load {os.getloadavg()[0]:.1f}')
 
-        vps = {name: n * views / min(secs[name]) for name, _, views, _ in passes}  # best round
-        mean_vps = {name: n * views * ROUNDS / sum(secs[name]) for name, _, views, _ in passes}
-        steady = {name: n * views / min(s - st for s, st in zip(secs[name], startup[name]))
-                  for name, _, views, _ in passes}  # best round without its startup
+        vps = {name: n * nv / min(secs[name]) for name, _, nv, _ in passes}  # best round
+        mean_vps = {name: n * nv * ROUNDS / sum(secs[name]) for name, _, nv, _ in passes}
+        steady = {name: n * nv / min(s - st for s, st in zip(secs[name], startup[name]))
+                  for name, _, nv, _ in passes}  # best round without its startup
         print(f'{"pass":<13} {"views/s":>9} {"ratio":>6} {"steady":>6} {"mean":>9} {"startup s":>9} '
               f'{"forward share":>13}')
-        for name, _, views, _ in passes:
+        for name, _, nv, _ in passes:
             share = sum(fwd[name]) / sum(secs[name])
             print(f'{name:<13} {vps[name]:9.1f} {vps[name] / vps["bare"]:6.3f} {steady[name] / vps["bare"]:6.3f} '
                   f'{mean_vps[name]:9.1f} {np.mean(startup[name]):9.2f} {share:13.3f}')

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nouns_embed  # noqa: E402
-from dataset import configure  # noqa: E402
+from configurator import configure  # noqa: E402
 
 # data: CLIP-text-like rows (a shared direction, topics, leaves within topics, per-point noise)
 N = 117798                 # points (WordNet nouns)

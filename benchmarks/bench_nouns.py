@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nouns_embed  # noqa: E402
-from dataset import configure  # noqa: E402
+from configurator import configure  # noqa: E402
 from models import load_clip, resolve_device  # noqa: E402
 
 # model

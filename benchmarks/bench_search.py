@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_aqd import timed  # noqa: E402  (the benchmarks' one timer)
-from dataset import configure  # noqa: E402
+from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
 NUM_CODES = 1_000_000     # codes in the index

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_hash  # noqa: E402
 import train  # noqa: E402
-from dataset import configure  # noqa: E402
+from configurator import configure  # noqa: E402
 from models import resolve_device  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -21,9 +21,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import baselines  # noqa: E402
 import reproduce  # noqa: E402
 import train  # noqa: E402
-from dataset import configure  # noqa: E402
+from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # what to estimate
@@ -129,7 +130,7 @@ def plan(table):
         if reproduce.needs_nouns(s):
             vocabs[s['VOCAB'], s['CLIP_MODEL']] = IMAGENET_WORDS if s['VOCAB'] == 'imagenet' else WORDNET_WORDS
         key = reproduce.run_name(s)  # reproduce.py trains a row, dataset and seed in one process
-        groups.setdefault(key, (s['DATASET'], set(), s['METHOD'] not in train.UNTRAINED))[1].add(c.bits)
+        groups.setdefault(key, (s['DATASET'], set(), s['METHOD'] not in baselines.UNTRAINED))[1].add(c.bits)
     return features, vocabs, groups, len(cells)
 
 

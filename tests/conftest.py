@@ -8,6 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cache  # noqa: E402 (after the path to the project)
 
 
 def _wordnet_available():
@@ -81,45 +82,44 @@ VIEW_KEEP = 0.8  # correlation of a view's nuisance with the item's: augmentatio
 CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
-def _write_features(cache, x, y, n_classes):
+def _write_features(cache_dir, x, y, n_classes):
     """The files dataset_extract.py leaves for the 'folder' dataset with backbone tiny-test/random: labels of
     the classes y, the split (10 query and 30 train a class), features x, class names. (labels, split, folder)."""
     import dataset
     import models
     labels = np.eye(n_classes, dtype=np.int8)[y]
-    d = os.path.join(cache, 'folder')
-    dataset.save_array(os.path.join(d, 'labels.npy'), labels, {}, 'test')
+    d = os.path.join(cache_dir, 'folder')
+    cache.save_array(os.path.join(d, 'labels.npy'), labels, {}, 'test')
     split = dataset.make_split(labels, dict(query_per_class=10, train_per_class=30), 0)
     for name, idx in zip(('query', 'retrieval', 'train'), split):
-        dataset.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
+        cache.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
     build = models.backbone_build('tiny-test', 'random')  # as dataset_extract.py records it
-    dataset.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
-    dataset.save_text(os.path.join(d, 'classes.txt'), CLASS_NAMES[:n_classes])
+    cache.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
+    cache.save_text(os.path.join(d, 'classes.txt'), CLASS_NAMES[:n_classes])
     return labels, split, d
 
 
-def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, seed=0, views=0):
+def write_feature_set(cache_dir, n_classes=8, per_class=60, dim=64, nuisance=1.0, seed=0, views=0):
     """A feature cache as dataset_extract.py leaves it (labels, split, images.npy of the 'folder'
     dataset with backbone tiny-test/random, classes.txt) whose classes live in 16 of `dim`
     dimensions and a nuisance of the given strength fills the rest: raw similarity only half knows
     the class. views: that many augmented views of each training item (train_aug_split_s0.npy,
     fp16), as an augmentation does: the class part kept, the nuisance partly drawn anew (VIEW_KEEP),
     fresh noise."""
-    import dataset
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(n_classes), per_class)
     x = np.zeros((len(y), dim), np.float32)
     x[:, :16] = rng.normal(0, 1, (n_classes, 16))[y]
     x[:, 16:] = nuisance * rng.normal(0, 1, (len(y), dim - 16)) * np.linspace(1.5, 0.5, dim - 16)
     x += rng.normal(0, 0.3, x.shape)
-    labels, split, d = _write_features(cache, x, y, n_classes)
+    labels, split, d = _write_features(cache_dir, x, y, n_classes)
     if views:
         train = split[2]
         v = np.repeat(x[train][:, None], views, 1)  # the item's nuisance, a part of it drawn anew per view
         fresh = nuisance * rng.normal(0, 1, v[:, :, 16:].shape) * np.linspace(1.5, 0.5, dim - 16)
         v[:, :, 16:] = VIEW_KEEP * v[:, :, 16:] + np.sqrt(1 - VIEW_KEEP ** 2) * fresh
         v += rng.normal(0, 0.3, v.shape)
-        dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {},
+        cache.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {},
                            'test')
     return labels, split
 
@@ -128,7 +128,7 @@ def write_feature_set(cache, n_classes=8, per_class=60, dim=64, nuisance=1.0, se
 METHOD_SET = dict(n_k=16, t1=0.5)  # the noun selection the set is made for (train.py --n_k --t1)
 
 
-def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nuisance_dims=4, keep=0.8, views=8,
+def write_method_set(cache_dir, n_classes=8, per_class=60, dim=64, nuisance=25.0, nuisance_dims=4, keep=0.8, views=8,
                      synonyms=5, crowd=1000, seed=0):
     """A feature cache (images, views, split, labels) and a noun cache (noun_feats.npy, the selection
     t_com of nouns_embed.select_vocabulary) on which DUH-EG's ingredients matter:
@@ -140,7 +140,6 @@ def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nu
     With every noun (EK), a crowd outweighs the class's few nouns in Eq. 5-6's softmax and merges
     two classes; the selection (EFC) keeps one noun of each crowd (Eq. 4) and the class nouns (Eq. 3).
     Returns (labels, split, vocabulary, selected rows)."""
-    import dataset
     import models
     import nouns_embed
     rng = np.random.default_rng(seed)
@@ -150,12 +149,12 @@ def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nu
     nd = slice(n_classes, n_classes + nuisance_dims)
     x[:, nd] = nuisance * rng.normal(0, 1, (len(y), nuisance_dims)) / np.sqrt(nuisance_dims)
     x += 0.1 * rng.normal(0, 1, x.shape)
-    labels, split, d = _write_features(cache, x, y, n_classes)
+    labels, split, d = _write_features(cache_dir, x, y, n_classes)
     v = np.repeat(x[split[2]][:, None], views, 1)
     fresh = nuisance * rng.normal(0, 1, v[:, :, nd].shape) / np.sqrt(nuisance_dims)
     v[:, :, nd] = keep * v[:, :, nd] + np.sqrt(1 - keep ** 2) * fresh
     v += 0.1 * rng.normal(0, 1, v.shape)
-    dataset.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
+    cache.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
     eye = np.eye(dim)
     groups = [eye[k] + 0.02 * rng.normal(0, 1, (synonyms, dim)) for k in range(n_classes)]
     groups += [(eye[k] + eye[k + 1]) / np.sqrt(2) + 0.02 * rng.normal(0, 1, (crowd, dim))
@@ -163,12 +162,12 @@ def write_method_set(cache, n_classes=8, per_class=60, dim=64, nuisance=25.0, nu
     t = np.concatenate(groups).astype(np.float32)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
     nb = dict(clip_build=models.clip_build('tiny-test', 'random'))  # what train.py checks of a noun cache
-    dataset.save_array(os.path.join(nouns_embed.vocab_dir(cache, 'wordnet', 'tiny-test', 'random'), 'noun_feats.npy'),
+    cache.save_array(os.path.join(cache.vocab_dir(cache_dir, 'wordnet', 'tiny-test', 'random'), 'noun_feats.npy'),
                        t, nb, 'test')
     rep, cen = nouns_embed.select_vocabulary(t, METHOD_SET['n_k'], METHOD_SET['t1'], 40, 1, 0, verbose=False)
     com = np.union1d(rep, cen)
-    sdir = nouns_embed.selection_dir(cache, 'wordnet', 'tiny-test', 'random', METHOD_SET['n_k'], METHOD_SET['t1'])
-    dataset.save_array(os.path.join(sdir, 'selected_feats.npy'), t[com], nb, 'test')
+    sdir = cache.selection_dir(cache_dir, 'wordnet', 'tiny-test', 'random', METHOD_SET['n_k'], METHOD_SET['t1'])
+    cache.save_array(os.path.join(sdir, 'selected_feats.npy'), t[com], nb, 'test')
     return labels, split, t, com
 
 

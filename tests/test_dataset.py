@@ -5,37 +5,41 @@ import os
 import numpy as np
 import pytest
 
+import cache
+import configurator
 import dataset
-from dataset import CacheError, DataError
+import views
+from cache import CacheError
+from dataset import DataError
 
 
 def test_configure_overrides_types_and_rejects_unknown():
     g = dict(BITS=(16, 32, 64), T2=0.97, EPOCHS=60, SIM=True, NAME='x', OPT=None, lower='ignored')
-    cfg = dataset.configure(g, ['--bits=16,64', '--t2=0.9', '--epochs=3', '--sim=false', '--name=y', '--opt=1e-3'])
+    cfg = configurator.configure(g, ['--bits=16,64', '--t2=0.9', '--epochs=3', '--sim=false', '--name=y', '--opt=1e-3'])
     assert g['BITS'] == (16, 64) and g['T2'] == 0.9 and g['EPOCHS'] == 3 and g['SIM'] is False
     assert g['NAME'] == 'y' and g['OPT'] == 1e-3 and cfg['EPOCHS'] == 3 and 'lower' not in cfg
-    dataset.configure(g, ['--sim'])
+    configurator.configure(g, ['--sim'])
     assert g['SIM'] is True
     with pytest.raises(SystemExit, match='unknown setting --bitz'):
-        dataset.configure(g, ['--bitz=3'])
+        configurator.configure(g, ['--bitz=3'])
     with pytest.raises(SystemExit, match='is not an integer'):
-        dataset.configure(g, ['--epochs=1.5'])
+        configurator.configure(g, ['--epochs=1.5'])
     with pytest.raises(SystemExit, match='is not a number'):
-        dataset.configure(g, ['--t2=high'])
+        configurator.configure(g, ['--t2=high'])
     with pytest.raises(SystemExit, match='is not an integer'):
-        dataset.configure(g, ['--bits=16,x'])
+        configurator.configure(g, ['--bits=16,x'])
     with pytest.raises(SystemExit, match='needs a value'):
-        dataset.configure(g, ['--epochs'])
+        configurator.configure(g, ['--epochs'])
 
 
 def test_cache_roundtrip_and_stale_settings(tmp_path):
     p = str(tmp_path / 'a' / 'x.npy')
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    dataset.save_array(p, x, dict(backbone='ViT-B-16', seed=0), 'test')
-    np.testing.assert_array_equal(dataset.load_array(p, dict(backbone='ViT-B-16')), x)
-    assert dataset.cache_status(p, dict(seed=0)) == 'ok'
+    cache.save_array(p, x, dict(backbone='ViT-B-16', seed=0), 'test')
+    np.testing.assert_array_equal(cache.load_array(p, dict(backbone='ViT-B-16')), x)
+    assert cache.cache_status(p, dict(seed=0)) == 'ok'
     with pytest.raises(CacheError, match="made with backbone='ViT-B-16', but this run has backbone='vgg16'"):
-        dataset.load_array(p, dict(backbone='vgg16'))
+        cache.load_array(p, dict(backbone='vgg16'))
     assert not [f for f in os.listdir(tmp_path / 'a') if f.endswith('.tmp')]
 
 
@@ -43,22 +47,22 @@ def test_cache_untrusted_without_sidecar_or_with_bad_content(tmp_path):
     p = str(tmp_path / 'x.npy')
     np.save(p, np.zeros(3))  # as if killed before the sidecar was written
     with pytest.raises(CacheError, match='has no sidecar'):
-        dataset.load_array(p)
-    dataset.save_array(p, np.zeros((2, 2), np.float32), {}, 'test')
+        cache.load_array(p)
+    cache.save_array(p, np.zeros((2, 2), np.float32), {}, 'test')
     with open(p, 'r+b') as f:  # change a byte of the data
         f.seek(-1, 2)
         f.write(b'\x01')
     with pytest.raises(CacheError, match='checksum'):
-        dataset.load_array(p)
-    dataset.save_array(p, np.array([[1.0, np.nan]], np.float32), {}, 'test')
+        cache.load_array(p)
+    cache.save_array(p, np.array([[1.0, np.nan]], np.float32), {}, 'test')
     with pytest.raises(CacheError, match='NaN or infinite values in 1 rows'):
-        dataset.load_array(p)
-    dataset.save_array(p, np.zeros((2, 2), np.float32), {}, 'test')
+        cache.load_array(p)
+    cache.save_array(p, np.zeros((2, 2), np.float32), {}, 'test')
     meta = json.load(open(p + '.json'))
     meta['shape'] = [4, 1]
     json.dump(meta, open(p + '.json', 'w'))
     with pytest.raises(CacheError, match='has shape'):
-        dataset.load_array(p)
+        cache.load_array(p)
 
 
 def _list(tmp_path, text, images=('a.png', 'b.png')):
@@ -119,14 +123,14 @@ def test_folder_dataset_and_views(image_folder):
     images = dataset.load_images('folder', image_folder)
     assert len(images) == 400 and images.labels.shape == (400, 10) and images.classes[0] == 'class00'
     _, preprocess, _ = load_clip('tiny-test', 'random')
-    aug = dataset.augment_transform(preprocess)
-    steps = dataset.view_steps(aug)
-    a = dataset.DecodedImages(images, [0, 5], aug, n_views=3, seed=3)
-    x1, x2 = (dataset.make_views(*dataset.collate_decoded([a[1]])[:2], steps, 'cpu') for _ in range(2))
+    aug = views.augment_transform(preprocess)
+    steps = views.view_steps(aug)
+    a = views.DecodedImages(images, [0, 5], aug, n_views=3, seed=3)
+    x1, x2 = (views.make_views(*views.collate_decoded([a[1]])[:2], steps, 'cpu') for _ in range(2))
     assert x1.shape == (3, 3, 32, 32) and (x1 == x2).all()  # the same seed, image and view give the same view
     assert all((x1[u] - x1[v]).abs().max() > 0.1 for u in range(3) for v in range(u))  # three different views
-    b = dataset.DecodedImages(images, [5], aug, n_views=3, seed=4)  # another seed, other views
-    y = dataset.make_views(*dataset.collate_decoded([b[0]])[:2], steps, 'cpu')
+    b = views.DecodedImages(images, [5], aug, n_views=3, seed=4)  # another seed, other views
+    y = views.make_views(*views.collate_decoded([b[0]])[:2], steps, 'cpu')
     assert (y - x1).abs().amax((1, 2, 3)).min() > 0.1
 
 
@@ -136,10 +140,10 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path):
     (tmp_path / 'c0' / 'bad.png').write_bytes(b'not a png')
     images = dataset.load_images('folder', str(tmp_path))
     _, preprocess, _ = load_clip('tiny-test', 'random')
-    for path in dataset.VIEW_PATHS:
+    for path in views.VIEW_PATHS:
         with pytest.raises(DataError, match=r'cannot read image .*bad.png.*--bad_images=skip'):
-            dataset.DecodedImages(images, [0], preprocess, path=path)[0]
-        x, draws, k, ok = dataset.DecodedImages(images, [0], preprocess, path=path, bad_images='skip')[0]
+            views.DecodedImages(images, [0], preprocess, path=path)[0]
+        x, draws, k, ok = views.DecodedImages(images, [0], preprocess, path=path, bad_images='skip')[0]
         assert ok is False and x.shape[-3:] == ((3, 64, 64) if path == 'tensor' else (3, 32, 32))
 
 

@@ -104,12 +104,12 @@ def test_changed_setting_is_caught_as_stale(reference, image_folder):
 
 
 def test_bad_settings_and_inputs(image_folder, tmp_path):
-    cases = [(['--dataset=imagenet'], 'unknown --dataset=\'imagenet\'; choose one of cifar10'),
+    cases = [(['--dataset=imagenet'], '--dataset=\'imagenet\': choose one of cifar10'),
              (['--batch_size=0'], '--batch_size'),
              (['--bogus=1'], 'unknown setting --bogus'),
              (['--data_path=/nonexistent/dir'], 'image folder /nonexistent/dir does not exist'),
-             (['--precision=fp8'], "error: --precision='fp8': choose fp32, bf16 or fp16"),  # names only what is wrong
-             (['--bad_images=ignore'], "error: --bad_images='ignore': choose stop or skip"),
+             (['--precision=fp8'], "error: --precision='fp8': choose one of fp32, bf16, fp16"),  # only what is wrong
+             (['--bad_images=ignore'], "error: --bad_images='ignore': choose one of stop, skip"),
              (['--view_path=gpu'], "error: --view_path='gpu': choose one of tensor, pil")]
     for args, message in cases:
         proc = run_script('dataset_extract.py', *BASE, f'--cache_dir={tmp_path}', f'--data_path={image_folder}',

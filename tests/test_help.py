@@ -8,7 +8,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-import dataset
+import configurator
 from conftest import ROOT, run_script
 
 SCRIPTS = ['dataset_extract.py', 'nouns_embed.py', 'train.py', 'eval_hash.py', 'reproduce.py', 'search.py'] + \
@@ -28,17 +28,17 @@ def test_help_lists_every_setting_with_its_default_and_comment(script):
     g = _values(script)
     purpose = g['__doc__'].strip().split('\n\n')[0]
     assert ' '.join(purpose.split()) in ' '.join(out.split())          # the docstring's first paragraph
-    doc = dataset.settings_doc(os.path.join(ROOT, script))
+    doc = configurator.settings_doc(os.path.join(ROOT, script))
     assert len(doc) >= 8
     flat = ' '.join(out.split())
     for group, name, comment in doc:
-        assert f'--{name.lower()}={dataset.cli_value(g[name])}' in out, name  # every setting with its default
+        assert f'--{name.lower()}={configurator.cli_value(g[name])}' in out, name  # every setting with its default
         assert ' '.join(comment.split()) in flat, name                     # and its comment
         assert f"{' '.join(group.split())}:" in flat if group else True
     # -h prints the same, here through configure itself on the script's own globals
     buf = io.StringIO()
     with redirect_stdout(buf), pytest.raises(SystemExit) as e:
-        dataset.configure(g, ['-h'])
+        configurator.configure(g, ['-h'])
     assert e.value.code == 0 and buf.getvalue() == out
 
 
@@ -77,18 +77,18 @@ def test_settings_doc_reads_groups_continuations_and_every_constant_above_the_fi
         ''')
     path = tmp_path / 'script.py'
     path.write_text(src)
-    assert dataset.settings_doc(str(path)) == [
+    assert configurator.settings_doc(str(path)) == [
         ('data', 'A', 'the a'), ('data', 'B', 'the b, continued'),
         ('a group over two lines', 'C', ''), ('a group over two lines', 'D', 'two names'),
         ('a group over two lines', 'E', 'two names'),
         ('a group over two lines', 'F', 'after a blank line: still a setting')]
     g = dict(__file__=str(path), A=1, B=(1, 2), _HIDDEN=3, C='x', D=None, E=None, F=2, TABLE={'a': 1})
-    assert dataset.configure(g, ['--b=3,4', '--f=3'])['F'] == 3 and g['B'] == (3, 4)
+    assert configurator.configure(g, ['--b=3,4', '--f=3'])['F'] == 3 and g['B'] == (3, 4)
     with pytest.raises(SystemExit, match='unknown setting --table'):
-        dataset.configure(g, ['--table=1'])
+        configurator.configure(g, ['--table=1'])
     # a plain constant below the first function cannot be set: the script refuses to start, naming it
     path.write_text(src + 'def f():\n    pass\n\n\nLATE = 4\n')
     with pytest.raises(SystemExit) as e:
-        dataset.configure(dict(g, LATE=4), [])
+        configurator.configure(dict(g, LATE=4), [])
     assert str(e.value) == (f"error: {path}:21: LATE is below the first function, where --key=value cannot set it: "
                             f"move it up into the settings, or name it _LATE")

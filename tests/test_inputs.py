@@ -8,7 +8,9 @@ import os
 import numpy as np
 import pytest
 
+import cache
 import dataset
+import runs
 from conftest import run_script, write_feature_set
 
 TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
@@ -29,21 +31,21 @@ def _one_error_line(proc):
 def test_external_features_follow_their_inputs(tmp_path):
     """train.py's cached e_i are rebuilt when the CLIP features or the split they were made from change
     (a re-extraction, a new split of the same size), never reused."""
-    cache = str(tmp_path)
-    write_feature_set(cache)
-    args = [*TRAIN, f'--cache_dir={cache}', '--external=imgk', '--aug=false', f'--results={tmp_path}/r.jsonl']
+    cache_dir = str(tmp_path)
+    write_feature_set(cache_dir)
+    args = [*TRAIN, f'--cache_dir={cache_dir}', '--external=imgk', '--aug=false', f'--results={tmp_path}/r.jsonl']
     first = run_script('train.py', *args).stdout
     assert 'rebuilding' not in first
     again = run_script('train.py', *args).stdout
     assert 'rebuilding' not in again  # nothing changed: reused
-    feats = os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy')
+    feats = os.path.join(cache_dir, 'folder', 'tiny-test-random', 'images.npy')
     meta = json.load(open(feats + '.json'))['settings']
-    dataset.save_array(feats, np.load(feats) * 1.01 + 0.01, meta, 'test')  # as a re-extraction in another precision
+    cache.save_array(feats, np.load(feats) * 1.01 + 0.01, meta, 'test')  # as a re-extraction in another precision
     out = run_script('train.py', *args).stdout
     assert 'rebuilding the external features' in out and 'inputs' in out
-    train = os.path.join(cache, 'folder', 'split_s0', 'train.npy')
+    train = os.path.join(cache_dir, 'folder', 'split_s0', 'train.npy')
     idx = np.load(train)
-    dataset.save_array(train, np.sort(np.concatenate([idx[1:], [np.setdiff1d(np.arange(480), idx)[0]]])), {}, 'test')
+    cache.save_array(train, np.sort(np.concatenate([idx[1:], [np.setdiff1d(np.arange(480), idx)[0]]])), {}, 'test')
     out = run_script('train.py', *args).stdout  # a new split with the same train count
     assert 'rebuilding the external features' in out
 
@@ -112,15 +114,15 @@ def test_extraction_caches_follow_images_labels_and_split_files(tmp_path):
 def test_reproduce_done_follows_the_inputs(tmp_path):
     import reproduce
     import train
-    cache = str(tmp_path)
-    write_feature_set(cache)
-    cfg = dict(reproduce.train_defaults(), DATASET='folder', CACHE_DIR=cache, BACKBONE='tiny-test',
+    cache_dir = str(tmp_path)
+    write_feature_set(cache_dir)
+    cfg = dict(reproduce.train_defaults(), DATASET='folder', CACHE_DIR=cache_dir, BACKBONE='tiny-test',
                BACKBONE_PRETRAINED='random', METHOD='lsh')
-    result = dict(inputs=dataset.fingerprints(**train.input_paths(cfg)))
+    result = dict(inputs=cache.fingerprints(**train.input_paths(cfg)))
     assert set(result['inputs']) == {'features', 'labels', 'query', 'retrieval', 'train'}
     assert reproduce.changed_inputs(result, cfg) == []
-    feats = os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy')
-    dataset.save_array(feats, np.load(feats) + 1, json.load(open(feats + '.json'))['settings'], 'test')
+    feats = os.path.join(cache_dir, 'folder', 'tiny-test-random', 'images.npy')
+    cache.save_array(feats, np.load(feats) + 1, json.load(open(feats + '.json'))['settings'], 'test')
     assert reproduce.changed_inputs(result, cfg) == ['features']
 
 
@@ -173,7 +175,6 @@ def test_results_file_partial_line_and_reruns(tmp_path):
 
 
 def test_full_disk_keeps_the_results_file_and_says_so(tmp_path, monkeypatch):
-    import train
     results = tmp_path / 'results.jsonl'
     results.write_text('{"dataset": "folder", "bits": 8, "map": 0.5}\n')
     before = results.read_bytes()
@@ -182,9 +183,9 @@ def test_full_disk_keeps_the_results_file_and_says_so(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(os, 'fsync', full)
     with pytest.raises(OSError) as e:
-        train.write_result(str(results), dict(dataset='folder', bits=16, map=0.7, config={}))
+        runs.write_result(str(results), dict(dataset='folder', bits=16, map=0.7, config={}))
     assert results.read_bytes() == before and not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]
-    msg = dataset.user_error(e.value)
+    msg = cache.user_error(e.value)
     assert msg.startswith('error: no space left on the device while writing') and str(results) in msg
 
 
@@ -247,9 +248,9 @@ def test_empty_class_folder_and_corrupt_codes(tmp_path):
 
 
 def test_read_only_and_full_disk_messages_name_the_file():
-    assert dataset.user_error(PermissionError(errno.EROFS, 'Read-only file system', '/data/cache/x.npy')) == \
+    assert cache.user_error(PermissionError(errno.EROFS, 'Read-only file system', '/data/cache/x.npy')) == \
         'error: cannot write /data/cache/x.npy (Read-only file system): choose a writable --cache_dir'
-    assert '/c/y.npy' in dataset.user_error(OSError(errno.ENOSPC, 'No space left on device', '/c/y.npy'))
+    assert '/c/y.npy' in cache.user_error(OSError(errno.ENOSPC, 'No space left on device', '/c/y.npy'))
 
 
 def test_read_only_cache_from_the_command_line(image_folder):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import external
 import train
 from conftest import METHOD_SET, run_script, write_method_set
 
@@ -52,10 +53,10 @@ def test_external_features_come_from_the_selected_nouns(method_runs):
     cache, labels, (query, retrieval, train_idx), nouns, com, _ = method_runs
     x = np.load(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'))[train_idx]
     assert 0 < len(com) < len(nouns) / 10  # the crowds are thinned
-    for external, vocab in (('efc', nouns[com]), ('ek', nouns)):
-        path, = glob.glob(os.path.join(cache, 'folder', 'tiny-test-random', f'external_{external}_*.npy'))
+    for kind, vocab in (('efc', nouns[com]), ('ek', nouns)):
+        path, = glob.glob(os.path.join(cache, 'folder', 'tiny-test-random', f'external_{kind}_*.npy'))
         e = np.load(path)
-        np.testing.assert_allclose(e, train.external_features(x, vocab, train.TAU1).numpy(), atol=1e-5)
+        np.testing.assert_allclose(e, external.external_features(x, vocab, train.TAU1).numpy(), atol=1e-5)
     efc, ek = (np.load(glob.glob(os.path.join(cache, 'folder', 'tiny-test-random', f'external_{k}_*.npy'))[0])
                for k in ('efc', 'ek'))
     assert np.abs(efc - ek).max() > 0.1  # the two vocabularies give different guidance on this set

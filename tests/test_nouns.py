@@ -11,9 +11,12 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cache  # noqa: E402
+import external  # noqa: E402
 import nouns_embed as ne  # noqa: E402
-from models import load_clip  # noqa: E402
+from cache import CacheError  # noqa: E402
 from conftest import needs_wordnet  # noqa: E402
+from models import load_clip  # noqa: E402
 
 
 def circle(deg):
@@ -184,19 +187,26 @@ def result(out):
     return dict(kv.split('=', 1) for kv in line.split()[1:])
 
 
+def vocab_cfg(tmp_path, external, vocab='imagenet'):
+    """The settings of a run whose external feature reads the vocabulary nouns_embed.py left in tmp_path."""
+    return dict(CACHE_DIR=str(tmp_path), VOCAB=vocab, CLIP_MODEL='tiny-test', CLIP_PRETRAINED='random', N_K=40,
+                T1=0.9, T1_READING='distance', RELEASED=False, EXTERNAL=external)
+
+
 def test_script_imagenet_reuse_stale(tmp_path):
-    cache = f'--cache_dir={tmp_path}'
-    out = run(cache, '--vocab=imagenet', '--n_k=40')
+    cache_arg = f'--cache_dir={tmp_path}'
+    out = run(cache_arg, '--vocab=imagenet', '--n_k=40')
     res = result(out)
     assert res['vocab'] == 'imagenet' and int(res['read']) == 998
     assert int(res['t_com']) == int(res['t_rep']) + int(res['t_cen']) and int(res['t_cen']) <= 40
-    vdir = ne.vocab_dir(str(tmp_path), 'imagenet', 'tiny-test', 'random')
-    sdir = ne.selection_dir(str(tmp_path), 'imagenet', 'tiny-test', 'random', 40, 0.9)
+    vdir = cache.vocab_dir(str(tmp_path), 'imagenet', 'tiny-test', 'random')
+    sdir = cache.selection_dir(str(tmp_path), 'imagenet', 'tiny-test', 'random', 40, 0.9)
     assert vdir.endswith('nouns/imagenet_tiny-test_random') and sdir == os.path.join(vdir, 'select_k40_t0.9')
-    t, words = ne.load_nouns(str(tmp_path), 'imagenet', 'tiny-test', 'random')
+    t, words = external.run_vocabulary(vocab_cfg(tmp_path, 'ek'), words=True)
     assert t.dtype == np.float32 and len(t) == len(words) == int(res['unique'])
     assert np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
-    sel, sel_words, tags = ne.load_selection(str(tmp_path), 'imagenet', 'tiny-test', 'random', 40, 0.9)
+    sel, sel_words = external.run_vocabulary(vocab_cfg(tmp_path, 'efc'), words=True)
+    tags = [line.split('\t')[1] for line in external.read_word_lines(os.path.join(sdir, 'selected_words.txt'))]
     assert len(sel) == len(sel_words) == int(res['t_com']) and set(tags) <= {'rep', 'cen'}
     assert np.array_equal(sel, t[[words.index(w) for w in sel_words]])
     summary = json.load(open(os.path.join(sdir, 'selection.json')))
@@ -205,24 +215,24 @@ def test_script_imagenet_reuse_stale(tmp_path):
     from models import hardware  # Table 4's time says where it was measured: here, every step on the CPU
     assert summary['hardware'] == hardware('cpu') and summary['hardware'].endswith('CPU threads), no GPU used')
 
-    out = run(cache, '--vocab=imagenet', '--n_k=40')  # everything reused
+    out = run(cache_arg, '--vocab=imagenet', '--n_k=40')  # everything reused
     assert out.count('reusing') == 3 and result(out) == dict(res, seconds=result(out)['seconds'])
-    out = run(cache, '--vocab=imagenet', '--n_k=40', '--t1=0.5')  # a T1 sweep does not recluster
+    out = run(cache_arg, '--vocab=imagenet', '--n_k=40', '--t1=0.5')  # a T1 sweep does not recluster
     assert 'reusing' in out and 'kmeans_k40' in out and 'select_k40_t0.5' in out
 
-    out = run(cache, '--vocab=imagenet', '--n_k=40', '--prompts=a photo of a {}.', ok=False)  # same path
+    out = run(cache_arg, '--vocab=imagenet', '--n_k=40', '--prompts=a photo of a {}.', ok=False)  # same path
     assert 'stale' in out and 'prompts' in out and '--force' in out
-    out = run(cache, '--vocab=imagenet', '--n_k=40', '--prompts=a photo of a {}.', '--force')
+    out = run(cache_arg, '--vocab=imagenet', '--n_k=40', '--prompts=a photo of a {}.', '--force')
     assert 'reusing' not in out
-    assert ne.load_nouns(str(tmp_path), 'imagenet', 'tiny-test', 'random')[0].shape == t.shape
+    assert external.run_vocabulary(vocab_cfg(tmp_path, 'ek'), words=True)[0].shape == t.shape
 
     # a selection whose word list was changed (or half written) is not trusted
     with open(os.path.join(sdir, 'selected_words.txt'), 'a') as f:
         f.write('extra\trep\n')
-    with pytest.raises(SystemExit, match='--force'):
-        ne.load_selection(str(tmp_path), 'imagenet', 'tiny-test', 'random', 40, 0.9)
+    with pytest.raises(CacheError, match='--force'):
+        external.run_vocabulary(vocab_cfg(tmp_path, 'efc'), words=True)
 
-    out = run(cache, '--vocab=imagenet', '--n_kk=3', ok=False)
+    out = run(cache_arg, '--vocab=imagenet', '--n_kk=3', ok=False)
     assert 'unknown setting --n_kk' in out
 
 
@@ -233,10 +243,10 @@ def test_script_word_list_files(tmp_path):
     res = result(out)
     # dog twice counts once; 'hot_dog' reads as 'hot dog', so their features are equal and one is dropped
     assert res['vocab'] == 'file-my_words' and res['read'] == '35' and res['unique'] == '34'
-    kept = ne.load_nouns(str(tmp_path), str(words), 'tiny-test', 'random')[1]
+    kept = external.run_vocabulary(vocab_cfg(tmp_path, 'ek', str(words)), words=True)[1]
     assert kept[:4] == ['dog', 'cat', 'ice_cream', 'hot dog'] and 'hot_dog' not in kept
     # a run killed while writing the features leaves no sidecar: the next run rebuilds them, bit for bit
-    vdir = ne.vocab_dir(str(tmp_path), str(words), 'tiny-test', 'random')
+    vdir = cache.vocab_dir(str(tmp_path), str(words), 'tiny-test', 'random')
     os.remove(os.path.join(vdir, 'noun_feats.npy.json'))
     out = run(f'--cache_dir={tmp_path}', f'--vocab={words}', '--n_k=5')
     assert 'reusing' in out and 'noun_feats.npy' not in out and result(out)['t_com'] == res['t_com']

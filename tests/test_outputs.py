@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-import dataset
+import cache
 from conftest import make_image_folder, run_script, write_feature_set
 
 BASE = ['--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', '--clip_model=tiny-test',
@@ -87,6 +87,7 @@ def test_figures_come_from_the_extracted_images_never_from_others(run, tmp_path)
 def test_released_tables_compare_the_authors_metric(monkeypatch, tmp_path):
     import eval_hash
     import reproduce
+
     # the authors' evaluation on saved outputs, by hand: rank by the continuous outputs (np.argsort of
     # the negated inner products), AP@K over the relevant items retrieved
     rng = np.random.default_rng(0)
@@ -189,13 +190,13 @@ def test_file_system_errors_name_the_file_and_what_to_do(tmp_path, monkeypatch):
     os.symlink(tmp_path / 'nowhere.png', link)
     with pytest.raises(OSError) as e:
         os.stat(link)
-    assert dataset.user_error(e.value) == (f"error: {link} is a broken symbolic link (its target "
+    assert cache.user_error(e.value) == (f"error: {link} is a broken symbolic link (its target "
                                            f"{tmp_path}/nowhere.png does not exist): mend or remove the link, then "
                                            f"run again")
     # a writer that fails without an errno on a full disk (numpy's may): said to be a full disk
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(100, 100, 0))
     chunk = str(tmp_path / '.chunks' / 'images' / '00006.npy')
-    assert dataset.user_error(OSError(None, None, chunk)) == (
+    assert cache.user_error(OSError(None, None, chunk)) == (
         f"error: no space left on the device while writing {chunk} (the disk is full): free some space (or choose "
         f"another --cache_dir) and run the same command again; nothing half-written is kept, and an extraction "
         f"resumes where it stopped")

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+import cache
 from conftest import needs_wordnet, run_script, saved_map, write_feature_set
 
 TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
@@ -39,7 +40,7 @@ def test_each_step_hands_on_its_files(pipeline):
     for f in ('labels.npy', 'split_s0/train.npy', 'tiny-test-random/images.npy',
               'tiny-test-random/train_aug_split_s0.npy'):
         assert os.path.isfile(os.path.join(d, f)) and os.path.isfile(os.path.join(d, f + '.json')), f
-    from nouns_embed import selection_dir, vocab_dir
+    from cache import selection_dir, vocab_dir
     vdir = vocab_dir(cache, 'wordnet', 'tiny-test', 'random')
     sdir = selection_dir(cache, 'wordnet', 'tiny-test', 'random', 800, 0.9, False)
     words = open(os.path.join(vdir, 'noun_words.txt')).read().split('\n')
@@ -78,6 +79,7 @@ def test_map_clearly_above_chance(pipeline, image_folder):
 def test_heads_give_the_saved_codes_again(pipeline):
     """The saved heads reproduce the saved codes without retraining."""
     import torch
+
     from models import HashHead
     tmp, cache, _, _, _ = pipeline
     run = os.path.join(tmp, 'run', '64bits')
@@ -108,7 +110,7 @@ def test_same_seed_same_codes(pipeline):
     (['--bits=0'], '--bits=0: 0 is outside [1, 1024]'),
     (['--bits=16,2048'], '--bits=16,2048: 2048 is outside [1, 1024]'),
     (['--batch_size=1'], '--batch_size=1: 1 is outside [2, inf)'),
-    (['--dataset=imagenet'], "unknown --dataset='imagenet'; choose one of cifar10, nuswide, flickr25k, mscoco, folder"),
+    (['--dataset=imagenet'], "--dataset='imagenet': choose one of cifar10, nuswide, flickr25k, mscoco, folder"),
     (['--method=foo'], "--method='foo': choose one of duheg, ssdh, cibhash, dhn, dch, dqn, dvsq, dtq, lsh, itq"),
     (['--external=none', '--aug=false'], 'IMGAUG'),
     (['--bits=16,x'], "--bits='16,x': 'x' is not an integer"),
@@ -123,10 +125,9 @@ def test_train_names_missing_and_mismatched_caches(tmp_path):
     proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--method=lsh', check=False)
     assert proc.returncode != 0 and 'labels.npy does not exist: run dataset_extract.py' in proc.stderr
     write_feature_set(str(tmp_path))
-    import dataset
     path = os.path.join(tmp_path, 'folder', 'tiny-test-random', 'images.npy')
     import models
-    dataset.save_array(path, np.zeros((5, 64), np.float32), dict(build=models.backbone_build('tiny-test', 'random')),
+    cache.save_array(path, np.zeros((5, 64), np.float32), dict(build=models.backbone_build('tiny-test', 'random')),
                        'test')  # rows do not match the labels
     proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--backbone=tiny-test',
                       '--backbone_pretrained=random', '--method=lsh', '--bits=8', check=False)

@@ -10,9 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import configurator
 import dataset
 import nouns_embed as ne
 import train
+import views
+from cache import selection_dir
 from conftest import needs_wordnet, run_script, saved_map
 
 TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
@@ -182,7 +185,7 @@ def test_views_of_each_epoch(monkeypatch):
 
 def test_released_settings_resolve_together():
     def released_settings(cfg):  # train.py's table, resolved by the one shared function
-        return dataset.released_defaults(cfg, train.RELEASED_DEFAULTS)
+        return configurator.released_defaults(cfg, train.RELEASED_DEFAULTS)
     assert released_settings(dict(RELEASED=False)) == dict(T1_READING='distance', VIEW_RECIPE='simclr',
                                                                  NORM_INPUTS=False)
     assert released_settings(dict(RELEASED=True)) == dict(T1_READING='similarity', VIEW_RECIPE='released',
@@ -208,14 +211,14 @@ def test_released_view_recipes_equal_torchvision_pipelines():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     bicubic = T.InterpolationMode.BICUBIC
-    plain, aug = dataset.released_views('cifar10')
+    plain, aug = views.released_views('cifar10')
     ref_plain = T.Compose([T.Resize(224, interpolation=bicubic), T.CenterCrop(224), T.ToTensor(), norm])
     ref_aug = T.Compose([T.Resize(224, interpolation=bicubic), T.RandomHorizontalFlip(0.5),
                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.7), T.RandomGrayscale(0.2),
                          T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.5), T.ToTensor(), norm])
     assert torch.equal(plain(img), ref_plain(img)) and plain(img).shape == (3, 224, 224)
     assert all(_same_under_seed(aug, ref_aug, img, s) for s in range(8))
-    plain, aug = dataset.released_views('mscoco')
+    plain, aug = views.released_views('mscoco')
     ref_plain = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
     ref_aug = T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0)), T.RandomHorizontalFlip(0.5), T.ToTensor(), norm])
     assert torch.equal(plain(img), ref_plain(img))
@@ -343,7 +346,7 @@ def test_released_end_to_end(image_folder, tmp_path):
     assert 'reading=similarity' in last and 'the similarity reading (authors\' code, cos > T1) keeps' in nouns.stdout
     res = dict(kv.split('=', 1) for kv in last.split()[1:])
     assert int(res['t_com']) == int(res['t_rep']) == int(res['t_rep_similarity']) > 0
-    sel = json.load(open(os.path.join(ne.selection_dir(cache, 'imagenet', 'tiny-test', 'random', 40, 0.9, True,
+    sel = json.load(open(os.path.join(selection_dir(cache, 'imagenet', 'tiny-test', 'random', 40, 0.9, True,
                                                        'similarity'), 'selection.json')))
     assert sel['kmeans']['iters'] == 300 and sel['kmeans']['restarts'] == 10
     assert sel['config']['KMEANS_INIT'] == 'random' and sel['config']['KMEANS_TOL'] == 0.0

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, run_script
 import reproduce
+import runs
 import train
 
 TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
@@ -202,12 +203,12 @@ def test_skip_only_a_matching_results_line(settings):
 def test_read_results_leaves_out_a_line_cut_by_a_kill(tmp_path, capsys):
     path = tmp_path / 'results.jsonl'
     path.write_text(json.dumps(dict(map=0.5)) + '\n' + '{"dataset": "cif')
-    assert reproduce.read_results(str(path)) == [dict(map=0.5)]
+    assert runs.read_results(str(path)) == [dict(map=0.5)]
     assert '1 unreadable line' in capsys.readouterr().out
 
 
 def test_table4_reads_selection_json(settings, tmp_path):
-    from nouns_embed import selection_dir
+    from cache import selection_dir
     settings.setattr(reproduce, 'CLIP_MODEL', 'tiny-test')
     settings.setattr(reproduce, 'CLIP_PRETRAINED', 'random')
     settings.setattr(reproduce, 'ROWS', ('wordnet',))

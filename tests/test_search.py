@@ -73,7 +73,7 @@ def test_word_query_retrieves_its_class(tmp_path):
     the run's vocabulary (its training images, EXTERNAL imgk) and He. The generated images sit at
     their class names' text features (plus noise), so a class's name retrieves that class far above
     chance (1/8), and different words give different codes."""
-    import dataset as ds
+    import cache as cache_files
     import models
     import nouns_embed
     from conftest import CLASS_NAMES
@@ -86,8 +86,8 @@ def test_word_query_retrieves_its_class(tmp_path):
     rng = np.random.default_rng(0)
     x = text[labels.argmax(1)] + 0.3 * gap * rng.normal(0, 1, (len(labels), 32)) / np.sqrt(32)
     build = models.backbone_build('tiny-test', 'random')
-    ds.save_array(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'), x.astype(np.float32),
-                  dict(build=build), 'test')
+    cache_files.save_array(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'), x.astype(np.float32),
+                           dict(build=build), 'test')
     run_script('train.py', '--dataset=folder', *MODEL, '--external=imgk', '--aug=false', '--bits=32', '--epochs=30',
                '--warmup=3', '--batch_size=120', f'--cache_dir={cache}', f'--run_dir={tmp_path}/run',
                f'--results={tmp_path}/r.jsonl')

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import external
 import train
 
 
@@ -68,7 +69,7 @@ def test_external_features_eq5_6_two_nouns():
     # s = softmax([8, 6]) = (1/(1+e^-2), e^-2/(1+e^-2)); e = normalise(s_1 t_1 + s_2 t_2)
     t = np.array([[1.0, 0.0], [0.0, 1.0]])
     i = np.array([[0.8, 0.6], [-3.0, 0.0]])  # the second image is not unit norm: it is normalised first
-    e = train.external_features(i, t, 0.1).numpy()
+    e = external.external_features(i, t, 0.1).numpy()
     s1 = 1 / (1 + math.exp(-2))
     v = np.array([s1, 1 - s1])
     np.testing.assert_allclose(e[0], v / np.linalg.norm(v), atol=1e-6)
@@ -76,7 +77,7 @@ def test_external_features_eq5_6_two_nouns():
     s = np.exp([-10, 0]) / np.exp([-10, 0]).sum()
     np.testing.assert_allclose(e[1], s / np.linalg.norm(s), atol=1e-6)
     # a tiny temperature picks the nearest noun
-    np.testing.assert_allclose(train.external_features(i[:1], t, 1e-4).numpy()[0], [1, 0], atol=1e-6)
+    np.testing.assert_allclose(external.external_features(i[:1], t, 1e-4).numpy()[0], [1, 0], atol=1e-6)
 
 
 def test_pick_views_distinct_pairs():

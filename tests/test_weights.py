@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 import models
 
 clip = pytest.importorskip('clip', reason='clip-anytorch (OpenAI CLIP code) is a test dependency')
@@ -255,11 +256,10 @@ def test_scripts_stop_on_unusable_weights_with_one_clean_line(tmp_path, image_fo
 
 def test_features_of_an_older_build_are_stale_not_reused(tmp_path):
     """Caches made before the build was recorded (the GELU loader) are refused by train.py."""
-    import dataset
     from conftest import run_script, write_feature_set
     write_feature_set(str(tmp_path))
     path = os.path.join(tmp_path, 'folder', 'tiny-test-random', 'images.npy')
-    dataset.save_array(path, np.load(path), {}, 'an older dataset_extract.py')
+    cache.save_array(path, np.load(path), {}, 'an older dataset_extract.py')
     proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--backbone=tiny-test',
                       '--backbone_pretrained=random', '--method=lsh', '--bits=8', check=False)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
