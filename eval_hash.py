@@ -41,7 +41,7 @@ RADIUS = 2               # Hamming radius of "precision within radius" (empty se
 EXAMPLES = 3             # queries drawn with their top-10 (Figure 6) and their top-5 nouns (Figure 7); 0: none
 DATA_PATH = ''           # the dataset's images; '' -> where dataset_extract.py read them (its source.json)
 # system
-CHUNK = 32               # most queries ranked at once (32 is the fastest on a 2-core CPU)
+CHUNK = 8                # most queries ranked at once (8 is the fastest on a 2-core CPU: a chunk stays in cache)
 MEM_MB = 512             # memory one chunk of one worker may use: chunks shrink as the retrieval set grows
 WORKERS = 2              # threads, each ranking its own block of queries (numpy releases the GIL)
 SUBSAMPLE = 32           # every SUBSAMPLE-th item estimates a query's top-K threshold (results never depend on it)
@@ -158,19 +158,10 @@ _TILE = 8192  # retrieval items per distance tile: the tile's XOR words stay in 
 _MAG = np.uint64(0x0102040810204080)  # (w * _MAG) >> 56: the low bits of the 8 bytes of w as one byte
 
 
-def _byte_tables():
-    """For each 8-bit pattern of candidate bytes in a word (as _MAG gathers it): the positions of its
-    candidates, [8, 256] (j-th candidate in row j), and their count [256]."""
-    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder='little')
-    pattern = ((np.ascontiguousarray(bits).view(np.uint64)[:, 0] * _MAG) >> np.uint64(56)).astype(np.intp)
-    pos, count = np.zeros((8, 256), np.intp), np.zeros(256, np.intp)
-    for b, p in zip(bits, pattern):
-        where = np.flatnonzero(b)
-        pos[:len(where), p], count[p] = where, len(where)
-    return pos, count
-
-
-_BYTE_POS, _BYTE_COUNT = _byte_tables()
+_BYTE_POS, _BYTE_COUNT = np.zeros((8, 256), np.intp), np.zeros(256, np.intp)  # by pattern: j-th candidate, count
+for _b in np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder='little'):
+    _p, _at = int((np.ascontiguousarray(_b).view(np.uint64) * _MAG >> np.uint64(56))[0]), np.flatnonzero(_b)
+    _BYTE_POS[:len(_at), _p], _BYTE_COUNT[_p] = _at, len(_at)
 
 
 def _distances(qw, rw, s, e, D, buf):
@@ -189,8 +180,7 @@ def _distances(qw, rw, s, e, D, buf):
 
 
 def _distance_buffers(c, n, L, dtype):
-    """A chunk's distance rows [c, n rounded up to 8] (the padding holds L + 1, above every distance) and
-    its XOR tile."""
+    """A chunk's distance rows [c, n rounded up to 8] (padding L + 1, above every distance), its XOR tile."""
     D = np.full((c, -(-n // 8) * 8), L + 1, np.uint8 if L < 255 else np.uint16)
     return D, np.empty((c, min(_TILE, n)), dtype)
 
@@ -247,12 +237,9 @@ def _candidate_keys(D, t, L, mask):
     found first (one nonzero over n8 / 8 words), then the candidates inside them through _BYTE_POS."""
     c, n8 = D.shape
     cb, db = max(1, (n8 - 1).bit_length()), max(1, (L + 1).bit_length())
-    words = np.less_equal(D, t[:, None], out=mask[:c]).view(np.uint64).ravel()  # bytes 1 at candidates
+    words = np.less_equal(D, t.astype(D.dtype)[:, None], out=mask[:c]).view(np.uint64).ravel()  # 1: candidate
     nzw = np.flatnonzero(words != 0)
-    p = np.take(words, nzw)
-    p *= _MAG
-    p >>= np.uint64(56)
-    p = p.view(np.intp)                                  # each word's pattern of candidate bytes
+    p = (np.take(words, nzw) * _MAG >> np.uint64(56)).view(np.intp)  # each word's pattern of candidate bytes
     rows = np.searchsorted(nzw, np.arange(c + 1) * (n8 // 8))
     base = nzw * 8                                       # position in D of each word's first item
     kw = base + np.repeat(np.arange(c) * ((1 << (cb + db)) - n8), np.diff(rows))  # its key at distance 0
@@ -283,10 +270,10 @@ def _hamming_topk(D, k, L, n, mask):
     t = np.partition(sample, j, axis=1)[:, j]
     key, cb, db = _candidate_keys(D, t, L, mask)
     starts = np.searchsorted(key, (np.arange(c + 1) << (cb + db)).astype(key.dtype))
-    top = np.take(key, np.minimum(starts[:-1, None] + np.arange(k), len(key) - 1))
+    top = np.take(key, starts[:-1, None] + np.arange(k), mode='clip')  # a short row's tail: redone below
     short = np.flatnonzero(np.diff(starts) < k)
     if len(short):  # estimate too low: those rows again at their exact k-th smallest distance
-        exact = np.partition(D[short, :n].astype(np.uint16), k - 1, axis=1)[:, k - 1]
+        exact = np.partition(D[short, :n].astype(np.uint16), k - 1, axis=1)[:, k - 1]  # (u16: a fast partition)
         key, _, _ = _candidate_keys(D[short], exact, L, mask)
         starts = np.searchsorted(key, (np.arange(len(short)) << (cb + db)).astype(key.dtype))
         top[short] = np.take(key, starts[:, None] + np.arange(k))
@@ -294,8 +281,7 @@ def _hamming_topk(D, k, L, n, mask):
 
 
 def _ranked_chunks(qw, rw, L, k, chunk=None, bar=None, dist=True):
-    """Yield (s, e, idx, dist): the top-k retrieval items of queries s..e-1 by (Hamming distance, index);
-    dist None when not asked for."""
+    """Yield (s, e, idx, dist): the top-k of queries s..e-1 by (Hamming distance, index); dist None if not asked."""
     nq, n = qw.shape[1], rw.shape[1]
     k = min(int(k), n)
     c = _chunk_size(n, chunk)
@@ -315,10 +301,9 @@ def _ranked_chunks(qw, rw, L, k, chunk=None, bar=None, dist=True):
 
 
 def hamming_rank_topk(q_codes, r_codes, k, chunk=None, device=None):
-    """Top-k retrieval indices of every query by Hamming distance, ties by retrieval index
-    (a stable sort on distance): (idx int64 [nq, k], dist int32 [nq, k]); k is cut at the
-    retrieval size. Memory of the result: nq * k * 12 bytes. device: None for numpy on the CPU,
-    or a torch device ('cuda', 'cpu') for the same ranking with torch (_torch_ranked)."""
+    """Top-k retrieval indices of every query by Hamming distance, ties by retrieval index (a stable sort on
+    distance): (idx int64 [nq, k], dist int32 [nq, k]), k cut at the retrieval size; result nq * k * 12 bytes.
+    device: None for numpy on the CPU, or a torch device ('cuda') for the same ranking there (_torch_ranked)."""
     if device is not None:
         parts = list(_torch_ranked(q_codes, r_codes, k, device, chunk))
         return np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
@@ -328,14 +313,12 @@ def hamming_rank_topk(q_codes, r_codes, k, chunk=None, device=None):
 
 def _torch_ranked(q_codes, r_codes, k, device, chunk=None, bar=None):
     """Yield (s, e, idx, dist) as _ranked_chunks, with torch on `device` (a GPU): distances (L - <b_q, b_r>) / 2
-    by one matrix product of the +-1 codes (exact: integers far below 2^24 in float32), then the k smallest
-    keys distance * n + index (unique, so the order is (distance, index)) by torch.topk."""
+    by a product of the +-1 codes (exact in float32), the k smallest keys distance * n + index by torch.topk."""
     import torch
     q = torch.as_tensor(to_codes(q_codes), device=device).float()
     r = torch.as_tensor(to_codes(r_codes), device=device).float()
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
-        raise ValueError(f'query codes {tuple(q.shape)} and retrieval codes {tuple(r.shape)} must be N x L with the '
-                         f'same L')
+        raise ValueError(f'query codes {tuple(q.shape)} / retrieval codes {tuple(r.shape)}: N x L with one L')
     n, L = r.shape
     k = min(int(k), n)
     c = int(chunk or max(1, min(4096, (MEM_MB << 20) // (16 * n))))  # float32 products and int64 keys
@@ -356,8 +339,7 @@ def hamming_rank_packed(q_packed, r_packed, k, chunk=None):
 
 def _rank_words(qw, rw, L, k, chunk=None):
     k = min(int(k), rw.shape[1])
-    idx = np.empty((qw.shape[1], k), np.int64)
-    dist = np.empty((qw.shape[1], k), np.int32)
+    idx, dist = np.empty((qw.shape[1], k), np.int64), np.empty((qw.shape[1], k), np.int32)
 
     def block(lo, hi, bar):
         for s, e, i, d in _ranked_chunks(qw[:, lo:hi], rw, L, k, chunk, bar):
@@ -372,9 +354,7 @@ def _relevance(qlw, rlw, idx=None):
     """Relevant = at least one shared label: bool [c, n], or [c, k] at the ranked items idx."""
     g = None
     for w in range(len(rlw)):
-        x = rlw[w][None, :] & qlw[w][:, None] if idx is None else np.take(rlw[w], idx)
-        if idx is not None:
-            x &= qlw[w][:, None]
+        x = rlw[w][None, :] & qlw[w][:, None] if idx is None else np.take(rlw[w], idx) & qlw[w][:, None]
         g = x if g is None else np.bitwise_or(g, x, out=g)
     return g != 0
 
@@ -392,9 +372,8 @@ def _average_precision(rel):
 
 
 def mean_average_precision(q_codes, r_codes, q_labels, r_labels, topk, device=None):
-    """MAP@K (Table 1) of Hamming ranking: mean over queries of AP@K, K = topk cut at the
-    retrieval size. Continuous outputs are turned into codes with sign() first. device: None for
-    numpy on the CPU, or a torch device (a GPU) to rank there (_torch_ranked; the same lists)."""
+    """MAP@K (Table 1) of Hamming ranking: mean over queries of AP@K, K = topk cut at the retrieval size;
+    continuous outputs become codes by sign() first. device: a torch device (a GPU) ranks there (_torch_ranked)."""
     qw, rw, L = _code_words(q_codes, r_codes)
     qlw, rlw = _label_words(q_labels, r_labels, qw.shape[1], rw.shape[1])
     if device is not None:

@@ -231,7 +231,7 @@ def test_topk_rows_float_without_and_with_ties():
 
 
 def test_chunk_size_bounds_memory():
-    assert E._chunk_size(117_218) == 32
+    assert E._chunk_size(117_218) == E.CHUNK == 8  # 8 queries: a chunk's distances and mask stay in cache
     assert E._chunk_size(50_000_000) == 1  # one query at a time, however large the retrieval set
     for n in (1_000, 117_218, 5_000_000):   # ~64 bytes per (query, item) stay within MEM_MB, and only just
         c = E._chunk_size(n)
