@@ -232,9 +232,8 @@ def _topk_rows(D, k):
 
 
 def _candidate_keys(D, t, L, mask):
-    """Every item of row r of D [c, n8] at distance <= t[r], as keys r << (cb + db) | d << cb | column,
-    sorted (so by row, distance, index): (keys, cb, db). The words of 8 distances that hold a candidate are
-    found first (one nonzero over n8 / 8 words), then the candidates inside them through _BYTE_POS."""
+    """Every item of row r of D [c, n8] at distance <= t[r] as keys r << (cb + db) | d << cb | column, sorted: (keys,
+    cb, db). Words of 8 distances holding a candidate come first (a nonzero over n8 / 8), their candidates next."""
     c, n8 = D.shape
     cb, db = max(1, (n8 - 1).bit_length()), max(1, (L + 1).bit_length())
     words = np.less_equal(D, t.astype(D.dtype)[:, None], out=mask[:c]).view(np.uint64).ravel()  # 1: candidate
@@ -260,10 +259,8 @@ def _candidate_keys(D, t, L, mask):
 
 
 def _hamming_topk(D, k, L, n, mask):
-    """The k smallest (distance, index) of each row of D [c, n8] (columns n.. are padding above L) as keys
-    row | distance | index (_candidate_keys), [c, k], and the key's (cb, db), by counting: a threshold t per
-    row from a column sample, every item with d <= t (at least k, else the row again at its exact k-th
-    distance), their keys sorted, the first k kept."""
+    """The k smallest (distance, index) of each row of D [c, n8] as keys row|distance|index [c, k], and (cb, db): a
+    threshold t per row from a column sample, every item with d <= t (_candidate_keys), the first k kept."""
     c = len(D)
     sample = D[:, :n:SUBSAMPLE].astype(np.uint16)
     j = min(sample.shape[1] - 1, 5 * k // (4 * SUBSAMPLE) + 4)
@@ -564,20 +561,23 @@ def _check_pq(q_z, r_codes, codebooks):
 
 
 def _aqd_ranked(q_z, codes, codebooks, metric, k, chunk=None, bar=None):
-    """Yield (s, e, idx, dist): the top-k retrieval items of queries s..e-1 by (AQD, index). The
-    distance of query q to item r is sum_m T[q, m, code_rm], added in subspace order."""
-    n = len(codes)
+    """Yield (s, e, idx, dist): the top-k items of queries s..e-1 by (AQD, index). The distance of query q to
+    item r is sum_m T[q, m, code_rm] in subspace order, gathered as rows of T.T (a word's term for each query)."""
+    n, (m, w) = len(codes), codebooks.shape[:2]
     c = max(1, _chunk_size(n, chunk) // 2)  # float64 distances and the gathered term: 16 bytes per pair
-    cols = np.ascontiguousarray(codes.T)    # [M, n]: each subspace's words, read in order
-    D, x = np.empty((c, n)), np.empty((c, n))
+    rows = np.ascontiguousarray((codes + w * np.arange(m)).T)  # [M, n]: rows of the tables [M * K, c]
+    tile = 2048  # items gathered at once: their rows stay in cache
     for s in range(0, len(q_z), c):
         e = min(s + c, len(q_z))
-        t = aqd_tables(q_z[s:e], codebooks, metric)
-        d = np.take(t[:, 0], cols[0], axis=1, out=D[:e - s], mode='wrap')  # indices checked by _check_pq
-        for m in range(1, t.shape[1]):
-            d += np.take(t[:, m], cols[m], axis=1, out=x[:e - s], mode='wrap')
-        idx, dist = _topk_rows(d, k)
-        yield s, e, idx, dist
+        tT = np.ascontiguousarray(aqd_tables(q_z[s:e], codebooks, metric).reshape(e - s, -1).T)
+        D, acc, x = np.empty((e - s, n)), np.empty((tile, e - s)), np.empty((tile, e - s))
+        for a in range(0, n, tile):
+            b = min(a + tile, n)  # (indices checked by _check_pq)
+            d = np.take(tT, rows[0, a:b], axis=0, out=acc[:b - a], mode='wrap')
+            for j in range(1, m):
+                d += np.take(tT, rows[j, a:b], axis=0, out=x[:b - a], mode='wrap')
+            D[:, a:b] = d.T
+        yield s, e, *_topk_rows(D, k)
         if bar is not None:
             bar.update(e - s)
 
