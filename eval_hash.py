@@ -44,7 +44,7 @@ RADIUS = 2               # Hamming radius of "precision within radius" (empty se
 EXAMPLES = 3             # queries drawn with their top-10 (Figure 6) and their top-5 nouns (Figure 7); 0: none
 DATA_PATH = ''           # the dataset's images; '' -> where dataset_extract.py read them (its source.json)
 # system
-CHUNK = 32               # most queries ranked at once (32 is the fastest on a 2-core CPU)
+CHUNK = 8                # most queries ranked at once (8 is the fastest on a 2-core CPU: a chunk stays in cache)
 MEM_MB = 512             # memory one chunk of one worker may use: chunks shrink as the retrieval set grows
 WORKERS = 2              # threads, each ranking its own block of queries (numpy releases the GIL)
 SUBSAMPLE = 32           # every SUBSAMPLE-th item estimates a query's top-K threshold (results never depend on it)
@@ -57,15 +57,20 @@ _CONTINUOUS_LABEL = ("continuous-output MAP (authors' released evaluation: ranks
 
 # -----------------------------------------------------------------------------
 # codes, packing, ranking
-def to_codes(h):
-    """Hash codes b = sign(h) in {-1, +1} as int8, with sign(0) = +1 (Section 3.3). Takes the
-    continuous outputs h or +-1 codes; integer 0/1 bit codes are refused (sign would make them all +1)."""
+def _sign_bits(h):
+    """sign(h) >= 0 as bool (sign(0) = +1), after the checks of to_codes: one pass over h."""
     h = np.asarray(h)
     if h.dtype.kind == 'f' and not np.isfinite(h).all():
         raise ValueError('hash outputs hold NaN or infinite values')
     if h.dtype.kind in 'biu' and (h == 0).any():
         raise ValueError('integer codes must be -1/+1, not 0/1 bits (map them with 2 * bits - 1)')
-    return np.where(h >= 0, 1, -1).astype(np.int8)
+    return h >= 0
+
+
+def to_codes(h):
+    """Hash codes b = sign(h) in {-1, +1} as int8, with sign(0) = +1 (Section 3.3). Takes the
+    continuous outputs h or +-1 codes; integer 0/1 bit codes are refused (sign would make them all +1)."""
+    return np.where(_sign_bits(h), 1, -1).astype(np.int8)
 
 
 def _label_words(q_labels, r_labels, nq, n):
@@ -82,7 +87,7 @@ def _label_words(q_labels, r_labels, nq, n):
 def pack(h):
     """Codes b = sign(h) (sign(0) = +1, to_codes) as bits, 8 a byte: uint8 [N, ceil(L / 8)]. The one
     packing of codes: search.py's index stores these bytes."""
-    return np.packbits(to_codes(h) > 0, axis=1)
+    return np.packbits(_sign_bits(h), axis=1)
 
 
 def _words(packed):
@@ -105,37 +110,92 @@ def _chunk_size(n, chunk=None):
 
 def _code_words(q_codes, r_codes):
     """Query and retrieval codes (or continuous outputs, through sign()) packed into words: (qw, rw, L)."""
-    q, r = to_codes(q_codes), to_codes(r_codes)
+    q, r = _sign_bits(q_codes), _sign_bits(r_codes)
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
         raise ValueError(f'query codes {q.shape} and retrieval codes {r.shape} must be N x L with the same L')
-    return _words(pack(q)), _words(pack(r)), q.shape[1]
+    return _words(np.packbits(q, axis=1)), _words(np.packbits(r, axis=1)), q.shape[1]
 
 
-def _blocks(fn, nq, desc):
-    """fn(lo, hi, bar) on WORKERS contiguous blocks of the nq queries, one thread each (numpy
+def _blocks(fn, nq, desc, workers=None):
+    """fn(lo, hi, bar) on WORKERS (or `workers`) contiguous blocks of the nq queries, one thread each (numpy
     releases the GIL; each block keeps its own buffers); the list of the blocks' results."""
     if nq < 1:
         raise ValueError('no queries')
-    edges = np.linspace(0, nq, min(WORKERS, nq) + 1).astype(int)
+    edges = np.linspace(0, nq, min(workers or WORKERS, nq) + 1).astype(int)
     with tqdm(total=nq, desc=desc, leave=False, disable=None) as bar, ThreadPoolExecutor(len(edges) - 1) as ex:
         return list(ex.map(lambda lo, hi: fn(lo, hi, bar), edges[:-1], edges[1:]))
+
+
+# the reference: one query at a time, a stable argsort of its distances (DeepHash's CalcTopMap); the
+# fast chunked path below gives the same lists and the same MAP (tests/test_eval.py holds them equal)
+def hamming_rank_reference(q_codes, r_codes, k):
+    """Top-k retrieval items of each query by Hamming distance, ties by index, the plain way: (idx int64
+    [nq, k], dist int32 [nq, k]), k cut at the retrieval size."""
+    q, r = to_codes(q_codes).astype(np.int64), to_codes(r_codes).astype(np.int64)
+    k = min(int(k), len(r))
+    idx, dist = np.zeros((len(q), k), np.int64), np.zeros((len(q), k), np.int32)
+    for i, b in enumerate(q):
+        d = (q.shape[1] - r @ b) // 2             # Hamming distance = (L - <b_q, b_r>) / 2
+        idx[i] = np.argsort(d, kind='stable')[:k]  # a stable sort: ties in retrieval index order
+        dist[i] = d[idx[i]]
+    return idx, dist
+
+
+def mean_average_precision_reference(q_codes, r_codes, q_labels, r_labels, topk):
+    """MAP@K of the reference ranking: per query AP@K = (1/R) sum_k precision(k) rel(k) over its top K, R the
+    relevant items among them (AP = 0 when R = 0); relevant = at least one shared label."""
+    qy, ry = np.asarray(q_labels), np.asarray(r_labels)
+    if qy.ndim == 1:  # class indices: one-hot rows
+        qy, ry = (np.eye(int(max(qy.max(), ry.max())) + 1)[y] for y in (qy, ry))
+    idx, _ = hamming_rank_reference(q_codes, r_codes, topk)
+    aps = []
+    for i, y in zip(idx, qy.astype(np.float64)):
+        rel = ry[i].astype(np.float64) @ y > 0     # relevance of the ranked items
+        hits = np.cumsum(rel)
+        aps.append(np.sum(hits / np.arange(1, len(rel) + 1) * rel) / hits[-1] if hits[-1] else 0.0)
+    return float(np.mean(aps))
+
+
+# the fast path: distances tile by tile, then the top K found by counting, not by sorting every row
+_TILE = 8192  # retrieval items per distance tile: the tile's XOR words stay in the core's cache
+_MAG = np.uint64(0x0102040810204080)  # (w * _MAG) >> 56: the low bits of the 8 bytes of w as one byte
+
+
+_BYTE_POS, _BYTE_COUNT = np.zeros((8, 256), np.intp), np.zeros(256, np.intp)  # by pattern: j-th candidate, count
+for _b in np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder='little'):
+    _p, _at = int((np.ascontiguousarray(_b).view(np.uint64) * _MAG >> np.uint64(56))[0]), np.flatnonzero(_b)
+    _BYTE_POS[:len(_at), _p], _BYTE_COUNT[_p] = _at, len(_at)
+
+
+def _distances(qw, rw, s, e, D, buf):
+    """D[:e-s, :n] = Hamming distances popcount(b_q xor b_r) of the queries s..e-1 of qw to every item
+    of rw, one column tile at a time (buf [c, _TILE] holds a tile's XOR words); returns D[:e-s]."""
+    c, n = e - s, rw.shape[1]
+    for a in range(0, n, _TILE):
+        b = min(a + _TILE, n)
+        x = buf[:c, :b - a]
+        np.bitwise_xor(qw[0, s:e, None], rw[0, None, a:b], out=x)
+        np.bitwise_count(x, out=D[:c, a:b])
+        for w in range(1, len(rw)):
+            np.bitwise_xor(qw[w, s:e, None], rw[w, None, a:b], out=x)
+            D[:c, a:b] += np.bitwise_count(x)
+    return D[:c]
+
+
+def _distance_buffers(c, n, L, dtype):
+    """A chunk's distance rows [c, n rounded up to 8] (padding L + 1, above every distance), its XOR tile."""
+    D = np.full((c, -(-n // 8) * 8), L + 1, np.uint8 if L < 255 else np.uint16)
+    return D, np.empty((c, min(_TILE, n)), dtype)
 
 
 def _distance_chunks(qw, rw, L, chunk=None, bar=None):
     """Yield (s, e, D): Hamming distances D [e-s, n] of the queries s..e-1 of qw to every item of rw."""
     nq, n = qw.shape[1], rw.shape[1]
     c = _chunk_size(n, chunk)
-    buf = np.empty((c, n), rw.dtype)  # reused: fresh large arrays cost page faults
-    D = np.empty((c, n), np.uint8 if L < 256 else np.uint16)
+    D, buf = _distance_buffers(c, n, L, rw.dtype)  # reused: fresh large arrays cost page faults
     for s in range(0, nq, c):
         e = min(s + c, nq)
-        # Hamming distance = popcount(b_q xor b_r) = (L - <b_q, b_r>) / 2, exact
-        np.bitwise_xor(qw[0, s:e, None], rw[0][None, :], out=buf[:e - s])
-        np.bitwise_count(buf[:e - s], out=D[:e - s])
-        for w in range(1, len(rw)):
-            np.bitwise_xor(qw[w, s:e, None], rw[w][None, :], out=buf[:e - s])
-            D[:e - s] += np.bitwise_count(buf[:e - s])
-        yield s, e, D[:e - s]
+        yield s, e, _distances(qw, rw, s, e, D, buf)[:, :n]
         if bar is not None:
             bar.update(e - s)
 
@@ -164,25 +224,112 @@ def _topk_rows(D, k):
     val = D.ravel()[pos]
     start = np.cumsum(count) - count
     idx, top = np.empty((c, k), np.int64), np.empty((c, k), D.dtype)
-    for r in range(c):  # a stable sort of each row's candidates keeps index order inside ties
-        o = start[r] + np.argsort(val[start[r]:start[r] + count[r]], kind='stable')[:k]
+    for r in range(c):  # each row's candidates sorted, ties in index order (they are in index order)
+        v = val[start[r]:start[r] + count[r]]
+        o = np.argsort(v)  # the fast (unstable) sort: equal to the stable one when no two values tie
+        if (v[o[1:]] == v[o[:-1]]).any():
+            o = np.argsort(v, kind='stable')
+        o = start[r] + o[:k]
         idx[r], top[r] = pos[o] - r * n, val[o]
     return idx, top
 
 
-def _ranked_chunks(qw, rw, L, k, chunk=None, bar=None):
-    """Yield (s, e, idx, dist): the top-k retrieval items of queries s..e-1 by (Hamming distance, index)."""
-    for s, e, D in _distance_chunks(qw, rw, L, chunk, bar):
-        idx, dist = _topk_rows(D, k)
-        yield s, e, idx, dist
+def _candidate_keys(D, t, L, mask):
+    """Every item of row r of D [c, n8] at distance <= t[r] as keys r << (cb + db) | d << cb | column, sorted: (keys,
+    cb, db). Words of 8 distances holding a candidate come first (a nonzero over n8 / 8), their candidates next."""
+    c, n8 = D.shape
+    cb, db = max(1, (n8 - 1).bit_length()), max(1, (L + 1).bit_length())
+    words = np.less_equal(D, t.astype(D.dtype)[:, None], out=mask[:c]).view(np.uint64).ravel()  # 1: candidate
+    nzw = np.flatnonzero(words != 0)
+    p = (np.take(words, nzw) * _MAG >> np.uint64(56)).view(np.intp)  # each word's pattern of candidate bytes
+    rows = np.searchsorted(nzw, np.arange(c + 1) * (n8 // 8))
+    base = nzw * 8                                       # position in D of each word's first item
+    kw = base + np.repeat(np.arange(c) * ((1 << (cb + db)) - n8), np.diff(rows))  # its key at distance 0
+    count, sel, pos, keys = np.take(_BYTE_COUNT, p), None, [], []
+    for j in range(8):  # the j-th candidate of every word that has more than j
+        if j:
+            sel = np.flatnonzero(count > j) if sel is None else sel[np.take(count, sel) > j]
+            if not len(sel):
+                break
+        off = np.take(_BYTE_POS[j], p if sel is None else np.take(p, sel))
+        pos.append(off + (base if sel is None else np.take(base, sel)))
+        keys.append(np.add(off, kw if sel is None else np.take(kw, sel), out=off))
+    key = np.concatenate(keys)
+    key += np.left_shift(np.take(D.ravel(), np.concatenate(pos)), cb, dtype=np.intp)
+    key = key.astype(np.uint32 if (c - 1).bit_length() + cb + db <= 32 else np.uint64)
+    key.sort()
+    return key, cb, db
 
 
-def hamming_rank_topk(q_codes, r_codes, k, chunk=None):
-    """Top-k retrieval indices of every query by Hamming distance, ties by retrieval index
-    (a stable sort on distance): (idx int64 [nq, k], dist int32 [nq, k]); k is cut at the
-    retrieval size. Memory of the result: nq * k * 12 bytes."""
+def _hamming_topk(D, k, L, n, mask):
+    """The k smallest (distance, index) of each row of D [c, n8] as keys row|distance|index [c, k], and (cb, db): a
+    threshold t per row from a column sample, every item with d <= t (_candidate_keys), the first k kept."""
+    c = len(D)
+    sample = D[:, :n:SUBSAMPLE].astype(np.uint16)
+    j = min(sample.shape[1] - 1, 5 * k // (4 * SUBSAMPLE) + 4)
+    t = np.partition(sample, j, axis=1)[:, j]
+    key, cb, db = _candidate_keys(D, t, L, mask)
+    starts = np.searchsorted(key, (np.arange(c + 1) << (cb + db)).astype(key.dtype))
+    top = np.take(key, starts[:-1, None] + np.arange(k), mode='clip')  # a short row's tail: redone below
+    short = np.flatnonzero(np.diff(starts) < k)
+    if len(short):  # estimate too low: those rows again at their exact k-th smallest distance
+        exact = np.partition(D[short, :n].astype(np.uint16), k - 1, axis=1)[:, k - 1]  # (u16: a fast partition)
+        key, _, _ = _candidate_keys(D[short], exact, L, mask)
+        starts = np.searchsorted(key, (np.arange(len(short)) << (cb + db)).astype(key.dtype))
+        top[short] = np.take(key, starts[:, None] + np.arange(k))
+    return top, cb, db
+
+
+def _ranked_chunks(qw, rw, L, k, chunk=None, bar=None, dist=True):
+    """Yield (s, e, idx, dist): the top-k of queries s..e-1 by (Hamming distance, index); dist None if not asked."""
+    nq, n = qw.shape[1], rw.shape[1]
+    k = min(int(k), n)
+    c = _chunk_size(n, chunk)
+    D, buf = _distance_buffers(c, n, L, rw.dtype)  # reused: fresh large arrays cost page faults
+    mask = np.empty(D.shape, bool)
+    for s in range(0, nq, c):
+        e = min(s + c, nq)
+        Dc = _distances(qw, rw, s, e, D, buf)
+        if 4 * k >= n:  # most of the row: one stable sort per row
+            idx, d = _topk_rows(Dc[:, :n], k)
+        else:
+            top, cb, db = _hamming_topk(Dc, k, L, n, mask)
+            idx, d = (top & ((1 << cb) - 1)).astype(np.intp), (top >> cb) & ((1 << db) - 1) if dist else None
+        yield s, e, idx, d if d is None else d.astype(np.int32)
+        if bar is not None:
+            bar.update(e - s)
+
+
+def hamming_rank_topk(q_codes, r_codes, k, chunk=None, device=None):
+    """Top-k retrieval indices of every query by Hamming distance, ties by retrieval index (a stable sort on
+    distance): (idx int64 [nq, k], dist int32 [nq, k]), k cut at the retrieval size; result nq * k * 12 bytes.
+    device: None for numpy on the CPU, or a torch device ('cuda') for the same ranking there (_torch_ranked)."""
+    if device is not None:
+        parts = list(_torch_ranked(q_codes, r_codes, k, device, chunk))
+        return np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
     qw, rw, L = _code_words(q_codes, r_codes)
     return _rank_words(qw, rw, L, k, chunk)
+
+
+def _torch_ranked(q_codes, r_codes, k, device, chunk=None, bar=None):
+    """Yield (s, e, idx, dist) as _ranked_chunks, with torch on `device` (a GPU): distances (L - <b_q, b_r>) / 2
+    by a product of the +-1 codes (exact in float32), the k smallest keys distance * n + index by torch.topk."""
+    import torch
+    q = torch.as_tensor(to_codes(q_codes), device=device).float()
+    r = torch.as_tensor(to_codes(r_codes), device=device).float()
+    if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
+        raise ValueError(f'query codes {tuple(q.shape)} / retrieval codes {tuple(r.shape)}: N x L with one L')
+    n, L = r.shape
+    k = min(int(k), n)
+    c = int(chunk or max(1, min(4096, (MEM_MB << 20) // (16 * n))))  # float32 products and int64 keys
+    col = torch.arange(n, device=device)
+    for s in range(0, len(q), c):
+        e = min(s + c, len(q))
+        d = (L - q[s:e] @ r.T).to(torch.int64) // 2  # Hamming distance, exact
+        top = torch.topk(d * n + col, k, dim=1, largest=False, sorted=True).values
+        yield s, e, (top % n).cpu().numpy(), (top // n).to(torch.int32).cpu().numpy()
+        if bar is not None:
+            bar.update(e - s)
 
 
 def hamming_rank_packed(q_packed, r_packed, k, chunk=None):
@@ -192,8 +339,7 @@ def hamming_rank_packed(q_packed, r_packed, k, chunk=None):
 
 def _rank_words(qw, rw, L, k, chunk=None):
     k = min(int(k), rw.shape[1])
-    idx = np.empty((qw.shape[1], k), np.int64)
-    dist = np.empty((qw.shape[1], k), np.int32)
+    idx, dist = np.empty((qw.shape[1], k), np.int64), np.empty((qw.shape[1], k), np.int32)
 
     def block(lo, hi, bar):
         for s, e, i, d in _ranked_chunks(qw[:, lo:hi], rw, L, k, chunk, bar):
@@ -208,35 +354,41 @@ def _relevance(qlw, rlw, idx=None):
     """Relevant = at least one shared label: bool [c, n], or [c, k] at the ranked items idx."""
     g = None
     for w in range(len(rlw)):
-        r = rlw[w][None, :] if idx is None else rlw[w][idx]
-        x = r & qlw[w][:, None]
-        g = x if g is None else g | x
+        x = rlw[w][None, :] & qlw[w][:, None] if idx is None else np.take(rlw[w], idx) & qlw[w][:, None]
+        g = x if g is None else np.bitwise_or(g, x, out=g)
     return g != 0
 
 
 def _average_precision(rel):
     """AP@K of each row of a ranked relevance matrix rel [c, K]: (1/R) sum_k precision(k) rel(k),
-    R the relevant items in the top K, AP = 0 when R = 0 (MAP, Section 4.2.1)."""
-    hits = np.cumsum(rel, axis=1, dtype=np.int64)
-    R = hits[:, -1]
-    s = (hits * rel) @ (1.0 / np.arange(1, rel.shape[1] + 1))
+    R the relevant items in the top K, AP = 0 when R = 0 (MAP, Section 4.2.1). The floating-point
+    operations of mean_average_precision_reference, in its order: the same value to the last bit."""
+    hits = np.cumsum(rel, axis=1, dtype=np.float64)  # relevant items up to each rank
+    R = hits[:, -1].copy()
+    hits /= np.arange(1, rel.shape[1] + 1, dtype=np.float64)
+    hits *= rel
+    s = hits.sum(1)
     return np.where(R > 0, s / np.maximum(R, 1), 0.0)
 
 
-def mean_average_precision(q_codes, r_codes, q_labels, r_labels, topk):
-    """MAP@K (Table 1) of Hamming ranking: mean over queries of AP@K, K = topk cut at the
-    retrieval size. Continuous outputs are turned into codes with sign() first."""
+def mean_average_precision(q_codes, r_codes, q_labels, r_labels, topk, device=None):
+    """MAP@K (Table 1) of Hamming ranking: mean over queries of AP@K, K = topk cut at the retrieval size;
+    continuous outputs become codes by sign() first. device: a torch device (a GPU) ranks there (_torch_ranked)."""
     qw, rw, L = _code_words(q_codes, r_codes)
     qlw, rlw = _label_words(q_labels, r_labels, qw.shape[1], rw.shape[1])
-    return _map_of(lambda lo, hi, bar: _ranked_chunks(qw[:, lo:hi], rw, L, topk, bar=bar), qlw, rlw, 'map')
+    if device is not None:
+        return _map_of(lambda lo, hi, bar: _torch_ranked(np.asarray(q_codes)[lo:hi], r_codes, topk, device, bar=bar),
+                       qlw, rlw, 'map', workers=1)
+    return _map_of(lambda lo, hi, bar: _ranked_chunks(qw[:, lo:hi], rw, L, topk, bar=bar, dist=False), qlw,
+                   rlw, 'map')
 
 
-def _map_of(ranked, qlw, rlw, desc):
+def _map_of(ranked, qlw, rlw, desc, workers=None):
     """MAP@K of a ranking: ranked(lo, hi, bar) yields (s, e, idx, _), the top-K retrieval items of the
     queries lo + s .. lo + e - 1 in rank order. The one AP@K code of every method (Hamming or AQD)."""
     def block(lo, hi, bar):
         return [_average_precision(_relevance(qlw[:, lo + s:lo + e], rlw, idx)) for s, e, idx, _ in ranked(lo, hi, bar)]
-    return float(np.concatenate(sum(_blocks(block, qlw.shape[1], desc), [])).mean())
+    return float(np.concatenate(sum(_blocks(block, qlw.shape[1], desc, workers), [])).mean())
 
 
 def map_continuous(q_h, r_h, q_labels, r_labels, topk):
@@ -268,20 +420,31 @@ def precision_recall_at(q_codes, r_codes, q_labels, r_labels, ns):
     precision counts, as 0). Returns dict(n, precision, recall, queries_without_relevant)."""
     qw, rw, L = _code_words(q_codes, r_codes)
     qlw, rlw = _label_words(q_labels, r_labels, qw.shape[1], rw.shape[1])
-    return _precision_recall_of(lambda lo, hi, k, bar: _ranked_chunks(qw[:, lo:hi], rw, L, k, bar=bar), qlw, rlw, ns)
+    return _precision_recall_of(lambda lo, hi, k, bar: _ranked_chunks(qw[:, lo:hi], rw, L, k, bar=bar, dist=False), qlw,
+                                rlw, ns)
+
+
+def _relevant_totals(qlw, rlw):
+    """Relevant items in the whole retrieval set of each query [nq]: through the distinct label sets of the
+    retrieval items (a few hundred or thousand, not every item), each with its count."""
+    sets, counts = np.unique(rlw.T, axis=0, return_counts=True)
+    sets = np.ascontiguousarray(sets.T)
+    c = max(1, (MEM_MB << 20) // (8 * len(rlw) * max(1, sets.shape[1])))
+    return np.concatenate([_relevance(qlw[:, s:s + c], sets) @ counts for s in range(0, qlw.shape[1], c)])
 
 
 def _precision_recall_of(ranked, qlw, rlw, ns):
     """precision_recall_at of a ranking: ranked(lo, hi, k, bar) yields (s, e, idx, _) as in _map_of."""
     nq, n = qlw.shape[1], rlw.shape[1]
     ns = np.clip(np.asarray(ns, np.int64), 1, n)
-    hits, total = np.zeros((nq, len(ns))), np.zeros(nq)
+    cut = np.unique(ns)  # hits at each N: relevant items in the segments between sorted N, added up
+    hits, total = np.zeros((nq, len(ns))), _relevant_totals(qlw, rlw).astype(np.float64)
 
     def block(lo, hi, bar):
         for s, e, idx, _ in ranked(lo, hi, int(ns.max()), bar):
-            rel = _relevance(qlw[:, lo + s:lo + e], rlw)  # [c, n] in index order
-            total[lo + s:lo + e] = np.count_nonzero(rel, axis=1)
-            hits[lo + s:lo + e] = np.cumsum(np.take_along_axis(rel, idx, 1), axis=1, dtype=np.int32)[:, ns - 1]
+            rel = _relevance(qlw[:, lo + s:lo + e], rlw, idx).view(np.uint8)  # [c, k] in rank order
+            seg = np.add.reduceat(rel, np.concatenate([[0], cut[:-1]]), axis=1, dtype=np.int64)
+            hits[lo + s:lo + e] = np.cumsum(seg, axis=1)[:, np.searchsorted(cut, ns)]
     _blocks(block, nq, 'p@n')
     has = total > 0
     recall = (hits[has] / total[has, None]).mean(0) if has.any() else np.zeros(len(ns))
@@ -401,18 +564,23 @@ def _check_pq(q_z, r_codes, codebooks):
 
 
 def _aqd_ranked(q_z, codes, codebooks, metric, k, chunk=None, bar=None):
-    """Yield (s, e, idx, dist): the top-k retrieval items of queries s..e-1 by (AQD, index). The
-    distance of query q to item r is sum_m T[q, m, code_rm], added in subspace order."""
-    n = len(codes)
+    """Yield (s, e, idx, dist): the top-k items of queries s..e-1 by (AQD, index). The distance of query q to
+    item r is sum_m T[q, m, code_rm] in subspace order, gathered as rows of T.T (a word's term for each query)."""
+    n, (m, w) = len(codes), codebooks.shape[:2]
     c = max(1, _chunk_size(n, chunk) // 2)  # float64 distances and the gathered term: 16 bytes per pair
+    rows = np.ascontiguousarray((codes + w * np.arange(m)).T)  # [M, n]: rows of the tables [M * K, c]
+    tile = 2048  # items gathered at once: their rows stay in cache
     for s in range(0, len(q_z), c):
         e = min(s + c, len(q_z))
-        t = aqd_tables(q_z[s:e], codebooks, metric)
-        D = np.take(t[:, 0], codes[:, 0], axis=1)
-        for m in range(1, t.shape[1]):
-            D += np.take(t[:, m], codes[:, m], axis=1)
-        idx, dist = _topk_rows(D, k)
-        yield s, e, idx, dist
+        tT = np.ascontiguousarray(aqd_tables(q_z[s:e], codebooks, metric).reshape(e - s, -1).T)
+        D, acc, x = np.empty((e - s, n)), np.empty((tile, e - s)), np.empty((tile, e - s))
+        for a in range(0, n, tile):
+            b = min(a + tile, n)  # (indices checked by _check_pq)
+            d = np.take(tT, rows[0, a:b], axis=0, out=acc[:b - a], mode='wrap')
+            for j in range(1, m):
+                d += np.take(tT, rows[j, a:b], axis=0, out=x[:b - a], mode='wrap')
+            D[:, a:b] = d.T
+        yield s, e, *_topk_rows(D, k)
         if bar is not None:
             bar.update(e - s)
 

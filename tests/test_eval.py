@@ -158,8 +158,80 @@ def test_topk_rows_fallback_when_sample_misleads():
         assert (idx == ref).all() and (val == np.take_along_axis(D, ref, 1)).all()
 
 
+@pytest.mark.parametrize('L,C,multi', CASES + [(300, 6, False)])
+def test_fast_path_equals_reference(L, C, multi):
+    # the counting path (k < n / 4), the sort path (k >= n / 4), short lists (k = 1), k = n and k > n, one
+    # query per chunk and several: the same lists as the 20-line reference, and the same MAP to the last bit
+    rng = np.random.default_rng(L + C)
+    nq, n = 24, 1500
+    qb, rb = tied_codes(rng, nq, n, L, protos=3)
+    ql, rl = labels(rng, nq, n, C, multi)
+    for k in (1, 2, 40, 200, 374, 375, n, n + 7):
+        want = E.hamming_rank_reference(qb, rb, k)
+        for chunk in (None, 1, 5):
+            got = E.hamming_rank_topk(qb, rb, k, chunk=chunk)
+            assert (got[0] == want[0]).all() and (got[1] == want[1]).all(), (k, chunk)
+            assert got[0].dtype == np.int64 and got[1].dtype == np.int32
+        assert E.mean_average_precision(qb, rb, ql, rl, k) == E.mean_average_precision_reference(qb, rb, ql, rl, k)
+    assert abs(E.mean_average_precision_reference(qb, rb, ql, rl, 200) - slow_map(qb, rb, ql, rl, 200)) < 1e-12
+    packed = E.hamming_rank_packed(E.pack(qb), E.pack(rb), 40)
+    assert L % 8 or (packed[0] == E.hamming_rank_reference(qb, rb, 40)[0]).all()
+
+
+def test_counting_path_when_the_sample_misleads():
+    # every SUBSAMPLE-th item is the query itself (distance 0), every other item is far: the sample sees
+    # only distance 0, which holds fewer than k items, so the rows go again at their exact k-th distance
+    rng = np.random.default_rng(7)
+    L, n, k = 64, 3200, 150
+    qb = rng.choice([-1, 1], size=(3, L)).astype(np.int8)
+    rb = np.repeat(-qb[:1], n, 0) * np.where(rng.random((n, L)) < 0.2, -1, 1)
+    rb[::E.SUBSAMPLE] = qb[0]
+    assert k < n // 4 and n // E.SUBSAMPLE < k
+    got, want = E.hamming_rank_topk(qb, rb, k), E.hamming_rank_reference(qb, rb, k)
+    assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+
+
+def test_counting_keys_wider_than_32_bits():
+    # 4096 rows of 2049 distances up to 1000: row, distance and column take 12 + 10 + 12 bits, so the keys
+    # are 64-bit; the top k still equals a stable argsort of each row
+    rng = np.random.default_rng(8)
+    c, n, L, k = 4096, 2049, 1000, 100
+    D = np.full((c, -(-n // 8) * 8), L + 1, np.uint16)
+    D[:, :n] = rng.integers(0, 40, (c, n))
+    top, cb, db = E._hamming_topk(D, k, L, n, np.empty(D.shape, bool))
+    assert top.dtype == np.uint64
+    want = np.argsort(D[:, :n], axis=1, kind='stable')[:, :k]
+    assert ((top & ((1 << cb) - 1)).astype(np.int64) == want).all()
+    assert ((top >> cb) & ((1 << db) - 1) == np.take_along_axis(D[:, :n], want, 1)).all()
+
+
+@pytest.mark.parametrize('multi', [False, True])
+def test_torch_path_equals_numpy_path(multi):
+    # the GPU path (torch), run here on the CPU: the same lists, ties by index, and the same MAP
+    pytest.importorskip('torch')
+    rng = np.random.default_rng(9 + multi)
+    nq, n, L = 30, 900, 32
+    qb, rb = tied_codes(rng, nq, n, L, protos=3)
+    ql, rl = labels(rng, nq, n, 8, multi)
+    for k in (1, 60, 400, n, n + 3):
+        for chunk in (None, 7):
+            got, want = E.hamming_rank_topk(qb, rb, k, chunk=chunk, device='cpu'), E.hamming_rank_topk(qb, rb, k)
+            assert (got[0] == want[0]).all() and (got[1] == want[1]).all() and got[1].dtype == np.int32
+        assert E.mean_average_precision(qb, rb, ql, rl, k, device='cpu') == E.mean_average_precision(qb, rb, ql, rl, k)
+
+
+def test_topk_rows_float_without_and_with_ties():
+    # the fast (unstable) sort of a row's candidates is kept only when no two of them tie
+    rng = np.random.default_rng(10)
+    for D in (rng.standard_normal((6, 3000)), rng.integers(0, 50, (6, 3000)).astype(np.float64)):
+        for k in (1, 90, 700, 3000):
+            idx, val = E._topk_rows(D, k)
+            ref = np.argsort(D, axis=1, kind='stable')[:, :k]
+            assert (idx == ref).all() and (val == np.take_along_axis(D, ref, 1)).all()
+
+
 def test_chunk_size_bounds_memory():
-    assert E._chunk_size(117_218) == 32
+    assert E._chunk_size(117_218) == E.CHUNK == 8  # 8 queries: a chunk's distances and mask stay in cache
     assert E._chunk_size(50_000_000) == 1  # one query at a time, however large the retrieval set
     for n in (1_000, 117_218, 5_000_000):   # ~64 bytes per (query, item) stay within MEM_MB, and only just
         c = E._chunk_size(n)
