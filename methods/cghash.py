@@ -14,10 +14,10 @@ Their method, as run_cifar10.sh runs it (mine_neighbors.py, then cghash.py, then
   2. SELFLABEL_EPOCHS (selflabel.py): cross-entropy on a strong view against the plain view's pseudo-label where
      its probability exceeds 0.9, class-balanced (selflabel_train.py:26-36, losses.py:182-221).
 
-How train.py's loop drives it (plain functions; x_train, aug as train.train_heads holds them):
-    head = Head(F, bits, clusters_for(dataset, n_classes)).to(device)
+How train.py's loop drives it (plain functions; x_train, aug as train.train_competitor holds them):
+    head = build_head(F, bits, dataset, n_classes).to(device)     # Head(F, bits, clusters_for(dataset, n_classes))
     for epoch in range(EPOCHS):
-        if starts_phase(epoch): opt = optimizer(head, epoch)   # a fresh Adam per phase, constant lr
+        if starts_phase(epoch): opt = optimizer(head, epoch)   # a fresh Adam per phase, constant lr (step_lr)
         state = epoch_start(head, x_train, aug, epoch, gen, device)
         for idx in batches: loss = batch_loss(head, x_train[idx], v1, v2, idx, state, epoch, gen)
     codes = sign(head(x))                                          # head(x) in (-1, 1), deterministic
@@ -107,6 +107,11 @@ def starts_phase(epoch):
     return epoch == 0 or epoch == SCAN_EPOCHS
 
 
+def step_lr(epoch, step, steps_per_epoch, epochs):
+    """The rate of every step: the phase's constant LR or SELFLABEL_LR (train.train_competitor sets it each step)."""
+    return LR if phase(epoch) == 'scan' else SELFLABEL_LR
+
+
 def optimizer(head, epoch=0):
     """A fresh Adam for the stage of `epoch`, weight decay as L2 (configurations.py:345-350, selflabel.py:66)."""
     lr = LR if phase(epoch) == 'scan' else SELFLABEL_LR
@@ -125,6 +130,11 @@ class _Hash(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+def build_head(in_dim, bits, dataset=None, n_classes=None):
+    """The head of a run (train.train_competitor): clusters_for(dataset, n_classes) pseudo-labels, TAU."""
+    return Head(in_dim, bits, clusters_for(dataset, n_classes), TAU)
 
 
 class Head(nn.Module):
@@ -234,8 +244,8 @@ def scan_terms(head, anchor, neighbour, gen):
     (cghash_train.py:37-61): (consistency, entropy, contrast)."""
     z_a, logits_a = head.sample(anchor, gen)
     z_n, logits_n = head.sample(neighbour, gen)
-    return (consistency_loss(logits_a, logits_n), entropy_loss(logits_a),
-            masked_contrast_loss(z_a, z_n, pseudo_positives(logits_a)))
+    return (consistency_loss(logits_a, logits_n, CONSISTENT_W), entropy_loss(logits_a, ENTROPY_W, SHARP_W),
+            masked_contrast_loss(z_a, z_n, pseudo_positives(logits_a), CONT_W, CONT_TAU, POS_REWEIGHT))
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +273,7 @@ def selflabel_step_loss(head, weak, strong, gen):
     with torch.no_grad():
         _, logits_weak = head.sample(weak, gen)
     _, logits_strong = head.sample(strong, gen)
-    return selflabel_loss(logits_weak, logits_strong)
+    return selflabel_loss(logits_weak, logits_strong, CONFIDENCE, CLASS_BALANCING)
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +283,7 @@ def epoch_start(head, x_train, aug, epoch, gen, device):
     kept on the head (mine_neighbors.py runs once, before training); `gen` is not used here."""
     x_train = torch.as_tensor(x_train).to(device)
     if head.knn is None or len(head.knn) != len(x_train):
-        head.knn = mine_neighbours(x_train)
+        head.knn = mine_neighbours(x_train, NUM_NEIGHBORS, MINE_CHUNK)
     return dict(phase=phase(epoch), knn=head.knn, x=x_train, aug=None if aug is None else aug.to(device))
 
 

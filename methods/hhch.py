@@ -10,7 +10,7 @@ src/options.py and README.md (defaults). The hyperbolic operations are written h
 (its clamps and 1e-5 terms), not imported; tests/test_hhch.py checks them, the losses and the clustering
 against the authors' code (live, and through tests/golden/hhch.npz).
 
-    head = Head(in_dim, bits); opt = optimizer(head)      # each epoch e: lr_at(e) into opt's groups
+    head = build_head(in_dim, bits); opt = optimizer(head)  # train.train_competitor: each step, step_lr (= lr_at(e))
     state = epoch_start(head, x_train, aug, e, gen, device)  # ball points of the train set, then K-Means
     loss = batch_loss(head, x[idx], v1, v2, idx, state, e, gen)  # L_HIC + L_HPC + lambda_q * L_Q
     codes = head(x)                                       # in (-1, 1); their binary code is h >= 0 -> +1
@@ -341,7 +341,17 @@ def proto_indices(labels):
 
 # -----------------------------------------------------------------------------
 # What the training harness calls
-def optimizer(head):
+def build_head(in_dim, bits, dataset=None, n_classes=None):
+    """The head of a run (train.train_competitor; neither the dataset nor its label count changes it)."""
+    return Head(in_dim, bits)
+
+
+def starts_phase(epoch):
+    """One phase: one optimiser, built before the first epoch (main.py:73)."""
+    return epoch == 0
+
+
+def optimizer(head, epoch=0):
     """Adam on the two parts at LR, Adam's other defaults (main.py:73, model.py:89-93)."""
     return torch.optim.Adam([{'params': head.hash_layer.parameters(), 'lr': LR},
                              {'params': head.head.parameters(), 'lr': LR}], lr=LR)
@@ -351,6 +361,11 @@ def lr_at(epoch):
     """Their step schedule: LR before epoch LR_DECAY_START, then LR * LR_DECAY ** (epoch // LR_DECAY_EVERY)
     (util.py:33-43), set into every group at the start of the epoch (main.py:86)."""
     return LR if epoch < LR_DECAY_START else LR * LR_DECAY ** (epoch // LR_DECAY_EVERY)
+
+
+def step_lr(epoch, step, steps_per_epoch, epochs):
+    """The rate of every step of `epoch` (train.train_competitor sets it before each step): lr_at(epoch)."""
+    return lr_at(epoch)
 
 
 @torch.no_grad()

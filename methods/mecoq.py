@@ -60,12 +60,12 @@ Departures, each forced by the project's protocol unless said otherwise:
     feat_dim = FEAT_PER_CODEBOOK * M (settings_for).
 Comments name each term and the line of the authors' code it ports (the paper's equation numbers: above).
 
-Interface for train.py's loop (per run; `head` carries its settings, its code memory and its codebooks):
-    head = Head(in_dim, bits, dataset); opt = optimizer(head)
+Interface for train.py's loop (train.train_competitor; `head` carries its settings, code memory and codebooks):
+    head = build_head(in_dim, bits, dataset); opt = optimizer(head)
     for epoch in range(EPOCHS):
         state = epoch_start(head, x_train, aug, epoch, gen, device)
         for every batch (BATCH_SIZE, the last one shorter), step = global batch count:
-            set every param group's lr to lr_at(step, batches_per_epoch)
+            set every param group's lr to step_lr(epoch, step, batches_per_epoch, EPOCHS) (= lr_at)
             loss = batch_loss(head, x_train, v1, v2, idx, state, epoch, gen); backward; opt.step()
     codes = encode_codes(head, x_retrieval); ranked by eval_hash.map_aqd(head(x_query), codes, codebooks(head))
 """
@@ -146,7 +146,17 @@ def lr_at(step, steps_per_epoch, epochs=None):
     return FINAL_LR + 0.5 * (LR - FINAL_LR) * (1 + math.cos(math.pi * (step - warm) / decay))
 
 
-def optimizer(head):
+def step_lr(epoch, step, steps_per_epoch, epochs):
+    """The rate set before each step (train.train_competitor): lr_at(step, steps_per_epoch, epochs)."""
+    return lr_at(step, steps_per_epoch, epochs)
+
+
+def starts_phase(epoch):
+    """One phase: one optimiser, built before the first epoch (main.py:188-197)."""
+    return epoch == 0
+
+
+def optimizer(head, epoch=0):
     """main.py:188-197: SGD, momentum 0.9, weight decay hp_beta, on the projection and the codebooks (the
     release's codebook takes no step: it has no gradient)."""
     groups = [{'params': head.projection.parameters(), 'lr': LR}, {'params': [head.C], 'lr': LR}]
@@ -155,6 +165,11 @@ def optimizer(head):
 
 # -----------------------------------------------------------------------------
 # the network: projection and product quantizer (network.py)
+def build_head(in_dim, bits, dataset=None, n_classes=None):
+    """The head of a run (train.train_competitor): the script settings of `dataset` (settings_for)."""
+    return Head(in_dim, bits, dataset)
+
+
 class Head(nn.Module):
     """Linear(in_dim -> feat_dim) and M codebooks of 256 words over feat_dim / M dimensions (MeCoQ.projection,
     PQLayer._C, xavier-uniform initialised, network.py:9-15, 120-122). forward(x) is z, the embedding that
@@ -297,8 +312,8 @@ def batch_loss(head, x, v1, v2, idx, state, epoch, gen):
     if v2 is None:
         raise ValueError('MeCoQ trains on two augmented views of each image: run it with the augmented views on')
     normalize_codebooks(head)
-    q1, p1 = soft_quantize(head(v1), head.C)
-    q2, p2 = soft_quantize(head(v2), head.C)
+    q1, p1 = soft_quantize(head(v1), head.C, ALPHA)
+    q2, p2 = soft_quantize(head(v2), head.C, ALPHA)
     memory = state['memory']
     queue_feats = reconstruct(memory['codes'], head.C) if state['use_queue'] else None
     loss = mecoq_loss(q1, q2, p1, p2, queue_feats, head.C, state['settings'])

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import baselines
 import eval_hash
 from methods import mecoq
+from methods.pq import pq_encode
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: tiny tensors run on one thread
 
@@ -539,8 +539,8 @@ def test_head_codes_and_ranking(monkeypatch):
     codes = mecoq.encode_codes(head, x.numpy())
     with torch.no_grad():
         z = head(x)
-    # unit words: the L2-nearest word of the raw z (baselines.pq_encode) is the inner-product argmax
-    assert np.array_equal(codes, baselines.pq_encode(z, mecoq.codebooks(head)).numpy())
+    # unit words: the L2-nearest word of the raw z (pq_encode) is the inner-product argmax
+    assert np.array_equal(codes, pq_encode(z, mecoq.codebooks(head)).numpy())
     # AQD 'ip': eval_hash's tables are minus the inner products of the raw query with the item's words
     c = mecoq.codebooks(head).numpy().astype(np.float64)
     score = sum(z.numpy()[:3, m * 16:(m + 1) * 16].astype(np.float64) @ c[m][codes[:, m]].T for m in range(4))
