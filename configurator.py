@@ -246,6 +246,13 @@ def configure(g, argv=None):
     return {keys[k]: g[keys[k]] for k in sorted(keys)}
 
 
+def given_settings(argv=None):
+    """The NAMEs of the settings typed as --key=value in `argv` (default: the command line), where a default that
+    depends on another setting gives way only to a value typed."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].partition('=')[0].replace('-', '_').upper() for a in argv if a.startswith('--')}
+
+
 def choice_error(key, value, choices):
     """The words of a setting outside its choices: '--key='value': choose one of a, b, c'."""
     return f"--{key}={value!r}: choose one of {', '.join(map(str, choices))}"

@@ -1,6 +1,7 @@
 """Step 4: the paper's tables and figures, one command each, with the paper's numbers beside ours.
 
-    python reproduce.py --table=1                     # Table 1: VGG-16 / CLIP rows, T2 = 0.97 and best T2
+    python reproduce.py --table=1                     # Table 1: DUH-EG (VGG-16 / CLIP, T2 = 0.97 and best T2) and
+                                                      # every competitor row (ours measured, or the paper's, copied)
     python reproduce.py --table=2 --datasets=cifar10,mscoco --seeds=0,1,2
     python reproduce.py --table=3                     # IMGAUG, IMGK, EK, IMGCLS, EFC
     python reproduce.py --table=5 --vocab_files=conceptnet=words/conceptnet.txt,glove=words/glove.txt
@@ -40,6 +41,7 @@ import train  # train.py's settings: their defaults and types, and T2_BEST (Figu
 from cache import feature_dir, save_text, selection_dir, vocab_dir
 from configurator import check_choice, check_ranges, configure, released_defaults
 from models import hardware, pretrained_tag
+from paper import PAPER, PAPER_BITS, PAPER_DATASETS, PAPER_TABLE4
 from runs import read_results
 
 # what to reproduce
@@ -75,8 +77,10 @@ T1_VALUES = (0.7, 0.8, 0.9, 1.0, 1.1)                                           
 T2_VALUES = (0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.00)     # 5b (paper: 0.90 to 1.00)
 FIG5_BITS = 64              # code length of Figure 5
 # baselines
-METHODS = ('duheg', 'ssdh', 'cibhash', 'dhn', 'dch', 'dqn', 'dvsq', 'dtq', 'lsh', 'itq')  # train.py --method of each
-                            # baselines row
+METHODS = ('duheg', 'ssdh', 'cibhash', 'dhn', 'dch', 'dqn', 'dvsq', 'dtq', 'lsh', 'itq', 'hhch', 'mecoq', 'cghash')
+                            # train.py --method of each baselines row
+COMPETITOR_EPOCHS = 0       # hhch, mecoq, cghash cells: 0 = their authors' schedules (80, 50, 400 epochs); N: N epochs
+                            # each (quick checks; EPOCHS is DUH-EG's and the baselines')
 # output
 OUT_DIR = 'runs/reproduce'  # table<N>.md, figure5*.png, logs/, runs/
 RESULTS = ''                # '' -> OUT_DIR/results.jsonl; shared by all tables, so a shared cell trains once
@@ -88,46 +92,43 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 _BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the dataset (train.T2_BEST)
 _T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
 
-# -----------------------------------------------------------------------------
-# the paper's numbers (its Tables 1, 2, 3, 5, 6): MAP at 16, 32, 64 bits
-_PAPER_DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')
-_PAPER_ROWS = {  # row: CIFAR-10, NUS-WIDE, Flickr25k, MS-COCO
-    'table1 vgg16':     ((.887, .888, .885), (.852, .854, .856), (.856, .858, .856), (.833, .840, .842)),
-    'table1 clip':      ((.931, .934, .933), (.849, .855, .855), (.874, .887, .892), (.854, .878, .887)),
-    # table1 best = Table 2 #4, Table 3 EFC, Table 5 WordNet, Table 6 ViT-B/16
-    'table1 best':      ((.939, .940, .940), (.849, .856, .856), (.874, .887, .892), (.862, .881, .888)),
-    'table2 #1':        ((.922, .926, .925), (.827, .833, .835), (.845, .860, .871), (.812, .849, .864)),
-    'table2 #2':        ((.922, .925, .925), (.832, .838, .839), (.859, .870, .878), (.855, .874, .883)),
-    'table2 #3':        ((.939, .940, .940), (.848, .854, .855), (.864, .880, .886), (.831, .862, .874)),
-    'table3 imgaug':    ((.922, .923, .929), (.828, .839, .844), (.839, .856, .866), (.733, .785, .819)),
-    'table3 imgk':      ((.924, .927, .929), (.836, .846, .846), (.840, .857, .864), (.739, .794, .820)),
-    'table3 ek':        ((.935, .936, .937), (.845, .850, .851), (.844, .852, .858), (.858, .877, .883)),
-    'table3 imgcls':    ((.934, .937, .936), (.838, .848, .849), (.842, .859, .867), (.748, .798, .823)),
-    'table5 imagenet':  ((.940, .942, .941), (.849, .854, .855), (.871, .885, .888), (.864, .885, .892)),
-    'table5 conceptnet': ((.938, .940, .940), (.850, .853, .855), (.875, .885, .890), (.865, .886, .893)),
-    'table5 glove':     ((.932, .936, .935), (.846, .852, .852), (.870, .882, .887), (.842, .863, .869)),
-    'table6 vit-b-32':  ((.920, .929, .920), (.855, .856, .860), (.869, .887, .888), (.848, .868, .887)),
-    'table1 cibhash':   ((.590, .622, .641), (.790, .807, .815), None, (.737, .760, .775)),  # Table 1's CIBHash row
-}
-PAPER = {(row, d): v for row, values in _PAPER_ROWS.items() for d, v in zip(_PAPER_DATASETS, values) if v}
-_PAPER_BITS = (16, 32, 64)
-# Table 4: words and pre-processing seconds (the paper names no hardware)
-PAPER_TABLE4 = {'imagenet': (21843, 99.53), 'wordnet': (117797, 476.79), 'conceptnet': (134364, 531.12),
-                'glove': (317756, 1182.11)}
 # a --vocab_files name compared with the paper's row of that vocabulary (imagenet21k: the paper's 21,843 names)
 VOCAB_PAPER_ROWS = {'conceptnet': 'table5 conceptnet', 'glove': 'table5 glove', 'imagenet21k': 'table5 imagenet'}
-METHOD_NAMES = {'duheg': 'DUH-EG (T2 = 0.97)', 'cibhash': 'CIBHash'}  # the baselines rows' labels (else upper case)
+METHOD_NAMES = {'duheg': 'DUH-EG (T2 = 0.97)', 'cibhash': 'CIBHash', 'hhch': 'HHCH, its authors\' loop',
+                'mecoq': 'MeCoQ, its authors\' loop (product quantization, AQD ranking)',
+                'cghash': 'CGHash, its authors\' loop'}  # the baselines rows' labels (else upper case)
 NAMES = {'cifar10': 'CIFAR-10', 'nuswide': 'NUS-WIDE', 'flickr25k': 'Flickr25k', 'mscoco': 'MS-COCO'}
 
 # -----------------------------------------------------------------------------
 # the tables: rows of (id, label, paper row, train.py settings). BACKBONE 'clip' | 'cnn' | 'alt'
-# stands for CLIP_MODEL, CNN_BACKBONE, ALT_CLIP; T2 'best' for the dataset's T2_BEST.
+# stands for CLIP_MODEL, CNN_BACKBONE, ALT_CLIP; T2 'best' for the dataset's T2_BEST. Settings None: a row whose
+# method has no usable public code, printed with the paper's numbers only, marked as copied.
 Row = namedtuple('Row', 'id label paper settings')
+_COPIED = ": no usable public code, the paper's numbers (copied)"
+_OURS_CNN, _OURS_CLIP = ': our port, on our VGG-16 features', ': our port, on our CLIP ViT-B/16 features'
 TABLES = {
-    '1': ('Table 1: DUH-EG with a CNN and a CLIP backbone', [
-        Row('vgg16', 'VGG-16, T2 = 0.97', 'table1 vgg16', dict(BACKBONE='cnn', T2=_T2_COMMON)),
-        Row('clip', 'CLIP ViT-B/16, T2 = 0.97', 'table1 clip', dict(T2=_T2_COMMON)),
-        Row('best', 'CLIP ViT-B/16, best T2 (Fig. 5b)', 'table1 best', dict(T2=_BEST))]),
+    '1': ('Table 1: DUH-EG and the other unsupervised hashing methods, CNN and CLIP backbones', [
+        Row('cibhash', 'CIBHash (IJCAI21)' + _OURS_CNN, 'table1 cibhash', dict(METHOD='cibhash', BACKBONE='cnn')),
+        Row('date', 'DATE (ACMMM21)' + _COPIED, 'table1 date', None),
+        Row('mecoq', 'MeCoQ (AAAI22)' + _OURS_CNN, 'table1 mecoq', dict(METHOD='mecoq', BACKBONE='cnn')),
+        Row('dsch', 'DSCH (AAAI22): its loss file is missing, the paper\'s numbers (copied)', 'table1 dsch', None),
+        Row('nsh', 'NSH (IJCAI22)' + _COPIED, 'table1 nsh', None),
+        Row('cghash', 'CGHash (ACMMM23)' + _OURS_CNN, 'table1 cghash', dict(METHOD='cghash', BACKBONE='cnn')),
+        Row('ddch', 'DDCH (PR23)' + _COPIED, 'table1 ddch', None),
+        Row('haman', 'HAMAN (TCSVT23)' + _COPIED, 'table1 haman', None),
+        Row('hihpq', 'HiHPQ (AAAI24): not ported (optional), the paper\'s numbers (copied)', 'table1 hihpq', None),
+        Row('harr', 'HARR (TOMM24)' + _COPIED, 'table1 harr', None),
+        Row('lgh', 'LGH (ICMR24)' + _COPIED, 'table1 lgh', None),
+        Row('hhch', 'HHCH (TIP24)' + _OURS_CNN, 'table1 hhch', dict(METHOD='hhch', BACKBONE='cnn')),
+        Row('vgg16', 'DUH-EG, VGG-16, T2 = 0.97', 'table1 vgg16', dict(BACKBONE='cnn', T2=_T2_COMMON)),
+        Row('vgg16-best', 'DUH-EG, VGG-16, best T2 (Fig. 5b)', 'table1 vgg16 best', dict(BACKBONE='cnn', T2=_BEST)),
+        Row('udbh-clip', '*UDBH (TCSVT23)' + _COPIED, 'table1 *udbh', None),
+        Row('ddch-clip', '*DDCH (PR23)' + _COPIED, 'table1 *ddch', None),
+        Row('fsch-clip', '*FSCH (TCSVT23): no loss or trainer released, the paper\'s numbers (copied)', 'table1 *fsch',
+            None),
+        Row('hhch-clip', '*HHCH (TIP24)' + _OURS_CLIP, 'table1 *hhch', dict(METHOD='hhch')),
+        Row('clip', 'DUH-EG, CLIP ViT-B/16, T2 = 0.97', 'table1 clip', dict(T2=_T2_COMMON)),
+        Row('best', 'DUH-EG, CLIP ViT-B/16, best T2 (Fig. 5b)', 'table1 best', dict(T2=_BEST))]),
     '2': ('Table 2: ablation of SIM (in-batch positives) and AUG (two augmented views), best T2', [
         Row('1', '#1 no SIM, no AUG', 'table2 #1', dict(SIM=False, AUG=False, T2=_BEST)),
         Row('2', '#2 SIM only', 'table2 #2', dict(SIM=True, AUG=False, T2=_BEST)),
@@ -170,7 +171,7 @@ def table_rows(table):
     elif table == 'fig5b':  # ... and 5b through Table 1's rows at T2 = 0.97 and at the best T2
         rows = [Row(f'{t:g}', f'T2 = {t:g}', {d: ('table1 best' if math.isclose(t, train.T2_BEST[d]) else
                                                   'table1 clip' if math.isclose(t, _T2_COMMON) else None)
-                                              for d in _PAPER_DATASETS}, dict(T2=t)) for t in T2_VALUES]
+                                              for d in PAPER_DATASETS}, dict(T2=t)) for t in T2_VALUES]
     elif table == 'baselines':
         rows = [Row(m, METHOD_NAMES.get(m, m.upper()), 'table1 clip' if m == 'duheg' else None,
                     dict(METHOD=m, T2=_T2_COMMON)) for m in METHODS]
@@ -210,7 +211,7 @@ def vocab_files():
 def paper_value(row, d, bits):
     key = row.paper.get(paper_dataset(d)) if isinstance(row.paper, dict) else row.paper
     values = PAPER.get((key, paper_dataset(d)))
-    return values[_PAPER_BITS.index(bits)] if values and bits in _PAPER_BITS else None
+    return values[PAPER_BITS.index(bits)] if values and bits in PAPER_BITS else None
 
 
 def t1_reading():
@@ -246,6 +247,9 @@ def cell_settings(row, d, seed, extra):
         s['T1_READING'] = T1_READING
     s.update(extra)
     s.update(row.settings)
+    if s['METHOD'] in baselines.COMPETITORS:  # a competitor: its authors' schedule, unless COMPETITOR_EPOCHS
+        s.pop('EPOCHS')
+        s.update({'EPOCHS': COMPETITOR_EPOCHS} if COMPETITOR_EPOCHS else {})
     backbone = s.pop('BACKBONE', 'clip')
     clip = (ALT_CLIP, ALT_CLIP_PRETRAINED) if backbone == 'alt' else (CLIP_MODEL, CLIP_PRETRAINED)
     s['BACKBONE'], s['BACKBONE_PRETRAINED'] = (CNN_BACKBONE, CNN_PRETRAINED) if backbone == 'cnn' else clip
@@ -264,6 +268,7 @@ def expected_config(settings, bits, defaults):
     cfg['BACKBONE_PRETRAINED'] = cfg['BACKBONE_PRETRAINED'] or models.default_weights(cfg['BACKBONE'])
     cfg['TAU2'] = train.tau2_for(cfg['DATASET'], cfg['TAU2'])
     cfg.update(released_defaults(cfg, train.RELEASED_DEFAULTS))
+    cfg.update(train.method_config(cfg, settings))  # a competitor: its schedule unless given, its settings
     return cfg
 
 
@@ -347,8 +352,9 @@ class Cell:
 
 
 def make_cells(table, defaults, extra):
+    """Every cell of `table` (a copied row, settings None, has none: nothing of it is measured)."""
     return [Cell(table, row, d, bits, seed, cell_settings(row, d, seed, extra), defaults)
-            for row in table_rows(table) for d in DATASETS
+            for row in table_rows(table) if row.settings is not None for d in DATASETS
             for bits in (BITS if not table.startswith('fig5') else (FIG5_BITS,))
             for seed in SEEDS]
 
@@ -579,6 +585,10 @@ def markdown_table(title, header, rows, datasets, bits, cells, n_seeds, notes=()
         for d in datasets:
             texts = []
             for b in bits:
+                if row.settings is None:  # the paper's number only
+                    p = paper_value(row, d, b)
+                    texts.append(f'copied: {p:.3f}' if p is not None else '–')
+                    continue
                 group = by_key.get((row.id, d, b), [])
                 values = [compared(c.result) for c in group if c.result]
                 hamming = [c.result['map'] for c in group if c.result and RELEASED and compared(c.result) !=
@@ -628,8 +638,26 @@ _IMAGENET_NOTE = ("The paper's ImageNet vocabulary has 21,843 words (Table 4), t
                  "paper's ImageNet row.")
 
 
+def competitor_notes():
+    """How Table 1's and the baselines table's HHCH, MeCoQ and CGHash rows train."""
+    schedule = (f"{COMPETITOR_EPOCHS} epochs each (--competitor_epochs)" if COMPETITOR_EPOCHS else
+                "their authors' schedules (HHCH 80 epochs of 64, MeCoQ 50 of 128, CGHash 200 + 200 of 1024)")
+    return [f"HHCH, MeCoQ and CGHash: ports of their authors' code, checked against it (methods/<name>.py lists the "
+            f"commit, the defaults and every departure), trained on their authors' loops, {schedule}, on the same "
+            f"features, split, views and MAP@K as DUH-EG. MeCoQ as its paper (codebooks trained, loss per row; the "
+            f"release: --method_args='--train_codebooks=false --per_row_loss=false'), ranked by AQD (inner product). "
+            f"CGHash's clusters: the classes or labels, CIFAR-10 10, NUS-WIDE 21, Flickr25k 24, MS-COCO 80."]
+
+
 def table_notes(table):
     notes = [_IMAGENET_NOTE] if table == '5' else []
+    if table == '1':
+        notes += ["'our port' rows are measured here, on our VGG-16 features (the paper quotes each method's own "
+                  "paper: its backbone and split, so measured − paper mixes protocol and port); *HHCH on CLIP "
+                  "ViT-B/16, as the DUH-EG authors ran it. * rows: the DUH-EG authors' runs on CLIP ViT-B/16.",
+                  *competitor_notes(),
+                  "'copied' rows: the paper's numbers only, nothing measured (no usable public code; FSCH's has no "
+                  "loss or trainer, DSCH's misses its loss file; HiHPQ's is public but not ported)."]
     if table == '5' and not {'conceptnet', 'glove'} <= {n.lower() for n in vocab_files()}:
         notes.append('ConceptNet and GloVe rows: pass --vocab_files=conceptnet=FILE,glove=FILE (one word a line); '
                      'any name=FILE adds a row, compared with the paper where the name is conceptnet or glove.')
@@ -641,15 +669,18 @@ def table_notes(table):
                      'and at each dataset\'s best T2 (Table 1, best-T2 row).')
     if table == 'baselines':
         supervised = ', '.join(sorted(baselines.SUPERVISED))
-        quantized = ', '.join(m.upper() for m in sorted(baselines.QUANTIZED))
+        quantized = ', '.join(m.upper() for m in sorted(baselines.QUANTIZED - set(baselines.COMPETITORS))) + ', MeCoQ'
         notes.append(f"Supervised methods ({supervised}) read the training labels; the others do not. {quantized} "
                      "store product-quantized codes (8 bits a codebook) and rank by asymmetric quantizer distance; "
                      "every other row ranks binary codes by Hamming distance; the MAP code is the same. Every row "
-                     "trains our MLP head on the same frozen features (CLIP ViT-B/16 unless named). The paper's only "
+                     "but HHCH, MeCoQ and CGHash trains our MLP head on train.py's loop, all on the same frozen "
+                     "features (CLIP ViT-B/16 unless named). The paper's only "
                      "baseline row here is CIBHash (Table 1, VGG-16 features, the protocol this paper follows), "
                      "compared with 'CIBHash, VGG-16 features'; the SSDH README's CIFAR-10 MAP@5000 (0.2511 / 0.2414 "
                      "at 16 / 32 bits, VGG-16 trained end to end, its own split) and the DeepHash papers' numbers "
-                     "(AlexNet fine-tuned, other splits and K) are other protocols and are not compared.")
+                     "(AlexNet fine-tuned, other splits and K) are other protocols and are not compared; Table 1 "
+                     "compares the competitors' ports with the paper's numbers.")
+        notes += competitor_notes()
     return notes
 
 
@@ -789,7 +820,7 @@ def checked_train_args(tables):
     extra = train_args()
     owned = {'DATASET', 'SEED', 'BITS', 'CACHE_DIR', 'BACKBONE', 'BACKBONE_PRETRAINED', 'CLIP_MODEL',
              'CLIP_PRETRAINED', 'EPOCHS', 'EXTERNAL', 'VOCAB', 'N_K', 'T1', 'T2', 'METHOD', 'RESULTS', 'RUN_DIR'}
-    owned |= {k for t in tables for row in table_rows(t) for k in row.settings}
+    owned |= {k for t in tables for row in table_rows(t) for k in row.settings or {}}
     clash = sorted(owned & set(extra))
     if clash:
         raise SystemExit(f"error: --train_args sets {', '.join('--' + k.lower() for k in clash)}, which reproduce.py "

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import baselines
 import cache
 import dataset
 import eval_hash
@@ -113,13 +114,12 @@ def load_run(run, bits):
     if ckpt.get('codebooks') is not None:
         raise DataError(f"{path} is a {cfg.get('METHOD')} run: product-quantized codes ranked by asymmetric quantizer "
                         f"distance, not binary codes; search.py indexes binary codes: index a DUH-EG or hashing run")
-    hv = models.HashHead(ckpt['in_dim'], bits)
-    hv.load_state_dict(ckpt['hv'])
+    hv = baselines.load_head(ckpt, bits)  # Hv, or a competitor's own head (HHCH, CGHash)
     he = None
     if ckpt.get('he') is not None:
         he = models.HashHead(ckpt['e_dim'], bits)
         he.load_state_dict(ckpt['he'])
-    return cfg, hv.eval(), (he.eval() if he is not None else None), sha256_file(path)
+    return cfg, hv, (he.eval() if he is not None else None), sha256_file(path)
 
 
 def run_identity(run, bits, run_sha, cfg):

@@ -3,9 +3,9 @@ contrastive loss, then score binary codes by MAP@K.
 
 Reads what dataset_extract.py and nouns_embed.py left in CACHE_DIR; writes, per code length,
 RUN_DIR/<bits>bits/heads.pt (the trained heads and the config), codes.npz (continuous outputs
-and labels of query and retrieval sets, for eval_hash.py --run; the quantization baselines add the
+and labels of query and retrieval sets, for eval_hash.py --run; the quantization methods add the
 retrieval set's product-quantized codes and the codebooks) and result.json, and appends one JSON
-line per run to RESULTS.
+line per run to RESULTS. --method trains another method on the same protocol instead (baselines.py).
 """
 import math
 import os
@@ -25,11 +25,12 @@ import models
 import nouns_embed
 import runs
 import views
-from baselines import QUANTIZED, SUPERVISED, TWO_VIEWS, UNTRAINED
+from baselines import COMPETITORS, QUANTIZED, SUPERVISED, TWO_VIEWS, UNTRAINED
 from cache import CacheError, atomic_write, feature_dir, load_array, split_tag
-from configurator import check_choice, check_ranges, configure, released_defaults
+from configurator import check_choice, check_ranges, configure, given_settings, released_defaults
 from dataset import DataError
 from external import external_features
+from methods.pq import PQ_WORDS, pq_shape
 from models import HashHead, pretrained_tag, resolve_device
 
 # data (what dataset_extract.py and nouns_embed.py produced)
@@ -51,8 +52,12 @@ VIEW_RECIPE = None          # the views dataset_extract.py made: simclr | releas
 # method
 METHOD = 'duheg'            # duheg (this paper) | ssdh, cibhash (unsupervised) | dhn, dch, dqn, dvsq, dtq (SUPERVISED:
                             # read labels; dqn, dvsq, dtq: product quantization, ranked by AQD) | lsh, itq (no
-                            # training);
-                            # baselines train Hv alone, on the plain view (cibhash: two augmented views) (baselines.py)
+                            # training); baselines train Hv alone, on the plain view (cibhash: two augmented views) |
+                            # hhch, mecoq (quantization, AQD), cghash: Table 1's competitors, ported from their
+                            # authors' code (methods/), each on its authors' loop and schedule (baselines.py)
+METHOD_ARGS = ''            # hhch, mecoq, cghash: settings of the method's own file as --key=value words, e.g.
+                            # --method_args='--clusters=20,10' (hhch), '--train_codebooks=false --per_row_loss=false'
+                            # (mecoq as released); --method_args=--help lists them
 CLASS_NAMES = ''            # dvsq: the labels' names, one a line in label order, whose CLIP text features (Eq. 2) are
                             # DVSQ's word vectors; '' -> the dataset's classes.txt (dataset_extract.py writes it)
 BITS = (16, 32, 64)         # code lengths L, one run each
@@ -68,12 +73,14 @@ NORM_INPUTS = None          # L2-normalise Hv's inputs (views, query, retrieval 
 RELEASED = False            # the authors' released code: their views and vocabulary (t_com = t_rep), one fixed pair of
                             # views, L2-normalised inputs, drop_last batches, softmax clamped to [1e-12, 1 - 1e-12] in
                             # Eq. 9, Eq. 5-6 in fp16 on a GPU
-# optimiser (Section 4.1.2, Eq. 10-11)
+# optimiser (Section 4.1.2, Eq. 10-11; a competitor has its authors' optimiser and schedule, and takes EPOCHS and
+# BATCH_SIZE only when they are given on the command line, else its authors': hhch 80 / 64, mecoq 50 / 128, cghash
+# 400 / 1024)
 EPOCHS = 60                 # T_max
 WARMUP = 10                 # T_warm
 LR_MIN = 1e-5               # Eq. 10-11: lr_min, the learning rate at the start and the end
 LR_MAX = 1e-4               # Eq. 10-11: lr_max, reached after the warm-up
-BATCH_SIZE = 512            # mini-batch size N (positives of Eq. 8 are found inside a batch)
+BATCH_SIZE = 512            # mini-batch size N (positives of Eq. 8 are found inside a batch); mecoq: at most 128
 # system
 SEED = 0                    # seed of the heads' initialisation, the batches and the view pairs
 DEVICE = 'auto'             # auto | cpu | cuda
@@ -274,7 +281,7 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None)
     gen = torch.Generator().manual_seed(SEED)
     out_dim = baselines.out_dim(METHOD, bits, v)
     if METHOD in QUANTIZED:
-        baselines.pq_shape(bits, out_dim)  # a code length it cannot split fails here, before training
+        pq_shape(bits, out_dim)  # a code length it cannot split fails here, before training
     hv = HashHead(x_train.shape[1], out_dim).to(device)
     he = HashHead(e.shape[1], bits).to(device) if e is not None else None
     opt = torch.optim.Adam(list(hv.parameters()) + (list(he.parameters()) if he is not None else []), lr=LR_MIN)
@@ -313,6 +320,45 @@ def train_heads(bits, x_train, aug, e, device, tau2, t2, s=None, y=None, v=None)
             codebooks, pq = baselines.refit_codebooks(torch.as_tensor(encode(hv, x_cpu, device)), bits, codebooks,
                                                       SEED, device)
     return hv, he, opt, codebooks
+
+
+def train_competitor(bits, x_train, aug, device, n_classes):
+    """A competitor of Table 1 on its authors' loop, through its module's plain functions (baselines.COMPETITORS):
+    its head and optimiser (a fresh one where a phase starts), its learning rate set before every step, its
+    per-epoch state (HHCH's clustering, MeCoQ's code memory, CGHash's mined neighbours), its loss on the batch's two
+    stored views (pick_views, as DUH-EG's) and plain features; EPOCHS and BATCH_SIZE resolved by method_config.
+    Returns (head, None, opt, None), as train_heads."""
+    own = COMPETITORS[METHOD]
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    head = own.build_head(x_train.shape[1], bits, DATASET, n_classes).to(device)
+    x_train, aug = torch.as_tensor(x_train).to(device), torch.as_tensor(aug).to(device)
+    n, opt = len(x_train), None
+    steps = -(-n // BATCH_SIZE)  # batches an epoch, the last one shorter
+    bar = tqdm(range(EPOCHS), desc=f'train {METHOD} {bits} bits', unit='epoch')
+    for epoch in bar:
+        if own.starts_phase(epoch):
+            opt = own.optimizer(head, epoch)
+        head.train()
+        state = own.epoch_start(head, x_train, aug, epoch, gen, device)
+        perm = torch.randperm(n, generator=gen).to(device)
+        views = [w.to(device) for w in pick_views(n, aug.shape[1], gen, epoch)]
+        total = torch.zeros((), device=device)
+        for k in range(steps):
+            idx = perm[k * BATCH_SIZE:(k + 1) * BATCH_SIZE]
+            lr = own.step_lr(epoch, epoch * steps + k, steps, EPOCHS)
+            if len(idx) < 2:  # a contrastive loss needs two items
+                continue
+            for g in opt.param_groups:  # the authors' rate of this step
+                g.update(lr=lr)
+            v1, v2 = (aug[idx, w[idx]].float() for w in views)  # two stored views (fp16)
+            loss = own.batch_loss(head, x_train[idx], v1, v2, idx, state, epoch, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+        bar.set_postfix(loss=f'{total.item() / n:.4f}', lr=f'{lr:.2e}')
+    return head, None, opt, None
 
 
 @torch.no_grad()
@@ -359,7 +405,7 @@ def check_settings():
     check_ranges(globals(), _RANGES)
     if not BITS:
         raise SystemExit("error: --bits is empty: give the code lengths, e.g. --bits=16,32,64")
-    if WARMUP >= EPOCHS:
+    if WARMUP >= EPOCHS and METHOD not in COMPETITORS:  # a competitor has its own schedule
         raise SystemExit(f"error: --warmup={WARMUP} must be below --epochs={EPOCHS} (Eq. 10-11: T_warm < T_max)")
     if LR_MIN > LR_MAX:
         raise SystemExit(f"error: --lr_min={LR_MIN} must be at most --lr_max={LR_MAX} (Eq. 10-11)")
@@ -367,6 +413,9 @@ def check_settings():
     if EXTERNAL == 'none' and not AUG:
         raise SystemExit("error: --external=none (IMGAUG) trains on two augmented views: it needs --aug=true")
     check_choice('method', METHOD, baselines.METHODS)
+    if not AUG and METHOD in TWO_VIEWS:
+        raise SystemExit(f"error: --aug=false: --method={METHOD} trains on two augmented views of each image (--aug "
+                         f"is DUH-EG's Table 2 switch); leave --aug on")
     check_choice('clip_model', CLIP_MODEL, models.CLIP_MODELS)
     BACKBONE_PRETRAINED = BACKBONE_PRETRAINED or models.default_weights(BACKBONE)
     globals().update(released_defaults(globals(), RELEASED_DEFAULTS))
@@ -375,6 +424,41 @@ def check_settings():
     check_choice('view_recipe', VIEW_RECIPE, views.VIEW_RECIPES)
     if not isinstance(NORM_INPUTS, bool):
         raise SystemExit(f"error: --norm_inputs={NORM_INPUTS!r}: choose true or false")
+
+
+def method_config(cfg, given):
+    """What a competitor (baselines.COMPETITORS) trains with, as its run records it: EPOCHS and BATCH_SIZE as typed
+    on the command line (`given`, the settings typed there), else its authors' (its module's); METHOD_SETTINGS, its
+    module's settings with METHOD_ARGS applied (baselines.method_settings), which key the run. {} for DUH-EG and
+    the baselines (train.py's EPOCHS and BATCH_SIZE). reproduce.py predicts a cell's config with it."""
+    settings = baselines.method_settings(cfg['METHOD'], cfg.get('METHOD_ARGS') or '')
+    if not settings:
+        return {}
+    return dict({k: cfg[k] if k in given else settings[k] for k in ('EPOCHS', 'BATCH_SIZE')}, METHOD_SETTINGS=settings)
+
+
+def check_method(cfg):
+    """A competitor's EPOCHS, BATCH_SIZE and settings resolved (method_config) into this run's settings, its module
+    and `cfg`, then checked before any work: its batch size and every code length."""
+    global EPOCHS, BATCH_SIZE
+    resolved = method_config(cfg, given_settings())
+    if not resolved:
+        return
+    EPOCHS, BATCH_SIZE = resolved['EPOCHS'], resolved['BATCH_SIZE']
+    baselines.use_settings(METHOD, resolved['METHOD_SETTINGS'])
+    cfg.update(resolved)
+    own = COMPETITORS[METHOD]
+    if METHOD == 'mecoq' and BATCH_SIZE > own.BATCH_SIZE:  # a batch's soft codes must fit the memory's enqueue size
+        raise SystemExit(f"error: --batch_size={BATCH_SIZE}: MeCoQ's code memory takes batches of at most its "
+                         f"BATCH_SIZE, {own.BATCH_SIZE} (methods/mecoq.py); give --batch_size={own.BATCH_SIZE} or less")
+    for bits in BITS:
+        try:
+            own.build_head(8, bits, DATASET, 2)
+        except ValueError as e:
+            raise SystemExit(f"error: --bits={bits}: {e}") from None
+    typed = ', '.join(f'--{k.lower()} given' for k in sorted(given_settings() & {'EPOCHS', 'BATCH_SIZE'}))
+    print(f"{METHOD}: {EPOCHS} epochs, batches of {BATCH_SIZE} ({typed or 'as its authors ran it'}), "
+          f"methods/{METHOD}.py's settings {METHOD_ARGS or 'as in the file'}")
 
 
 def targets(feats, labels, train, clip_train, device):
@@ -390,28 +474,45 @@ def targets(feats, labels, train, clip_train, device):
         path = CLASS_NAMES or os.path.join(cache.dataset_dir(CACHE_DIR, DATASET), 'classes.txt')
         v = baselines.class_vectors(path, labels.shape[1], CLIP_MODEL, CLIP_PRETRAINED, device)
         print(f"DVSQ word vectors: {CLIP_MODEL} text features of {len(v)} class names")
-    if METHOD in QUANTIZED and len(train) < baselines.PQ_WORDS:
-        print(f"note: {len(train)} training items for {baselines.PQ_WORDS}-word codebooks: some words stay unused")
+    if METHOD in QUANTIZED and len(train) < PQ_WORDS:
+        print(f"note: {len(train)} training items for {PQ_WORDS}-word codebooks: some words stay unused")
     return e, s, v
 
 
-def score(h_q, h_r, codebooks, y_q, y_r, topk):
-    """(MAP@topk of the codes, the continuous outputs' MAP, the product-quantized codes to save)."""
+def fit_and_encode(bits, feats, aug, e, s, v, labels, split, device, tau2):
+    """One code length: the method trained on the train set (fitted: LSH, ITQ), then the query and retrieval sets
+    encoded. Returns ((hv, he, opt), h_q, h_r, pq), pq the retrieval set's product-quantized codes
+    (baselines.quantized_codes; {} for binary codes). A competitor's hv is its own head."""
+    query, retrieval, train = split
+    if METHOD in UNTRAINED:  # a projection fitted on the training features
+        h_q, h_r = baselines.untrained_codes(METHOD, feats[train], (feats[query], feats[retrieval]), bits, SEED)
+        return (None, None, None), h_q, h_r, {}
+    if METHOD in COMPETITORS:
+        hv, he, opt, codebooks = train_competitor(bits, feats[train], aug, device, labels.shape[1])
+    else:
+        hv, he, opt, codebooks = train_heads(bits, feats[train], aug, e, device, tau2, T2, s,
+                                             labels[train] if METHOD == 'dvsq' else None, v)
+    h_q, h_r = encode(hv, feats[query], device), encode(hv, feats[retrieval], device)
+    return (hv, he, opt), h_q, h_r, baselines.quantized_codes(METHOD, hv, codebooks, h_r, feats[retrieval])
+
+
+def score(h_q, h_r, pq, y_q, y_r, topk):
+    """(MAP@topk of the codes: Hamming ranking, or AQD of the product-quantized codes pq; the continuous outputs'
+    MAP)."""
     mAP_cont = eval_hash.map_continuous(h_q, h_r, y_q, y_r, topk)
-    if codebooks is None:
+    if not pq:
         return eval_hash.mean_average_precision(eval_hash.to_codes(h_q), eval_hash.to_codes(h_r), y_q, y_r, topk), \
-            mAP_cont, {}
-    r_words = baselines.pq_encode(h_r, codebooks).numpy().astype(np.uint8 if baselines.PQ_WORDS <= 256 else np.uint16)
-    pq = dict(retrieval_codes=r_words, codebooks=codebooks.numpy(), aqd=baselines.AQD)  # ranked by AQD
-    return eval_hash.map_aqd(h_q, r_words, pq['codebooks'], y_q, y_r, topk, baselines.AQD), mAP_cont, pq
+            mAP_cont
+    return eval_hash.map_aqd(h_q, pq['retrieval_codes'], pq['codebooks'], y_q, y_r, topk, pq['aqd']), mAP_cont
 
 
 def save_run(out, result, nets, h_q, h_r, labels, query, retrieval, pq):
     """<out>/heads.pt, codes.npz and result.json of one code length, each written whole."""
-    hv, he, opt, codebooks, in_dim, e_dim = nets
+    hv, he, opt, in_dim, e_dim = nets
     ckpt = dict(hv=hv and hv.state_dict(), he=he and he.state_dict(), bits=result['bits'], in_dim=in_dim,
                 e_dim=e_dim, optimizer=opt and opt.state_dict(), epoch=EPOCHS, config=result['config'],
-                codebooks=codebooks, out_dim=h_q.shape[1])
+                codebooks=torch.as_tensor(pq['codebooks']) if pq else None, out_dim=h_q.shape[1],
+                n_classes=labels.shape[1])
     atomic_write(os.path.join(out, 'heads.pt'), lambda f: torch.save(ckpt, f))
     atomic_write(os.path.join(out, 'codes.npz'), lambda f: np.savez(
         f, query_h=h_q, retrieval_h=h_r, query_labels=labels[query], retrieval_labels=labels[retrieval],
@@ -424,6 +525,7 @@ def main():
     cfg = configure(globals())
     check_settings()
     cfg.update({k: globals()[k] for k in ('BACKBONE_PRETRAINED', *RELEASED_DEFAULTS)})
+    check_method(cfg)
     tau2, topk = tau2_for(DATASET, TAU2), TOPK or dataset.DATASETS[DATASET]['topk']
     paths = input_paths(cfg)
     missing = missing_inputs(paths)
@@ -445,20 +547,14 @@ def main():
     runs.claim_run_dir(RUN_DIR, sha, key, FORCE)  # refuses a folder of another run, unless --force
     for bits in BITS:
         t0 = time.time()
-        if METHOD in UNTRAINED:  # a projection fitted on the training features
-            h_q, h_r = baselines.untrained_codes(METHOD, feats[train], (feats[query], feats[retrieval]), bits, SEED)
-            hv = he = opt = codebooks = None
-        else:
-            hv, he, opt, codebooks = train_heads(bits, feats[train], aug, e, device, tau2, T2, s,
-                                                 labels[train] if METHOD == 'dvsq' else None, v)
-            h_q, h_r = encode(hv, feats[query], device), encode(hv, feats[retrieval], device)
-        mAP, mAP_cont, pq = score(h_q, h_r, codebooks, labels[query], labels[retrieval], topk)
+        nets, h_q, h_r, pq = fit_and_encode(bits, feats, aug, e, s, v, labels, (query, retrieval, train), device, tau2)
+        mAP, mAP_cont = score(h_q, h_r, pq, labels[query], labels[retrieval], topk)
         out = os.path.join(RUN_DIR, f'{bits}bits')
         result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in SUPERVISED, bits=bits, topk=topk,
-                      ranking=f'aqd-{baselines.AQD}' if pq else 'hamming', map=round(float(mAP), 6),
+                      ranking=f"aqd-{pq['aqd']}" if pq else 'hamming', map=round(float(mAP), 6),
                       map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
                       run_dir=out, run_key=sha, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR), inputs=inputs)
-        save_run(out, result, (hv, he, opt, codebooks, feats.shape[1], e.shape[1] if e is not None else None),
+        save_run(out, result, (*nets, feats.shape[1], e.shape[1] if e is not None else None),
                  h_q, h_r, labels, query, retrieval, pq)
         runs.write_result(RESULTS, result)
         print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "

@@ -25,10 +25,10 @@ from configurator import configure  # noqa: E402
 # -----------------------------------------------------------------------------
 NUM_QUERY = 10000         # CIFAR-10 query set
 NUM_RETRIEVAL = 50000     # CIFAR-10 retrieval set
-DIM = 64                  # embedding D (baselines.PQ_DIM)
+DIM = 64                  # embedding D (methods/pq.py PQ_DIM)
 BITS = 64                 # code length: BITS / 8 codebooks of 256 words
 TOPK = 1000               # K of MAP@K (CIFAR-10)
-METRIC = 'ip'             # AQD: ip (baselines.AQD) | l2
+METRIC = 'ip'             # AQD: ip (methods/pq.py AQD) | l2
 TOLERANCE = 1e-4          # largest allowed |distance(ours) - distance(faiss)| (faiss adds in float32)
 ROUNDS = 2                # interleaved timing rounds; the fastest is reported
 SEED = 0                  # seed of the generated codebooks, codes and queries

@@ -4,7 +4,7 @@ table; exits 1 when a mutant survives (its tests pass) or no longer applies (its
 the mutant here), 0 when every mutant is caught. The tests run first on the unchanged copy, where
 they must pass, so a mutant is never "caught" by a test that fails anyway.
 
-    python tests/mutants.py                 # every mutant (about 6 minutes on 2 cores, CI's size)
+    python tests/mutants.py                 # every mutant (about 7 minutes on 2 cores, CI's size)
     python tests/mutants.py --only=eq8,lr   # some of them, by name
 """
 import os
@@ -73,6 +73,22 @@ MUTANTS = {
     'ap-over-k': ('AP@K divided by K instead of the relevant items retrieved', 'eval_hash.py',
                   'return np.where(R > 0, s / np.maximum(R, 1), 0.0)', 'return np.where(R > 0, s / rel.shape[1], 0.0)',
                   ['tests/test_eval.py']),
+    'hhch-mask': ("HHCH's L_HIC keeps the items of an item's own prototype among its negatives (no false-negative "
+                  "mask)", 'methods/hhch.py',
+                  'logits = torch.cat([logits01, logits00], dim=1) - mask * _HUGE',
+                  'logits = torch.cat([logits01, logits00], dim=1)',
+                  ['tests/test_hhch.py::test_masked_infonce_by_hand',
+                   'tests/test_hhch.py::test_golden_losses_and_gradients']),
+    'mecoq-queue': ("MeCoQ's code memory is filled but never read as negatives", 'methods/mecoq.py',
+                    "queue_feats = reconstruct(memory['codes'], head.C) if state['use_queue'] else None",
+                    'queue_feats = None', ['tests/test_mecoq.py::test_golden']),
+    'cghash-entropy': ("CGHash's entropy term with its sign flipped: the batch collapses onto few clusters",
+                       'methods/cghash.py', 'return w * -_entropy(p.mean(dim=0)) + sharp * _entropy(p)',
+                       'return w * _entropy(p.mean(dim=0)) + sharp * _entropy(p)',
+                       ['tests/test_cghash.py::test_entropy_by_hand', 'tests/test_cghash.py::test_against_golden']),
+    'competitor-lr': ("a competitor's learning rate of each step never set (its optimiser's first rate throughout)",
+                      'train.py', '                g.update(lr=lr)\n', '                pass\n',
+                      ['tests/test_competitors.py::test_competitor_loop_feeds_each_module_what_its_interface_says']),
     'search-words': ("search.text_features encodes 'x' whatever words are typed", 'search.py',
                      'return nouns_embed.embed_words(list(words), model, tok,',
                      "return nouns_embed.embed_words(['x'] * len(words), model, tok,",

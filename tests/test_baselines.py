@@ -1,11 +1,12 @@
-"""Hand-worked values and real properties of the baselines in baselines.py: SSDH, DHN, DCH, LSH, ITQ."""
+"""Hand-worked values and real properties of the baselines in methods/pairwise.py (SSDH, DHN, DCH) and
+methods/lsh_itq.py (LSH, ITQ)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-import baselines
+from methods import lsh_itq, pairwise
 from models import HashHead
 
 
@@ -31,7 +32,7 @@ def test_ssdh_fit_two_half_gaussians():
     # histogram peak: 26 of 28 distances equal 1 -> m = 1.
     # left half {d <= 1}: 26 at 1 and 0.01 -> sigma_l^2 = 0.99^2 / 27; right half {d >= 1}: 26 at 1
     # and 2 -> sigma_r^2 = 1 / 27 (the distances at the peak belong to both halves)
-    m, sigma_l, sigma_r = baselines.ssdh_fit(ssdh_points())
+    m, sigma_l, sigma_r = pairwise.ssdh_fit(ssdh_points())
     assert m == pytest.approx(1.0, abs=1e-9)
     assert sigma_l == pytest.approx(0.99 / math.sqrt(27), abs=1e-6)   # 0.190526
     assert sigma_r == pytest.approx(1 / math.sqrt(27), abs=1e-6)      # 0.192450
@@ -41,7 +42,7 @@ def test_ssdh_similarity_which_pairs():
     # thresholds with left = right = 2: similar d <= 1 - 2 * 0.190526 = 0.618948,
     # dissimilar d >= 1 + 2 * 0.192450 = 1.384900. So (0, 1) at d = 0.01 is +1, (2, 3) at d = 2 is -1,
     # every orthogonal pair (d = 1) is ignored (0); the diagonal is +1.
-    s = baselines.ssdh_similarity(ssdh_points(), 2.0, 2.0)
+    s = pairwise.ssdh_similarity(ssdh_points(), 2.0, 2.0)
     expect = np.eye(8, dtype=np.int8)
     expect[0, 1] = expect[1, 0] = 1
     expect[2, 3] = expect[3, 2] = -1
@@ -49,15 +50,15 @@ def test_ssdh_similarity_which_pairs():
     np.testing.assert_array_equal(s, expect)
     # left = 5.3: threshold 1 - 5.3 * 0.190526 = -0.0098 < 0.01, so the near-duplicates are no longer similar;
     # right = 5.3: 1 + 5.3 * 0.192450 = 2.0200 > 2, so e2 / -e2 are no longer dissimilar
-    np.testing.assert_array_equal(baselines.ssdh_similarity(ssdh_points(), 5.3, 5.3), np.eye(8, dtype=np.int8))
+    np.testing.assert_array_equal(pairwise.ssdh_similarity(ssdh_points(), 5.3, 5.3), np.eye(8, dtype=np.int8))
 
 
 def test_ssdh_similarity_blocks_symmetry_and_monotonicity():
     rng = np.random.default_rng(0)
     group = np.repeat(np.arange(10), 6)  # 10 groups of 6 points around random centres
     x = rng.normal(size=(60, 16)) + rng.normal(size=(10, 16))[group] * 2
-    s = baselines.ssdh_similarity(x)
-    np.testing.assert_array_equal(s, baselines.ssdh_similarity(x, chunk=7))  # blockwise = all at once
+    s = pairwise.ssdh_similarity(x)
+    np.testing.assert_array_equal(s, pairwise.ssdh_similarity(x, chunk=7))  # blockwise = all at once
     np.testing.assert_array_equal(s, s.T)
     assert (np.diag(s) == 1).all()
     off = ~np.eye(60, dtype=bool)
@@ -67,7 +68,7 @@ def test_ssdh_similarity_blocks_symmetry_and_monotonicity():
     assert (s == -1).sum() > 20 and not same[s == -1].any()
     assert (s == 0).sum() > 0.5 * s.size  # most pairs are ignored
     # a larger multiplier only removes pairs: the similar and dissimilar sets shrink
-    tight = baselines.ssdh_similarity(x, 3.0, 3.0)
+    tight = pairwise.ssdh_similarity(x, 3.0, 3.0)
     assert ((tight == 1) <= (s == 1)).all() and ((tight == -1) <= (s == -1)).all()
     assert (tight == 1).sum() < (s == 1).sum()
 
@@ -80,11 +81,11 @@ def test_ssdh_loss_hand_worked():
     # (0,2),(2,0) (0.5 - 1)^2 = 0.25 each -> sum 3.0625, mean 3.0625 / 7 = 0.4375
     h = torch.tensor([[1., 1.], [1., -1.], [0.5, 0.5]], dtype=torch.float64)
     s = np.array([[1, -1, 1], [-1, 1, 0], [1, 0, 1]], np.int8)
-    assert baselines.ssdh_loss(h, s).item() == pytest.approx(0.4375, abs=1e-6)
+    assert pairwise.ssdh_loss(h, s).item() == pytest.approx(0.4375, abs=1e-6)
     # the ignored pair really is ignored: changing h so that (1, 2) moves changes nothing of it
     s_all = s.copy()
     s_all[1, 2] = s_all[2, 1] = 1  # now counted: (0 - 1)^2 twice -> (3.0625 + 2) / 9
-    assert baselines.ssdh_loss(h, s_all).item() == pytest.approx(5.0625 / 9, abs=1e-6)
+    assert pairwise.ssdh_loss(h, s_all).item() == pytest.approx(5.0625 / 9, abs=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def test_label_similarity_multilabel():
                   [0, 0, 1],
                   [0, 1, 1],
                   [0, 0, 0]])
-    s = baselines.label_similarity(y, chunk=2)
+    s = pairwise.label_similarity(y, chunk=2)
     expect = np.array([[1, 0, 1, 1, 0],
                        [0, 1, 0, 1, 0],
                        [1, 0, 1, 1, 0],
@@ -103,7 +104,7 @@ def test_label_similarity_multilabel():
                        [0, 0, 0, 0, 0]], np.int8)  # row 4 has no label: similar to nothing
     assert s.dtype == np.int8
     np.testing.assert_array_equal(s, expect)
-    np.testing.assert_array_equal(baselines.label_similarity(np.array([2, 0, 2])),
+    np.testing.assert_array_equal(pairwise.label_similarity(np.array([2, 0, 2])),
                                   [[1, 0, 1], [0, 1, 0], [1, 0, 1]])  # class indices
 
 
@@ -117,10 +118,10 @@ def test_dhn_loss_hand_worked():
     #   mean over 6 entries 0.072296805, times 0.5 = 0.036148403       -> total 0.620632198
     h = torch.tensor([[1., 1.], [1., 1.], [-1., 0.]], dtype=torch.float64)
     s = np.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], np.int8)
-    assert baselines.dhn_loss(h, s, lam=0.5, alpha=1.0).item() == pytest.approx(0.620632198, abs=1e-6)
+    assert pairwise.dhn_loss(h, s, lam=0.5, alpha=1.0).item() == pytest.approx(0.620632198, abs=1e-6)
     # a scales the inner products: with a = 0.5 the pair terms are log(1 + e^-1), log(1 + e^-0.5), log(1 + e^-0.5) + 0.5
     pair = (math.log1p(math.exp(-1)) + 2 * math.log1p(math.exp(-0.5)) + 0.5) / 3
-    assert baselines.dhn_loss(h, s, lam=0.0, alpha=0.5).item() == pytest.approx(pair, abs=1e-6)
+    assert pairwise.dhn_loss(h, s, lam=0.0, alpha=0.5).item() == pytest.approx(pair, abs=1e-6)
 
 
 def test_dch_loss_hand_worked():
@@ -135,13 +136,13 @@ def test_dch_loss_hand_worked():
     #   -> total 1.106781882
     h = torch.tensor([[1., 1.], [1., 1.], [-1., 0.]], dtype=torch.float64)
     s = np.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], np.int8)
-    assert baselines.dch_loss(h, s, gamma=2.0, lam=0.5).item() == pytest.approx(1.106781882, abs=1e-6)
+    assert pairwise.dch_loss(h, s, gamma=2.0, lam=0.5).item() == pytest.approx(1.106781882, abs=1e-6)
     # without the class-imbalance weights the mean would be (0 + 0.617104548 + 0.775451732) / 3 = 0.464185427:
     # the weights double-count the rarer dissimilar pair
-    assert baselines.dch_loss(h, s, gamma=2.0, lam=0.0).item() == pytest.approx(1.084004006, abs=1e-6)
+    assert pairwise.dch_loss(h, s, gamma=2.0, lam=0.0).item() == pytest.approx(1.084004006, abs=1e-6)
     # all pairs similar: w = 1, mean (0 + 2 * 0.617104548) / 3
     ones = np.ones((3, 3), np.int8)
-    assert baselines.dch_loss(h, ones, gamma=2.0, lam=0.0).item() == pytest.approx(2 * 0.617104548 / 3, abs=1e-6)
+    assert pairwise.dch_loss(h, ones, gamma=2.0, lam=0.0).item() == pytest.approx(2 * 0.617104548 / 3, abs=1e-6)
 
 
 def random_batch(n=8, bits=16, seed=0):
@@ -155,13 +156,13 @@ def random_batch(n=8, bits=16, seed=0):
 def test_loss_gradients_finite_nonzero(name):
     for n in (2, 8):  # any batch of two or more
         h, labels = random_batch(n)
-        s = baselines.label_similarity(labels)
+        s = pairwise.label_similarity(labels)
         if name == 'ssdh':
             s = 2 * s.astype(np.int8) - 1  # +1 same class, -1 otherwise
             s[0, -1] = s[-1, 0] = 0        # one ignored pair
-            loss = baselines.ssdh_loss(h, s)
+            loss = pairwise.ssdh_loss(h, s)
         else:
-            loss = getattr(baselines, f'{name}_loss')(h, s)
+            loss = getattr(pairwise, f'{name}_loss')(h, s)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
         assert h.grad.abs().sum() > 0
@@ -172,19 +173,19 @@ def test_losses_do_not_overflow():
     # softplus(1024) = 1024 exactly for a dissimilar pair
     h = torch.ones(4, 1024, requires_grad=True)
     zeros = np.zeros((4, 4), np.int8)
-    loss = baselines.dhn_loss(h, zeros)
+    loss = pairwise.dhn_loss(h, zeros)
     assert loss.item() == pytest.approx(1024.0, rel=1e-6)
     loss.backward()
     assert torch.isfinite(h.grad).all()
     # DCH: dissimilar pairs with identical codes have d = 0; gamma / d is capped at gamma / DCH_EPS
     h = torch.ones(4, 64, requires_grad=True)
-    loss = baselines.dch_loss(h, zeros)
-    cap = math.log1p(baselines.DCH_GAMMA / baselines.DCH_EPS)  # log(1 + 2e7) = 16.81
+    loss = pairwise.dch_loss(h, zeros)
+    cap = math.log1p(pairwise.DCH_GAMMA / pairwise.DCH_EPS)  # log(1 + 2e7) = 16.81
     assert torch.isfinite(loss) and loss.item() == pytest.approx(cap, rel=1e-5)
     loss.backward()
     assert torch.isfinite(h.grad).all()
     h = torch.ones(4, 64, requires_grad=True)  # identical similar codes: loss 0, finite gradient
-    loss = baselines.dch_loss(h, np.ones((4, 4), np.int8))
+    loss = pairwise.dch_loss(h, np.ones((4, 4), np.int8))
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(h.grad).all()
 
@@ -214,8 +215,8 @@ def test_losses_train_a_hash_head(name):
     # train.py's setting: Adam on HashHead outputs. A few steps on two blobs lower the loss and
     # give codes that agree within a blob more than across.
     x, y = two_blobs()
-    s = baselines.ssdh_similarity(x) if name == 'ssdh' else baselines.label_similarity(np.eye(2, dtype=np.int8)[y])
-    loss_fn = getattr(baselines, f'{name}_loss')
+    s = pairwise.ssdh_similarity(x) if name == 'ssdh' else pairwise.label_similarity(np.eye(2, dtype=np.int8)[y])
+    loss_fn = getattr(pairwise, f'{name}_loss')
     torch.manual_seed(0)
     head = HashHead(x.shape[1], 16, hidden=64)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
@@ -239,12 +240,12 @@ def test_losses_train_a_hash_head(name):
 def test_lsh_shapes_determinism_and_blobs():
     x, y = two_blobs()
     train = x[::2]  # both blobs
-    h = baselines.lsh_codes(train, x, 64, seed=0)
+    h = lsh_itq.lsh_codes(train, x, 64, seed=0)
     assert h.shape == (100, 64) and h.dtype == np.float32
-    np.testing.assert_array_equal(h, baselines.lsh_codes(train, x, 64, seed=0))
-    assert not np.array_equal(h, baselines.lsh_codes(train, x, 64, seed=1))
+    np.testing.assert_array_equal(h, lsh_itq.lsh_codes(train, x, 64, seed=0))
+    assert not np.array_equal(h, lsh_itq.lsh_codes(train, x, 64, seed=1))
     # centred by the training mean: the projection of that mean is 0
-    np.testing.assert_allclose(baselines.lsh_codes(train, train.mean(0, keepdims=True), 64), 0, atol=1e-4)
+    np.testing.assert_allclose(lsh_itq.lsh_codes(train, train.mean(0, keepdims=True), 64), 0, atol=1e-4)
     # same-blob vectors from the centre are ~46 degrees apart (agreement ~ 1 - 46/180), different-blob ~134
     same, diff = code_agreement(h, y)
     assert same > 0.65 and diff < 0.35
@@ -259,7 +260,7 @@ def test_itq_rotation_lowers_quantization_loss():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(400, 24)) * np.linspace(3, 0.5, 24) @ np.linalg.qr(rng.normal(size=(24, 24)))[0] + 2.0
     bits = 8
-    vr = baselines.itq_codes(x, x, bits).astype(np.float64)
+    vr = lsh_itq.itq_codes(x, x, bits).astype(np.float64)
     # the unrotated PCA projection V, computed independently (sign and order of its columns do not change the loss)
     xc = x - x.mean(0)
     v = xc @ np.linalg.svd(xc, full_matrices=False)[2][:bits].T
@@ -269,17 +270,17 @@ def test_itq_rotation_lowers_quantization_loss():
     r = np.linalg.lstsq(v, vr, rcond=None)[0]
     np.testing.assert_allclose(r.T @ r, np.eye(bits), atol=1e-4)
     # the alternating updates never increase the loss (same random start for every run)
-    losses = [quantization_loss(baselines.itq_codes(x, x, bits, iters=k).astype(np.float64)) for k in (0, 1, 3, 10, 50)]
+    losses = [quantization_loss(lsh_itq.itq_codes(x, x, bits, iters=k).astype(np.float64)) for k in (0, 1, 3, 10, 50)]
     assert all(b <= a + 1e-3 for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0]
 
 
 def test_itq_shapes_determinism_blobs_and_bad_bits():
     x, y = two_blobs()
     train = x[::2]
-    h = baselines.itq_codes(train, x, 8, seed=0)
+    h = lsh_itq.itq_codes(train, x, 8, seed=0)
     assert h.shape == (100, 8) and h.dtype == np.float32
-    np.testing.assert_array_equal(h, baselines.itq_codes(train, x, 8, seed=0))
+    np.testing.assert_array_equal(h, lsh_itq.itq_codes(train, x, 8, seed=0))
     same, diff = code_agreement(h, y)
     assert same - diff > 0.3
     with pytest.raises(ValueError):
-        baselines.itq_codes(train, x, 17)  # more bits than feature dimensions
+        lsh_itq.itq_codes(train, x, 17)  # more bits than feature dimensions

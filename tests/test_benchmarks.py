@@ -2,6 +2,8 @@
 otherwise, and its own agreement checks hold. (Speed itself is never asserted in tests.)"""
 import re
 
+import pytest
+
 from conftest import run_script
 
 
@@ -66,3 +68,15 @@ def test_bench_aqd_agrees_with_faiss_index_pq():
     r = result(run_script('benchmarks/bench_aqd.py', '--num_query=200', '--num_retrieval=5000', '--topk=100',
                           '--rounds=1'), 'bench_aqd')
     assert r['ok'] == 'True' and float(r['max_abs_diff']) <= 1e-4 and float(r['ours_s']) > 0
+
+
+def test_bench_competitors_projects_each_schedule_and_its_ratio():
+    r = result(run_script('benchmarks/bench_competitors.py', '--n_train=200', '--dim=16', '--e_dim=8',
+                          '--timed_epochs=2', '--rounds=1'), 'bench_competitors')
+    assert (r['n_train'], r['timed_epochs'], r['rounds']) == ('200', '2', '1')
+    # the whole schedule is setup + first epoch + the others x the median epoch: at least (epochs - 1) x it
+    for method, epochs in (('duheg', 60), ('hhch', 80), ('mecoq', 50)):
+        s, full = float(r[f'{method}_s_per_epoch']), float(r[f'{method}_full_s'])
+        assert s > 0 and (epochs - 1) * s - 0.1 <= full, method
+        assert float(r[f'{method}_vs_duheg']) == pytest.approx(full / float(r['duheg_full_s']), rel=0.1)
+    assert float(r['cghash_full_s']) > 0 and r['duheg_vs_duheg'] == '1.000'

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import baselines
 import eval_hash
 from conftest import run_script, write_feature_set
+from methods import cibhash, pq
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: tiny tensors run on one thread
@@ -25,8 +25,8 @@ def test_dqn_loss_three_items():
     # mean over the 6 ordered pairs i != j = 2 * 4 / 6 = 4/3
     z = torch.tensor([[1., 0.], [0., 1.], [1., 1.]])
     s = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.int8)
-    assert baselines.dqn_loss(z, s).item() == pytest.approx(4 / 3, abs=1e-6)
-    assert baselines.dqn_loss(5 * z, s).item() == pytest.approx(4 / 3, abs=1e-6)  # cosine: scale-free
+    assert pq.dqn_loss(z, s).item() == pytest.approx(4 / 3, abs=1e-6)
+    assert pq.dqn_loss(5 * z, s).item() == pytest.approx(4 / 3, abs=1e-6)  # cosine: scale-free
 
 
 def test_dvsq_loss_three_items():
@@ -39,11 +39,11 @@ def test_dvsq_loss_three_items():
     z = torch.tensor([[3., 4.], [0., 1.], [-4., 3.]])
     y = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1]], np.int8)
     v = np.array([[1., 0.], [0., 1.], [-1., 0.]])
-    assert baselines.dvsq_loss(z, y, v).item() == pytest.approx(0.2, abs=1e-6)
+    assert pq.dvsq_loss(z, y, v).item() == pytest.approx(0.2, abs=1e-6)
     # quantization loss through the word vectors: error e = z - q; mean_i ||V e_i||^2
     q = torch.tensor([[3., 3.], [0., 1.], [-2., 3.]])  # errors (0, 1), (0, 0), (-2, 0): ||V e||^2 = 1, 0, 8
-    assert baselines.dvsq_quant_loss(z, q, v).item() == pytest.approx(3.0, abs=1e-6)
-    assert baselines.pq_loss(z, q).item() == pytest.approx((1 + 0 + 4) / 3, abs=1e-6)
+    assert pq.dvsq_quant_loss(z, q, v).item() == pytest.approx(3.0, abs=1e-6)
+    assert pq.pq_loss(z, q).item() == pytest.approx((1 + 0 + 4) / 3, abs=1e-6)
 
 
 def test_dtq_triplets_and_loss_three_items():
@@ -53,14 +53,14 @@ def test_dtq_triplets_and_loss_three_items():
     s = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], np.int8)
     g = torch.Generator().manual_seed(0)
     # margin 2: (0, 1, 2) has 4 >= 1 + 2 and is dropped; (1, 0, 2): 1 < 3, loss 1 - 1 + 2 = 2
-    a, p, n = baselines.dtq_triplets(z, s, 2.0, g)
+    a, p, n = pq.dtq_triplets(z, s, 2.0, g)
     assert list(zip(a.tolist(), p.tolist(), n.tolist())) == [(1, 0, 2)]
-    assert baselines.dtq_loss(z, s, 2.0, g).item() == pytest.approx(2.0)
+    assert pq.dtq_loss(z, s, 2.0, g).item() == pytest.approx(2.0)
     # margin 4: both; losses 1 - 4 + 4 = 1 and 1 - 1 + 4 = 4, mean 2.5
-    assert baselines.dtq_loss(z, s, 4.0, g).item() == pytest.approx(2.5)
+    assert pq.dtq_loss(z, s, 4.0, g).item() == pytest.approx(2.5)
     # margin 0: no triplet has a loss; the loss is 0 and still has a gradient
     zz = z.clone().requires_grad_()
-    loss = baselines.dtq_loss(zz, s, 0.0, g)
+    loss = pq.dtq_loss(zz, s, 0.0, g)
     loss.backward()
     assert loss.item() == 0 and zz.grad is not None
 
@@ -74,7 +74,7 @@ def test_dtq_negatives_are_drawn_among_the_hard_ones():
     g = torch.Generator().manual_seed(0)
     drawn = []
     for _ in range(200):
-        a, p, n = baselines.dtq_triplets(z, s, 1.5, g)
+        a, p, n = pq.dtq_triplets(z, s, 1.5, g)
         drawn += [ni for ai, ni in zip(a.tolist(), n.tolist()) if ai == 0]
     assert set(drawn) == {2, 3}
     assert 60 < drawn.count(2) < 140  # uniform among the two
@@ -92,7 +92,7 @@ def nt_xent_by_hand(tau):
 
 def test_cibhash_loss_three_items():
     h = torch.tensor([[0.6, 0.6], [-0.6, 0.2], [0.2, -0.6]], requires_grad=True)  # codes (1,1), (-1,1), (1,-1)
-    loss = baselines.cibhash_loss(h, h.detach().clone(), temperature=0.5, beta=1.0)  # same views: KL = 0
+    loss = cibhash.cibhash_loss(h, h.detach().clone(), temperature=0.5, beta=1.0)  # same views: KL = 0
     assert loss.item() == pytest.approx(nt_xent_by_hand(0.5), abs=1e-6)
     loss.backward()
     assert h.grad.abs().sum() > 0  # the straight-through estimator passes a gradient through sign()
@@ -101,7 +101,7 @@ def test_cibhash_loss_three_items():
     h2 = torch.tensor([[0.2, 0.2], [-0.6, 0.2], [0.2, -0.6]])
     kl = lambda p, q: p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
     expect = 2 * (kl(0.8, 0.6) + kl(0.6, 0.8)) / 2 / 3  # two bits of item 0, symmetric, mean over 3 items
-    got = baselines.cibhash_loss(h1, h2, 0.5, beta=1.0) - baselines.cibhash_loss(h1, h2, 0.5, beta=0.0)
+    got = cibhash.cibhash_loss(h1, h2, 0.5, beta=1.0) - cibhash.cibhash_loss(h1, h2, 0.5, beta=0.0)
     assert got.item() == pytest.approx(expect, abs=1e-5)
 
 
@@ -111,25 +111,25 @@ def test_pq_encode_decode_and_fit():
     # 2 codebooks of 2 words over 1-d subspaces
     c = torch.tensor([[[0.], [10.]], [[-1.], [1.]]])
     z = torch.tensor([[1., 0.5], [9., -3.], [6., -0.2]])
-    codes = baselines.pq_encode(z, c)
+    codes = pq.pq_encode(z, c)
     assert codes.tolist() == [[0, 1], [1, 0], [1, 0]]
-    assert baselines.pq_decode(codes, c).tolist() == [[0., 1.], [10., -1.], [10., -1.]]
+    assert pq.pq_decode(codes, c).tolist() == [[0., 1.], [10., -1.], [10., -1.]]
     # two clear clusters per subspace: the fit finds their means, whatever the start
     z = torch.tensor([[0., 5.], [1., 5.], [10., -5.], [11., -7.]])
-    fit = baselines.pq_fit(z, 2, iters=10, words=2, seed=3)
+    fit = pq.pq_fit(z, 2, iters=10, words=2, seed=3)
     assert sorted(fit[0, :, 0].tolist()) == [0.5, 10.5] and sorted(fit[1, :, 0].tolist()) == [-6.0, 5.0]
     # fewer items than words: every item gets its own word, exactly
     z = torch.tensor([[0., 1.], [2., 3.], [4., 5.]])
-    fit = baselines.pq_fit(z, 1, iters=5, words=8)
-    assert torch.equal(baselines.pq_decode(baselines.pq_encode(z, fit), fit), z)
+    fit = pq.pq_fit(z, 1, iters=5, words=8)
+    assert torch.equal(pq.pq_decode(pq.pq_encode(z, fit), fit), z)
 
 
 def test_pq_shape():
-    assert baselines.pq_shape(16, 64) == 2 and baselines.pq_shape(64, 512) == 8
+    assert pq.pq_shape(16, 64) == 2 and pq.pq_shape(64, 512) == 8
     with pytest.raises(ValueError, match='multiple of 8'):
-        baselines.pq_shape(12, 64)
+        pq.pq_shape(12, 64)
     with pytest.raises(ValueError, match='embedding dimension 60'):
-        baselines.pq_shape(64, 60)
+        pq.pq_shape(64, 60)
 
 
 # -----------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_aqd_ranking_equals_faiss_index_pq(metric):
     index = faiss.IndexPQ(d, m, 8, faiss.METRIC_INNER_PRODUCT if metric == 'ip' else faiss.METRIC_L2)
     faiss.copy_array_to_vector(codebooks.ravel(), index.pq.centroids)
     index.is_trained = True
-    index.add(baselines.pq_decode(codes, torch.tensor(codebooks)).numpy())
+    index.add(pq.pq_decode(codes, torch.tensor(codebooks)).numpy())
     assert np.array_equal(faiss.vector_to_array(index.codes).reshape(len(codes), m), codes)
     d_f, i_f = index.search(q, 50)
     idx, dist = eval_hash.aqd_rank_topk(q, codes, codebooks, 50, metric)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_script
+import paper
 import reproduce
 import runs
 import train
@@ -77,19 +78,22 @@ def test_markdown_table_from_hand_made_results(settings):
 
 
 def test_paper_numbers_are_the_papers():
-    assert reproduce.PAPER[('table1 vgg16', 'cifar10')] == (.887, .888, .885)
-    assert reproduce.PAPER[('table3 imgaug', 'mscoco')] == (.733, .785, .819)
-    assert reproduce.PAPER[('table6 vit-b-32', 'nuswide')] == (.855, .856, .860)
-    assert reproduce.PAPER[('table5 glove', 'flickr25k')] == (.870, .882, .887)
-    assert reproduce.PAPER[('table1 cibhash', 'mscoco')] == (.737, .760, .775)
-    assert ('table1 cibhash', 'flickr25k') not in reproduce.PAPER  # '-' in the paper's Table 1
-    assert len(reproduce.PAPER) == 14 * 4 + 3
+    assert paper.PAPER[('table1 vgg16', 'cifar10')] == (.887, .888, .885)
+    assert paper.PAPER[('table3 imgaug', 'mscoco')] == (.733, .785, .819)
+    assert paper.PAPER[('table6 vit-b-32', 'nuswide')] == (.855, .856, .860)
+    assert paper.PAPER[('table5 glove', 'flickr25k')] == (.870, .882, .887)
+    assert paper.PAPER[('table1 cibhash', 'mscoco')] == (.737, .760, .775)
+    assert ('table1 cibhash', 'flickr25k') not in paper.PAPER  # '-' in the paper's Table 1
+    assert len(paper.PAPER) == 14 * 4 + 3 + 52  # Table 1's 16 other rows: 52 (row, dataset) with numbers
+    assert paper.PAPER[('table1 *hhch', 'mscoco')] == (.805, .849, .853)
+    assert paper.PAPER[('table1 harr', 'cifar10')] == (.520, .536, .575)
+    assert ('table1 haman', 'cifar10') not in paper.PAPER and ('table1 *ddch', 'nuswide') not in paper.PAPER
     # every row of every table names a paper row that exists (or none; a row may lack a dataset, as CIBHash Flickr25k)
     for table in ('1', '2', '3', '5', '6', 'fig5a', 'fig5b', 'baselines'):
         for row in reproduce.table_rows(table):
-            for d in reproduce._PAPER_DATASETS:
+            for d in paper.PAPER_DATASETS:
                 key = row.paper.get(d) if isinstance(row.paper, dict) else row.paper
-                assert key is None or key in {r for r, _ in reproduce.PAPER}, (table, row.id, key)
+                assert key is None or key in {r for r, _ in paper.PAPER}, (table, row.id, key)
 
 
 def test_baselines_rows_every_method_and_cibhash_on_vgg16():
@@ -104,6 +108,36 @@ def test_baselines_rows_every_method_and_cibhash_on_vgg16():
     assert [reproduce.paper_value(rows['cibhash-vgg16'], 'cifar10', b) for b in (16, 32, 64)] == [.590, .622, .641]
     assert reproduce.paper_value(rows['cibhash-vgg16'], 'flickr25k', 16) is None
     assert reproduce.paper_value(rows['cibhash'], 'cifar10', 16) is None  # CLIP features: not the paper's protocol
+
+
+def test_table1_every_paper_row_measured_or_copied(settings):
+    rows = {r.id: r for r in reproduce.table_rows('1')}
+    assert list(rows) == ['cibhash', 'date', 'mecoq', 'dsch', 'nsh', 'cghash', 'ddch', 'haman', 'hihpq', 'harr', 'lgh',
+                          'hhch', 'vgg16', 'vgg16-best', 'udbh-clip', 'ddch-clip', 'fsch-clip', 'hhch-clip', 'clip',
+                          'best']  # the paper's order
+    copied = {'date', 'dsch', 'nsh', 'ddch', 'haman', 'hihpq', 'harr', 'lgh', 'udbh-clip', 'ddch-clip', 'fsch-clip'}
+    assert {i for i, r in rows.items() if r.settings is None} == copied
+    cells = cells_of('1')
+    assert {c.row.id for c in cells} == set(rows) - copied  # nothing of a copied row is trained
+    cell = {(c.row.id, c.dataset, c.bits): c for c in cells}
+    hhch = cell[('hhch', 'cifar10', 16)]
+    assert 'EPOCHS' not in hhch.settings and (hhch.cfg['EPOCHS'], hhch.cfg['BATCH_SIZE']) == (80, 64)
+    assert hhch.settings['BACKBONE'] == 'vgg16'
+    assert cell[('hhch-clip', 'cifar10', 16)].settings['BACKBONE'] == 'ViT-B-16'
+    assert cell[('cghash', 'cifar10', 16)].cfg['EPOCHS'] == 400 and cell[('mecoq', 'cifar10', 16)].cfg['EPOCHS'] == 50
+    assert cell[('cibhash', 'cifar10', 16)].cfg['EPOCHS'] == 60  # a baseline: train.py's schedule
+    shared = [c for c in cells_of('baselines') if c.row.id in ('cibhash-vgg16', 'hhch') and c.dataset == 'cifar10'
+              and c.bits == 16]
+    assert [c.cfg for c in shared] == [cell[('hhch-clip', 'cifar10', 16)].cfg, cell[('cibhash', 'cifar10', 16)].cfg]
+    settings.setattr(reproduce, 'COMPETITOR_EPOCHS', 3)
+    assert {c.cfg['EPOCHS'] for c in cells_of('1') if c.row.id in ('mecoq', 'hhch-clip')} == {3}
+    table = reproduce.markdown_table('Table 1', '', reproduce.table_rows('1'), reproduce.DATASETS, reproduce.BITS,
+                                     cells, 1)
+    line = lambda rid, d: [p.strip() for p in [l for l in table if f'| {rid} | {d} |' in l][0].strip('|').split('|')]
+    assert line('date', 'CIFAR-10')[3:] == ['copied: 0.577', 'copied: 0.629', 'copied: 0.647']
+    assert line('haman', 'CIFAR-10')[3:] == ['–', '–', '–'] and 'copied' in line('haman', 'CIFAR-10')[0]
+    assert line('mecoq', 'CIFAR-10')[3:] == ['not run / 0.629 / –', 'not run / 0.641 / –', 'not run / 0.651 / –']
+    assert line('hhch-clip', 'CIFAR-10')[3] == 'not run / 0.881 / –'
 
 
 def test_paper_as_maps_a_dataset_to_another_rows_numbers(settings):
@@ -249,9 +283,15 @@ def test_dry_run_lists_table1_commands(tmp_path):
     proc = run_script('reproduce.py', '--table=1', '--datasets=cifar10', '--bits=16,64', '--dry_run',
                       f'--out_dir={tmp_path}', f'--cache_dir={tmp_path}/cache')
     cmds = [l for l in proc.stdout.splitlines() if l.startswith('would run: ')]
-    assert len(cmds) == 3 and all('--bits=16,64' in c for c in cmds)
-    assert '--backbone=vgg16 --backbone_pretrained=imagenet --clip_model=ViT-B-16' in cmds[0]
-    assert '--t2=0.97' in cmds[1] and '--t2=0.99' in cmds[2] and '--epochs=60' in cmds[2]
+    assert len(cmds) == 9 and all('--bits=16,64' in c for c in cmds)
+    duheg = [c for c in cmds if '--method=duheg' in c]  # VGG-16 at 0.97 and best T2, CLIP at 0.97 and best T2
+    assert len(duheg) == 4 and '--backbone=vgg16 --backbone_pretrained=imagenet --clip_model=ViT-B-16' in duheg[0]
+    assert '--t2=0.97' in duheg[2] and '--t2=0.99' in duheg[3] and '--epochs=60' in duheg[3]
+    # the competitors with a port: on VGG-16 features, *HHCH on CLIP; their authors' schedules (no --epochs)
+    ours = {m: [c for c in cmds if f'--method={m} ' in c] for m in ('cibhash', 'mecoq', 'cghash', 'hhch')}
+    assert [len(c) for c in ours.values()] == [1, 1, 1, 2] and '--epochs=60' in ours['cibhash'][0]
+    assert not any('--epochs' in c for m in ('mecoq', 'cghash', 'hhch') for c in ours[m])
+    assert '--backbone=vgg16' in ours['hhch'][0] and '--backbone=ViT-B-16' in ours['hhch'][1]
     assert not os.path.exists(tmp_path / 'results.jsonl')
 
 
@@ -298,12 +338,12 @@ def test_table_resumes_after_sigkill(image_folder, tmp_path):
     assert again.stdout.count('train: python') == 1 and done[1]['config']['AUG'] is True
 
     # the table: measured from the results file, CIFAR-10's paper numbers (#2: .922, #4: .939) and the difference
-    for line, paper in ((done[0], 0.922), (done[1], 0.939)):
+    for line, paper_map in ((done[0], 0.922), (done[1], 0.939)):
         label = '#2 SIM only' if line is done[0] else '#4 SIM and AUG (full)'
         row = [l for l in again.stdout.splitlines() if l.startswith(f'| {label} |')]
         assert len(row) == 1, again.stdout[-2000:]
-        assert row[0].endswith(f"| folder (paper: CIFAR-10) | {line['map']:.3f} / {paper:.3f} / "
-                               f"{line['map'] - paper:+.3f} |"), row[0]
+        assert row[0].endswith(f"| folder (paper: CIFAR-10) | {line['map']:.3f} / {paper_map:.3f} / "
+                               f"{line['map'] - paper_map:+.3f} |"), row[0]
     md = open(os.path.join(out, 'table2.md')).read()
     assert 'Measured on folder' in md and '3 epochs' in md and 'folder against cifar10' in md
     assert md.count('| folder (paper: CIFAR-10) |') == 2
