@@ -63,3 +63,11 @@ def test_bench_aqd_agrees_with_faiss_index_pq():
     r = result(run_script('benchmarks/bench_aqd.py', '--num_query=200', '--num_retrieval=5000', '--topk=100',
                           '--rounds=1'), 'bench_aqd')
     assert r['ok'] == 'True' and float(r['max_abs_diff']) <= 1e-4 and float(r['ours_s']) > 0
+
+
+def test_bench_report_same_document_and_every_cell():
+    r = result(run_script('benchmarks/bench_report.py', '--seeds=1', '--rounds=1', '--num_query=20',
+                          '--num_retrieval=200'), 'bench_report')
+    # every cell of --table=all on four datasets, the shared ones one results line; the figures' 64-bit runs
+    assert r['same'] == 'True' and int(r['cells']) > int(r['results']) > 300 and int(r['codes']) > 40
+    assert float(r['first_s']) > float(r['figures_s']) > 0 and float(r['cached_s']) > 0
