@@ -9,15 +9,20 @@
     python reproduce.py --table=fig5                  # Figure 5a (T1) and 5b (T2) at 64 bits, a PNG
     python reproduce.py --table=4                     # pre-processing time of each vocabulary
     python reproduce.py --table=baselines             # DUH-EG and every baseline of train.py on one protocol
+    python reproduce.py --table=all                   # every table and figure, and one report: OUT_DIR/REPORT.md
+    python reproduce.py --table=all --report_only     # the report again from what has run; trains nothing
+    python reproduce.py --table=all --dry_run         # what is ready, what is missing, the GPU time; writes nothing
 
 Every cell (row x dataset x code length x seed) is one `python train.py ...` run of its own
 process (one process per row, dataset and seed trains its missing code lengths), so no setting
 leaks from one cell into the next and a kill loses at most the cell in progress. train.py appends
 each finished cell to RESULTS; a cell whose settings match a line there is not trained again.
 Cells print one line each as they finish (`cell table=... map=... paper=... diff=...`); the table
-is printed as Markdown and written to OUT_DIR/table<N>.md. Features must be extracted first
-(dataset_extract.py); the noun selection (nouns_embed.py) is run here where a cell needs it.
-How long a table takes on one GPU: benchmarks/estimate_gpu_time.py (an estimate; no GPU timed it).
+is printed as Markdown and written to OUT_DIR/table<N>.md; --table=all also writes REPORT.md (report.py):
+every table and figure beside the paper's, a summary and each cell's provenance. Features must be
+extracted first (dataset_extract.py); the noun selection (nouns_embed.py) is run here where a cell
+needs it. How long a table takes on one GPU: --dry_run estimates what is left (report.py's arithmetic,
+benchmarks/estimate_gpu_time.py's from empty caches; an estimate, no GPU timed it).
 """
 import json
 import math
@@ -27,25 +32,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections import OrderedDict, namedtuple
-
-import numpy as np
+from collections import OrderedDict
 
 import baselines
 import cache
 import dataset
 import models
 import nouns_embed
+import report
 import runs
 import train  # train.py's settings: their defaults and types, and T2_BEST (Figure 5b)
 from cache import feature_dir, save_text, selection_dir, vocab_dir
 from configurator import check_choice, check_ranges, configure, released_defaults
 from models import hardware, pretrained_tag
-from paper import PAPER, PAPER_BITS, PAPER_DATASETS, PAPER_TABLE4
+from paper import BEST, PAPER, PAPER_BITS, PAPER_DATASETS, PAPER_TABLE4, T2_COMMON, TABLES, Row
+from provenance import git_commit
+from report import cell_text, flag, summary
 from runs import read_results
 
 # what to reproduce
-TABLE = '1'                 # 1 | 2 | 3 | 4 | 5 | 6 | fig5a | fig5b | fig5 (both) | baselines
+TABLE = '1'                 # 1 | 2 | 3 | 4 | 5 | 6 | fig5a | fig5b | fig5 (both) | baselines | all (every table and
+                            # figure, and OUT_DIR/REPORT.md)
 ROWS = ()                   # only these rows of the table (row ids: see the ROW column); () = all
 DATASETS = ('cifar10', 'nuswide', 'flickr25k', 'mscoco')  # the table's columns
 BITS = (16, 32, 64)         # code lengths
@@ -78,19 +85,26 @@ T2_VALUES = (0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.00)  
 FIG5_BITS = 64              # code length of Figure 5
 # baselines
 METHODS = ('duheg', 'ssdh', 'cibhash', 'dhn', 'dch', 'dqn', 'dvsq', 'dtq', 'lsh', 'itq', 'hhch', 'mecoq', 'cghash')
-                            # train.py --method of each baselines row
+                            # train.py --method of each baselines row; Table 1 trains the competitors named here
+                            # (the others' rows are left out)
 COMPETITOR_EPOCHS = 0       # hhch, mecoq, cghash cells: 0 = their authors' schedules (80, 50, 400 epochs); N: N epochs
                             # each (quick checks; EPOCHS is DUH-EG's and the baselines')
 # output
-OUT_DIR = 'runs/reproduce'  # table<N>.md, figure5*.png, logs/, runs/
+OUT_DIR = 'runs/reproduce'  # table<N>.md, figure5*.png, REPORT.md and its figures, logs/, runs/
 RESULTS = ''                # '' -> OUT_DIR/results.jsonl; shared by all tables, so a shared cell trains once
 PAPER_AS = ()               # compare dataset A with dataset B's paper numbers (and best T2): A=B (quick checks)
-DRY_RUN = False             # list the cells, their state and train.py commands; train nothing
+DRY_RUN = False             # each train.py run to do: its rows, what is ready and missing, its command, and the
+                            # estimated GPU time of it all; writes nothing
+REPORT_ONLY = False         # train nothing: the tables (and REPORT.md) from RESULTS and the run folders, the missing
+                            # cells named
+EXAMPLES = 1                # REPORT.md: queries of each dataset drawn in Figures 6 (top 10) and 7 (top-5 nouns)
+FIGURE_BITS = 64            # REPORT.md: code length of Figures 3, 4, 6 and 7 (the paper's 64)
 TABLE4_CACHE_DIR = ''       # Table 4: '' reads CACHE_DIR's selection.json; an empty folder times every step anew
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-_BEST = 'best'               # a row's T2: the best T2 of Figure 5b for the dataset (train.T2_BEST)
-_T2_COMMON = 0.97            # Table 1's T2 for every dataset; also 'best' for datasets the paper has no T2 for
+_ALL = ('4', '1', '2', '3', '5', '6', 'fig5a', 'fig5b', 'baselines')  # --table=all (Table 4 first: its nouns)
+_REPORT_ORDER = ('1', '2', '3', '4', '5', '6', 'baselines')  # REPORT.md's tables; then Figures 3-7
+_CURVE_TABLES = ('1', 'baselines')  # the rows drawn in Figures 3-4, one line each
 
 # a --vocab_files name compared with the paper's row of that vocabulary (imagenet21k: the paper's 21,843 names)
 VOCAB_PAPER_ROWS = {'conceptnet': 'table5 conceptnet', 'glove': 'table5 glove', 'imagenet21k': 'table5 imagenet'}
@@ -99,65 +113,14 @@ METHOD_NAMES = {'duheg': 'DUH-EG (T2 = 0.97)', 'cibhash': 'CIBHash', 'hhch': 'HH
                 'cghash': 'CGHash, its authors\' loop'}  # the baselines rows' labels (else upper case)
 NAMES = {'cifar10': 'CIFAR-10', 'nuswide': 'NUS-WIDE', 'flickr25k': 'Flickr25k', 'mscoco': 'MS-COCO'}
 
-# -----------------------------------------------------------------------------
-# the tables: rows of (id, label, paper row, train.py settings). BACKBONE 'clip' | 'cnn' | 'alt'
-# stands for CLIP_MODEL, CNN_BACKBONE, ALT_CLIP; T2 'best' for the dataset's T2_BEST. Settings None: a row whose
-# method has no usable public code, printed with the paper's numbers only, marked as copied.
-Row = namedtuple('Row', 'id label paper settings')
-_COPIED = ": no usable public code, the paper's numbers (copied)"
-_OURS_CNN, _OURS_CLIP = ': our port, on our VGG-16 features', ': our port, on our CLIP ViT-B/16 features'
-TABLES = {
-    '1': ('Table 1: DUH-EG and the other unsupervised hashing methods, CNN and CLIP backbones', [
-        Row('cibhash', 'CIBHash (IJCAI21)' + _OURS_CNN, 'table1 cibhash', dict(METHOD='cibhash', BACKBONE='cnn')),
-        Row('date', 'DATE (ACMMM21)' + _COPIED, 'table1 date', None),
-        Row('mecoq', 'MeCoQ (AAAI22)' + _OURS_CNN, 'table1 mecoq', dict(METHOD='mecoq', BACKBONE='cnn')),
-        Row('dsch', 'DSCH (AAAI22): its loss file is missing, the paper\'s numbers (copied)', 'table1 dsch', None),
-        Row('nsh', 'NSH (IJCAI22)' + _COPIED, 'table1 nsh', None),
-        Row('cghash', 'CGHash (ACMMM23)' + _OURS_CNN, 'table1 cghash', dict(METHOD='cghash', BACKBONE='cnn')),
-        Row('ddch', 'DDCH (PR23)' + _COPIED, 'table1 ddch', None),
-        Row('haman', 'HAMAN (TCSVT23)' + _COPIED, 'table1 haman', None),
-        Row('hihpq', 'HiHPQ (AAAI24): not ported (optional), the paper\'s numbers (copied)', 'table1 hihpq', None),
-        Row('harr', 'HARR (TOMM24)' + _COPIED, 'table1 harr', None),
-        Row('lgh', 'LGH (ICMR24)' + _COPIED, 'table1 lgh', None),
-        Row('hhch', 'HHCH (TIP24)' + _OURS_CNN, 'table1 hhch', dict(METHOD='hhch', BACKBONE='cnn')),
-        Row('vgg16', 'DUH-EG, VGG-16, T2 = 0.97', 'table1 vgg16', dict(BACKBONE='cnn', T2=_T2_COMMON)),
-        Row('vgg16-best', 'DUH-EG, VGG-16, best T2 (Fig. 5b)', 'table1 vgg16 best', dict(BACKBONE='cnn', T2=_BEST)),
-        Row('udbh-clip', '*UDBH (TCSVT23)' + _COPIED, 'table1 *udbh', None),
-        Row('ddch-clip', '*DDCH (PR23)' + _COPIED, 'table1 *ddch', None),
-        Row('fsch-clip', '*FSCH (TCSVT23): no loss or trainer released, the paper\'s numbers (copied)', 'table1 *fsch',
-            None),
-        Row('hhch-clip', '*HHCH (TIP24)' + _OURS_CLIP, 'table1 *hhch', dict(METHOD='hhch')),
-        Row('clip', 'DUH-EG, CLIP ViT-B/16, T2 = 0.97', 'table1 clip', dict(T2=_T2_COMMON)),
-        Row('best', 'DUH-EG, CLIP ViT-B/16, best T2 (Fig. 5b)', 'table1 best', dict(T2=_BEST))]),
-    '2': ('Table 2: ablation of SIM (in-batch positives) and AUG (two augmented views), best T2', [
-        Row('1', '#1 no SIM, no AUG', 'table2 #1', dict(SIM=False, AUG=False, T2=_BEST)),
-        Row('2', '#2 SIM only', 'table2 #2', dict(SIM=True, AUG=False, T2=_BEST)),
-        Row('3', '#3 AUG only', 'table2 #3', dict(SIM=False, AUG=True, T2=_BEST)),
-        Row('4', '#4 SIM and AUG (full)', 'table1 best', dict(SIM=True, AUG=True, T2=_BEST))]),
-    '3': ('Table 3: where the external feature comes from, best T2', [
-        Row('imgaug', 'IMGAUG (no external feature)', 'table3 imgaug', dict(EXTERNAL='none', T2=_BEST)),
-        Row('imgk', 'IMGK (train images as nouns)', 'table3 imgk', dict(EXTERNAL='imgk', T2=_BEST)),
-        Row('ek', 'EK (all nouns)', 'table3 ek', dict(EXTERNAL='ek', T2=_BEST)),
-        Row('imgcls', 'IMGCLS (selection on train images)', 'table3 imgcls', dict(EXTERNAL='imgcls', T2=_BEST)),
-        Row('efc', 'EFC (selected nouns, full)', 'table1 best', dict(EXTERNAL='efc', T2=_BEST))]),
-    '5': ('Table 5: the vocabulary of the nouns, best T2', None),      # rows: vocab_rows()
-    '6': ('Table 6: the pre-trained CLIP, best T2', [
-        Row('vit-b-16', 'CLIP ViT-B/16', 'table1 best', dict(T2=_BEST)),
-        Row('vit-b-32', 'CLIP ViT-B/32', 'table6 vit-b-32', dict(BACKBONE='alt', T2=_BEST))]),
-    'fig5a': ('Figure 5a: MAP as the distance threshold T1 of Eq. 3 varies, best T2', None),
-    'fig5b': ('Figure 5b: MAP as the similarity threshold T2 of Eq. 8 varies', None),
-    'baselines': ('Baselines on one protocol (same features, split and MAP@K)', None),
-}
-
-
 def vocab_rows():
     """Table 4-5 rows: ImageNet-1k class names, WordNet, then each VOCAB_FILES word list."""
     rows = [Row('imagenet', 'ImageNet-1k class names (paper: 21,843 names)', 'table5 imagenet',
-                dict(VOCAB='imagenet', EXTERNAL='efc', T2=_BEST)),
-            Row('wordnet', 'WordNet nouns', 'table1 best', dict(VOCAB='wordnet', EXTERNAL='efc', T2=_BEST))]
+                dict(VOCAB='imagenet', EXTERNAL='efc', T2=BEST)),
+            Row('wordnet', 'WordNet nouns', 'table1 best', dict(VOCAB='wordnet', EXTERNAL='efc', T2=BEST))]
     for name, path in vocab_files().items():
         paper = VOCAB_PAPER_ROWS.get(name.lower())
-        rows.append(Row(name, f'{name} ({os.path.basename(path)})', paper, dict(VOCAB=path, EXTERNAL='efc', T2=_BEST)))
+        rows.append(Row(name, f'{name} ({os.path.basename(path)})', paper, dict(VOCAB=path, EXTERNAL='efc', T2=BEST)))
     return rows
 
 
@@ -167,22 +130,22 @@ def table_rows(table):
         rows = vocab_rows()
     elif table == 'fig5a':  # the paper's curve passes through Table 1's best-T2 row at T1 = 0.9
         rows = [Row(f'{t:g}', f'T1 = {t:g}', 'table1 best' if math.isclose(t, 0.9) else None,
-                    dict(T1=t, EXTERNAL='efc', T2=_BEST)) for t in T1_VALUES]
+                    dict(T1=t, EXTERNAL='efc', T2=BEST)) for t in T1_VALUES]
     elif table == 'fig5b':  # ... and 5b through Table 1's rows at T2 = 0.97 and at the best T2
         rows = [Row(f'{t:g}', f'T2 = {t:g}', {d: ('table1 best' if math.isclose(t, train.T2_BEST[d]) else
-                                                  'table1 clip' if math.isclose(t, _T2_COMMON) else None)
+                                                  'table1 clip' if math.isclose(t, T2_COMMON) else None)
                                               for d in PAPER_DATASETS}, dict(T2=t)) for t in T2_VALUES]
     elif table == 'baselines':
         rows = [Row(m, METHOD_NAMES.get(m, m.upper()), 'table1 clip' if m == 'duheg' else None,
-                    dict(METHOD=m, T2=_T2_COMMON)) for m in METHODS]
+                    dict(METHOD=m, T2=T2_COMMON)) for m in METHODS]
         if 'cibhash' in METHODS:  # CIBHash's own protocol: frozen VGG-16 features, as the paper's Table 1 row
             rows.append(Row('cibhash-vgg16', 'CIBHash, VGG-16 features', 'table1 cibhash',
-                            dict(METHOD='cibhash', BACKBONE='cnn', T2=_T2_COMMON)))
+                            dict(METHOD='cibhash', BACKBONE='cnn', T2=T2_COMMON)))
         rows = [r._replace(label=r.label + ' (supervised: reads labels' + (
             '; product quantization, AQD ranking)' if r.settings['METHOD'] in baselines.QUANTIZED else ')'))
                 if r.settings['METHOD'] in baselines.SUPERVISED else r for r in rows]
-    else:
-        rows = TABLES[table][1]
+    else:  # Table 1's competitor rows: only the methods of METHODS
+        rows = [r for r in TABLES[table][1] if (r.settings or {}).get('METHOD', 'duheg') in METHODS + ('duheg',)]
     if ROWS:
         unknown = [r for r in ROWS if r not in [row.id for row in rows]]
         if unknown:
@@ -240,7 +203,7 @@ def train_args():
 def cell_settings(row, d, seed, extra):
     """train.py settings (UPPER_CASE names, typed values) of `row` on dataset `d` with `seed`."""
     s = dict(METHOD='duheg', DATASET=d, SEED=seed, CACHE_DIR=os.path.abspath(CACHE_DIR), EPOCHS=EPOCHS,
-             EXTERNAL=EXTERNAL, VOCAB=VOCAB, N_K=N_K, T1=T1, T2=_T2_COMMON)
+             EXTERNAL=EXTERNAL, VOCAB=VOCAB, N_K=N_K, T1=T1, T2=T2_COMMON)
     if RELEASED:
         s['RELEASED'] = True
     if T1_READING:
@@ -254,8 +217,8 @@ def cell_settings(row, d, seed, extra):
     clip = (ALT_CLIP, ALT_CLIP_PRETRAINED) if backbone == 'alt' else (CLIP_MODEL, CLIP_PRETRAINED)
     s['BACKBONE'], s['BACKBONE_PRETRAINED'] = (CNN_BACKBONE, CNN_PRETRAINED) if backbone == 'cnn' else clip
     s['CLIP_MODEL'], s['CLIP_PRETRAINED'] = clip
-    if s['T2'] == _BEST:
-        s['T2'] = train.T2_BEST.get(paper_dataset(d), _T2_COMMON)
+    if s['T2'] == BEST:
+        s['T2'] = train.T2_BEST.get(paper_dataset(d), T2_COMMON)
     if s['VOCAB'] not in ('wordnet', 'imagenet'):
         s['VOCAB'] = os.path.abspath(s['VOCAB'])
     return s
@@ -296,7 +259,7 @@ def matches(result, cfg, defaults):
         if k not in got:
             if k not in defaults or not _same(v, defaults[k]):
                 return False
-        elif not _same(got[k], v):
+        elif not (type(got[k]) is type(v) and got[k] == v) and not _same(got[k], v):  # the plain case first: fast
             return False
     return True
 
@@ -338,6 +301,10 @@ class Cell:
     def paper(self):
         return paper_value(self.row, self.dataset, self.bits)
 
+    @property
+    def measured(self):
+        return compared(self.result) if self.result else None
+
     def line(self):
         m = compared(self.result) if self.result else None
         p = self.paper
@@ -361,18 +328,26 @@ def make_cells(table, defaults, extra):
 
 # -----------------------------------------------------------------------------
 # inputs a cell needs: features (dataset_extract.py, checked) and nouns (nouns_embed.py, run here)
-def missing_features(s):
+def missing_feature_sets(s):
+    """[(backbone, weights, why, the dataset_extract.py command)] of the features a cell reads that are missing."""
     need = [(s['BACKBONE'], s['BACKBONE_PRETRAINED']), (s['CLIP_MODEL'], s['CLIP_PRETRAINED'])]
     recipe = released_defaults(s, train.RELEASED_DEFAULTS)['VIEW_RECIPE']
+    out = []
     for backbone, weights in OrderedDict.fromkeys(need):
         path = os.path.join(feature_dir(s['CACHE_DIR'], s['DATASET'], backbone, weights, recipe), 'images.npy.json')
         if not os.path.exists(path):
             extra = f" --clip_model={s['CLIP_MODEL']} --clip_pretrained={s['CLIP_PRETRAINED']}" \
                 if backbone not in models.CLIP_MODELS else ''
             extra += ' --released' if s.get('RELEASED') else (' --view_recipe=released' if recipe == 'released' else '')
-            return (f"no {backbone} features of {s['DATASET']} ({path} is missing): run python dataset_extract.py "
-                    f"--dataset={s['DATASET']} --backbone={backbone} --backbone_pretrained={weights}{extra} "
-                    f"--cache_dir={s['CACHE_DIR']}")
+            out.append((backbone, weights, f"{path} is missing", f"python dataset_extract.py --dataset={s['DATASET']} "
+                        f"--backbone={backbone} --backbone_pretrained={weights}{extra} --cache_dir={s['CACHE_DIR']}"))
+    return out
+
+
+def missing_features(s):
+    """'' when the features a cell reads are extracted, else what is missing and the command that makes it."""
+    for backbone, _, why, cmd in missing_feature_sets(s)[:1]:
+        return f"no {backbone} features of {s['DATASET']} ({why}): run {cmd}"
     return ''
 
 
@@ -403,10 +378,10 @@ def needs_nouns(s):
     return s['METHOD'] == 'duheg' and s['EXTERNAL'] not in ('imgk', 'none')
 
 
-def prepare_nouns(s, done):
-    """Make the noun features / selection a cell reads (needs_nouns). Returns '' or why it cannot be made."""
+def nouns_need(s):
+    """(the file of nouns_embed.py a cell reads, the command that makes it), or None (needs_nouns)."""
     if not needs_nouns(s):
-        return ''
+        return None
     released = bool(s.get('RELEASED', train.RELEASED))
     reading = released_defaults(s, train.RELEASED_DEFAULTS)['T1_READING']
     args = (s['CACHE_DIR'], s['VOCAB'], s['CLIP_MODEL'], s['CLIP_PRETRAINED'])
@@ -414,12 +389,26 @@ def prepare_nouns(s, done):
         path = os.path.join(selection_dir(*args, s['N_K'], s['T1'], released, reading), 'selected_feats.npy.json')
     else:
         path = os.path.join(vocab_dir(*args, released), 'noun_feats.npy.json')
-    if os.path.exists(path):
+    return path, nouns_command(*args, s['N_K'], s['T1'], released, reading)
+
+
+def prepare_nouns(s, done):
+    """Make the noun features / selection a cell reads (needs_nouns). Returns '' or why it cannot be made."""
+    need = nouns_need(s)
+    if need is None or os.path.exists(need[0]):
         return ''
-    cmd = nouns_command(*args, s['N_K'], s['T1'], released, reading)
+    path, cmd = need
     if tuple(cmd) not in done:
         done[tuple(cmd)] = run_nouns(cmd, os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
     return done[tuple(cmd)] or ('' if os.path.exists(path) else f"nouns_embed.py ran but {path} is missing")
+
+
+def missing_why(s):
+    """'' when a cell's inputs are ready, else what is missing (features first, then nouns) and its command."""
+    need = nouns_need(s)
+    if missing_features(s) or need is None or os.path.exists(need[0]):
+        return missing_features(s)
+    return f"no noun selection ({need[0][:-5]} is missing): run {shlex.join(['python'] + need[1][1:])}"
 
 
 # -----------------------------------------------------------------------------
@@ -443,41 +432,39 @@ def _tail(path, n=4):
     return ' | '.join((errors or lines)[-n:])[-600:]
 
 
-def _arg(k, v):
-    if isinstance(v, bool):
-        v = 'true' if v else 'false'
-    elif isinstance(v, (tuple, list)):
-        v = ','.join(str(x) for x in v)
-    return f'--{k.lower()}={v}'
-
-
-def run_name(s):
-    """<dataset>/<name>_<key8> of the train.py run of a cell's settings `s` (runs.run_name; the key of
-    its settings, all code lengths)."""
-    cfg = expected_config(s, None, train_defaults())
+def run_name(cfg):
+    """<dataset>/<name>_<key8> of the train.py run of a cell's config `cfg` (runs.run_name; the key of its
+    settings, all code lengths)."""
+    cfg = dict(cfg, BITS=None)
     return runs.run_name(cfg, runs.digest(runs.result_settings(cfg)))
 
 
 def train_command(cells, results_path):
     s = cells[0].settings
-    run_dir = os.path.join(os.path.abspath(OUT_DIR), 'runs', run_name(s))
+    run_dir = os.path.join(os.path.abspath(OUT_DIR), 'runs', run_name(cells[0].cfg))
     replace = ['--force=true'] if any(c.why.startswith('trained again') for c in cells) else []  # inputs changed
-    return [sys.executable, os.path.join(_ROOT, 'train.py'), *(_arg(k, v) for k, v in s.items()),
+    return [sys.executable, os.path.join(_ROOT, 'train.py'), *(flag(k, v) for k, v in s.items()),
             '--bits=' + ','.join(str(b) for b in sorted({c.bits for c in cells})), f'--results={results_path}',
             f'--run_dir={run_dir}', *replace]
 
 
-def run_cells(cells, results_path, defaults):
-    """Skip the cells RESULTS holds, train the others; every cell ends trained, skipped or failed."""
-    results = read_results(results_path)
-    groups = OrderedDict()
+def pending(cells, results_path, defaults):
+    """Each cell's results line (those found are skipped, said); the others grouped by the train.py run that
+    trains them (its run name: one run for cells of several tables with the same settings)."""
+    results, groups = read_results(results_path), OrderedDict()
     for c in cells:
         c.result = find_result(c, results, defaults)
         if c.result:
             c.status = 'skipped'
             print(c.line(), flush=True)
         else:
-            groups.setdefault(json.dumps(c.settings, sort_keys=True, default=str), []).append(c)
+            groups.setdefault(run_name(c.cfg), []).append(c)
+    return groups
+
+
+def run_cells(cells, results_path, defaults):
+    """Skip the cells RESULTS holds, train the others; every cell ends trained, skipped or failed."""
+    groups = pending(cells, results_path, defaults)
     n_todo = sum(len(g) for g in groups.values())
     print(f"{len(cells) - n_todo} of {len(cells)} cells already in {results_path}; {n_todo} to train in "
           f"{len(groups)} train.py runs", flush=True)
@@ -493,9 +480,6 @@ def run_cells(cells, results_path, defaults):
         if not group:
             continue
         cmd = train_command(group, results_path)
-        if DRY_RUN:
-            print('would run: ' + shlex.join(['python'] + cmd[1:]))
-            continue
         why = missing_features(group[0].settings) or prepare_nouns(group[0].settings, nouns_done)
         if why:
             for c in group:
@@ -506,7 +490,7 @@ def run_cells(cells, results_path, defaults):
 
 
 def train_group(group, cmd, results_path, defaults):
-    log_path = os.path.join(OUT_DIR, 'logs', run_name(group[0].settings).replace('/', '_') + '.log')
+    log_path = os.path.join(OUT_DIR, 'logs', run_name(group[0].cfg).replace('/', '_') + '.log')
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     print('train: ' + shlex.join(['python'] + cmd[1:]), flush=True)
 
@@ -540,33 +524,82 @@ def train_group(group, cmd, results_path, defaults):
 
 
 # -----------------------------------------------------------------------------
+# --dry_run (what is ready, what is missing, what would run and its estimated GPU time) and --report_only
+def plan_cells(cells, results_path, defaults, table4=()):
+    """--dry_run: each train.py run still to do with its rows, its inputs ready or missing (and what makes
+    them) and its command, then the estimated GPU time of it all (report.print_plan). Writes nothing."""
+    todo = []
+    for group in pending(cells, results_path, defaults).values():
+        s, need = group[0].settings, nouns_need(group[0].settings)
+        todo.append(dict(
+            cells=group, dataset=s['DATASET'], paper_dataset=paper_dataset(s['DATASET']), seed=s['SEED'],
+            features=[(b, b == s['BACKBONE'], why, cmd) for b, _, why, cmd in missing_feature_sets(s)],
+            nouns=need and (os.path.exists(need[0]), s['VOCAB'], s['CLIP_MODEL'], shlex.join(['python'] + need[1][1:])),
+            command=shlex.join(['python'] + train_command(group, results_path)[1:]),
+            process=run_name(group[0].cfg), trained=s['METHOD'] not in baselines.UNTRAINED,
+            epochs=group[0].cfg['EPOCHS'], batch_size=group[0].cfg['BATCH_SIZE']))
+    vocabs = [(vocab, CLIP_MODEL) for _, vocab, path, _ in table4 if not os.path.exists(path)]
+    report.print_plan(todo, vocabs, len(cells), results_path, EPOCHS, train_args().get('BATCH_SIZE', train.BATCH_SIZE))
+
+
+def find_cells(cells, results_path, defaults):
+    """--report_only: each cell's results line, or why it has none: its missing inputs (status failed, as a run
+    would leave it), else not trained yet."""
+    results = read_results(results_path)
+    for c in cells:
+        c.result = find_result(c, results, defaults)
+        why = '' if c.result else missing_why(c.settings)
+        c.status = 'skipped' if c.result else 'failed' if why else 'not run'
+        if not c.result:
+            c.why = why or c.why or f'not in {results_path}: run without --report_only to train it'
+    missing = [c for c in cells if not c.result]
+    by_table = [[c for c in missing if c.table == t] for t in OrderedDict.fromkeys(c.table for c in missing)]
+    print(f"{len(cells) - len(missing)} of {len(cells)} cells in {results_path}" + (
+        '; missing:\n' + '\n'.join(l for cs in by_table for l in report.absent_lines(cs)[3:]) if missing else ''))
+
+
+def write_tables(cells, extra):
+    """Each table's Markdown (printed, and written to OUT_DIR/table<N>.md), and Figure 5's PNG; {table: lines}."""
+    out = {}
+    for t, cs in cells.items():
+        lines = markdown_table(TABLES[t][0], measured_on(cs, extra), table_rows(t), DATASETS,
+                               (FIG5_BITS,) if t.startswith('fig5') else BITS, cs, len(SEEDS), table_notes(t))
+        out[t] = lines + report.absent_lines(cs)
+        path = os.path.join(OUT_DIR, (f'table{t}' if t[0].isdigit() else t.replace('fig', 'figure')) + '.md')
+        save_text(path, out[t])
+        print('\n' + '\n'.join(out[t]) + f'\n(written to {path})', flush=True)
+    parts = [(t, cs) for t, cs in cells.items() if t.startswith('fig5')]
+    if parts:
+        png = os.path.join(OUT_DIR, 'figure5.png' if len(parts) == 2 else f'figure{parts[0][0][3:]}.png')
+        plot_figure5(parts, png)
+        print(f'figure written to {png}')
+    return out
+
+
+def write_report(cells, lines):
+    """OUT_DIR/REPORT.md (report.write_report): the tables in the paper's order, Figure 5, and the runs of
+    Figures 3-4 (every row of _CURVE_TABLES at FIGURE_BITS, first seed) and 6-7 (Table 1's CLIP row)."""
+    first = lambda c: c.bits == FIGURE_BITS and c.seed == SEEDS[0]
+    curves = OrderedDict((dataset_label(d), []) for d in DATASETS)
+    seen = set()
+    for t in _CURVE_TABLES:
+        for c in cells.get(t, []):
+            if first(c) and c.result and c.result.get('run_dir') not in seen:
+                seen.add(c.result.get('run_dir'))
+                curves[dataset_label(c.dataset)].append((c.row.label.split(' (')[0], c.result))
+    examples = OrderedDict()
+    for d in DATASETS:
+        c = next((c for c in cells.get('1', []) if first(c) and c.row.id == 'clip' and c.dataset == d), None)
+        examples[dataset_label(d)] = c.result if c and c.result else (
+            f"Table 1's CLIP row at {FIGURE_BITS} bits is not measured" + (f': {c.why}' if c and c.why else ''))
+    tables = [lines[t] for t in _REPORT_ORDER if t in lines]
+    fig5 = [l.replace('## ', '### ', 1) for t in ('fig5a', 'fig5b') for l in lines.get(t, []) + ['']]
+    return report.write_report(OUT_DIR, tables, (fig5, 'figure5.png' if 'fig5a' in lines else None),
+                               [c for cs in cells.values() for c in cs], curves, examples, FIGURE_BITS, EXAMPLES)
+
+
+# -----------------------------------------------------------------------------
 # the Markdown table: measured (mean +- std over seeds) / paper / measured - paper
-def summary(values):
-    """(mean, std) of MAP over seeds; std is the sample std (n - 1), None for one seed."""
-    if not values:
-        return None, None
-    v = np.asarray(values, float)
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
-
-
-def cell_text(values, paper, n_seeds=1, status='', hamming=()):
-    """'0.925 ± 0.003 / 0.931 / -0.006': measured, paper, difference; '–' where there is none. With
-    `hamming` (--released: the measured value is the continuous-output MAP) the Hamming MAP follows
-    in brackets: '0.812 (Hamming 0.660) / 0.931 / -0.119'."""
-    mean, std = summary(values)
-    if mean is None:
-        measured = status or '–'
-    else:
-        measured = f'{mean:.3f}' + (f' ± {std:.3f}' if std is not None else '')
-        if len(values) < n_seeds:
-            measured += f' (n={len(values)})'
-        if hamming:
-            measured += f' (Hamming {summary(hamming)[0]:.3f})'
-    paper_s = f'{paper:.3f}' if paper is not None else '–'
-    diff = f'{mean - paper:+.3f}' if mean is not None and paper is not None else '–'
-    return f'{measured} / {paper_s} / {diff}'
-
-
 def dataset_label(d):
     pd = paper_dataset(d)
     name = NAMES.get(d, d)
@@ -593,22 +626,10 @@ def markdown_table(title, header, rows, datasets, bits, cells, n_seeds, notes=()
                 values = [compared(c.result) for c in group if c.result]
                 hamming = [c.result['map'] for c in group if c.result and RELEASED and compared(c.result) !=
                            c.result['map']]
-                status = 'failed' if any(c.status == 'failed' for c in group) else 'not run'
+                status = 'failed' if any(c.status == 'failed' for c in group) else 'not run' if group else '–'
                 texts.append(cell_text(values, paper_value(row, d, b), n_seeds, status, hamming))
             lines.append(f'| {row.label} | {row.id} | {dataset_label(d)} | ' + ' | '.join(texts) + ' |')
     return lines + [''] + [f'- {n}' for n in notes]
-
-
-def git_commit():
-    try:
-        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=_ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=_ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        if out.returncode != 0:
-            return 'unknown'
-        return out.stdout.strip() + (' (with uncommitted changes)' if dirty else '')
-    except OSError:
-        return 'unknown'
 
 
 def measured_on(cells, extra):
@@ -616,19 +637,21 @@ def measured_on(cells, extra):
     mapped = [f'{d} against {paper_dataset(d)}' for d in DATASETS if paper_dataset(d) != d]
     times = [c.result.get('seconds', 0) for c in cells if c.result]
     done = sum(1 for c in cells if c.result)
+    machines, commits, date = report.recorded([c.result for c in cells if c.result])
     return (f"Measured on {', '.join(DATASETS)} (features in {os.path.abspath(CACHE_DIR)}; CLIP {CLIP_MODEL}/"
             f"{pretrained_tag(CLIP_PRETRAINED)}), {EPOCHS} epochs, seeds {', '.join(map(str, SEEDS))}, external "
             f"{EXTERNAL} / vocabulary {VOCAB} unless a row says otherwise, best T2 (Fig. 5b) "
-            + ', '.join(f"{d} {train.T2_BEST.get(paper_dataset(d), _T2_COMMON)}" for d in DATASETS)
-            + (f", train.py {' '.join(_arg(k, v) for k, v in extra.items())}" if extra else '')
+            + ', '.join(f"{d} {train.T2_BEST.get(paper_dataset(d), T2_COMMON)}" for d in DATASETS)
+            + (f", train.py {' '.join(flag(k, v) for k, v in extra.items())}" if extra else '')
             + f"; {done} of {len(cells)} cells measured ({sum(times):.0f} s of training and evaluation) on "
-            f"{hardware()}, commit {git_commit()}, {time.strftime('%Y-%m-%d')}. "
+            f"{machines}, commit {commits}, the newest {date}. "
             + ("--released: the measured value is the authors' own metric, the continuous-output MAP@K (their "
                "evaluation ranks the tanh outputs with np.argsort, no sign), compared with the paper's numbers as "
                "their code produced them; the Hamming MAP@K of the binary codes follows in brackets"
                if RELEASED else "MAP@K of binary codes (Hamming ranking, as the paper's text says)")
             + " (K = 1000 CIFAR-10, 5000 others). Each cell: measured (mean ± std over seeds) / paper / "
-            "measured − paper; paper numbers are copied from the paper's tables"
+            "measured − paper, in bold when more than 2 std over seeds (0.01 with one seed) from the paper's; "
+            "paper numbers are copied from the paper's tables"
             + (f" (paper numbers of another dataset: {', '.join(mapped)})" if mapped else '') + '.')
 
 
@@ -691,46 +714,23 @@ STYLE = {'cifar10': ('tab:red', 'o'), 'nuswide': ('tab:blue', 's'), 'flickr25k':
 
 
 def plot_figure5(parts, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4), squeeze=False)
-    for ax, (table, cells) in zip(axes[0], parts):
-        rows = table_rows(table)
+    """Figure 5 at FIG5_BITS (report.plot_figure5): each part (table, cells) a panel, a line per dataset."""
+    panels = []
+    for table, cells in parts:
+        rows, lines = table_rows(table), []
         for k, d in enumerate(DATASETS):
-            colour, marker = STYLE.get(paper_dataset(d), (f'C{k + 4}', 'D'))
-            xs, ys, es, ps = [], [], [], []
+            measured, paper = [], []
             for row in rows:
-                values = [compared(c.result) for c in cells if c.row.id == row.id and c.dataset == d and c.result]
-                mean, std = summary(values)
+                mean, std = summary([c.measured for c in cells if c.row.id == row.id and c.dataset == d and c.result])
                 if mean is not None:
-                    xs.append(float(row.id)), ys.append(mean), es.append(std or 0.0)
-                p = paper_value(row, d, FIG5_BITS)
-                if p is not None:
-                    ps.append((float(row.id), p))
-            if xs:
-                ax.errorbar(xs, ys, yerr=es if any(es) else None, color=colour, marker=marker, ms=5, capsize=2,
-                            label=dataset_label(d))
-                best = int(np.argmax(ys))
-                ax.plot(xs[best], ys[best], marker='*', ms=16, color=colour, markeredgecolor='k', zorder=5)
-            if ps:
-                ax.plot(*zip(*ps), linestyle='none', marker=marker, ms=8, markerfacecolor='none', color=colour,
-                        label=f'paper, {NAMES.get(paper_dataset(d), paper_dataset(d))}')
-        if table == 'fig5b':
-            ax.axvline(_T2_COMMON, color='red', lw=1)
-        ticks = [float(r.id) for r in rows]
-        if len(ticks) <= 12:
-            ax.set_xticks(ticks, [r.id for r in rows], fontsize=8)
-        reading = t1_reading()
-        ax.set_xlabel(f'{reading} threshold T1 (Eq. 3)' if table == 'fig5a' else 'similarity threshold T2 (Eq. 8)')
-        ax.set_ylabel(f'MAP ({FIG5_BITS} bits)')
-        ax.set_title(f"({table[-1]}) measured; star: best measured, hollow: paper", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+                    measured.append((float(row.id), mean, std or 0.0))
+                if paper_value(row, d, FIG5_BITS) is not None:
+                    paper.append((float(row.id), paper_value(row, d, FIG5_BITS)))
+            lines.append((dataset_label(d), NAMES.get(paper_dataset(d), paper_dataset(d)),
+                          STYLE.get(paper_dataset(d), (f'C{k + 4}', 'D')), measured, paper))
+        xlabel = f'{t1_reading()} threshold T1 (Eq. 3)' if table == 'fig5a' else 'similarity threshold T2 (Eq. 8)'
+        panels.append((f'({table[-1]})', xlabel, [r.id for r in rows], lines, T2_COMMON if table == 'fig5b' else None))
+    report.plot_figure5(panels, path, FIG5_BITS)
 
 
 # -----------------------------------------------------------------------------
@@ -744,35 +744,38 @@ def selection_numbers(sel):
             [secs.get(k) for k in ('embedding', 'clustering', 'selection', 'total')])
 
 
+def table4_rows():
+    """[(name, vocabulary, its selection.json, the nouns_embed.py command that makes it)] of Table 4."""
+    cache_dir = os.path.abspath(TABLE4_CACHE_DIR or CACHE_DIR)
+    rows = [('imagenet', 'imagenet'), ('wordnet', 'wordnet')] + list(vocab_files().items())
+    return [(name, vocab, os.path.join(selection_dir(cache_dir, vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED,
+                                                     t1_reading()), 'selection.json'),
+             nouns_command(cache_dir, vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED, T1_READING or None))
+            for name, vocab in rows if not ROWS or name in ROWS]
+
+
 def table4():
     cache = TABLE4_CACHE_DIR or CACHE_DIR
-    rows = [('imagenet', 'imagenet'), ('wordnet', 'wordnet')] + list(vocab_files().items())
-    if ROWS:
-        rows = [r for r in rows if r[0] in ROWS]
+    rows = table4_rows()
     lines = ['## Table 4: pre-processing time of the vocabulary (embedding every word with CLIP, K-means, selection)',
              '', f"Measured with CLIP {CLIP_MODEL}/{pretrained_tag(CLIP_PRETRAINED)}, N_k = {N_K}, T1 = {T1}, from "
              f"selection.json under {os.path.abspath(cache)}; commit {git_commit()}. The paper names no hardware.", '',
              '| vocabulary | words read / unique | selected t_com | seconds: embed / cluster / select / total | '
              'paper words | paper seconds | measured − paper (s) | hardware |', '|---|---|---|---|---|---|---|---|']
     failed = False
-    for name, vocab in rows:
+    for name, vocab, path, cmd in rows:
         sel, why, where = None, '', ''
-        reading = t1_reading()
-        path = os.path.join(selection_dir(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1,
-                                          RELEASED, reading), 'selection.json')
-        cmd = nouns_command(os.path.abspath(cache), vocab, CLIP_MODEL, CLIP_PRETRAINED, N_K, T1, RELEASED,
-                            T1_READING or None)
-        if not os.path.exists(path) and not DRY_RUN:
+        if not os.path.exists(path) and not (DRY_RUN or REPORT_ONLY):
             why = run_nouns(cmd, os.path.join(OUT_DIR, 'logs', 'nouns_embed.log'))[1]
             where = hardware()  # measured just now, here
         elif DRY_RUN and not os.path.exists(path):
-            print('would run: ' + shlex.join(['python'] + cmd[1:]))
+            print(f'table 4 row {name}: would run: ' + shlex.join(['python'] + cmd[1:]))
         if os.path.exists(path):
             with open(path) as f:
                 sel = json.load(f)
         paper_words, paper_s = PAPER_TABLE4.get(name.lower().replace('imagenet21k', 'imagenet'), (None, None))
         if sel is None:
-            failed = failed or not DRY_RUN
+            failed = failed or not (DRY_RUN or REPORT_ONLY)
             lines.append(f"| {name} | {why or 'not run'} | – | – | {paper_words or '–'} | {paper_s or '–'} | "
                          f"– | – |")
             continue
@@ -784,7 +787,7 @@ def table4():
                      f"{f(sec)} / {f(total)} | {paper_words or '–'} | {paper_s or '–'} | {diff} | {hw} |")
         print(f"vocab table=4 row={name} seconds={f(total)} paper={paper_s or 'none'} diff={diff}", flush=True)
     lines += ['', '- ' + _IMAGENET_NOTE]
-    if not {'conceptnet', 'glove'} <= {n.lower() for n, _ in rows}:
+    if not {'conceptnet', 'glove'} <= {r[0].lower() for r in rows}:
         lines += ['- ConceptNet and GloVe rows: pass --vocab_files=conceptnet=FILE,glove=FILE (one word a line).']
     return lines, failed
 
@@ -798,10 +801,12 @@ def check_settings():
         raise SystemExit(f"error: --t1_reading={T1_READING!r}: choose one of {', '.join(nouns_embed.T1_RANGES)}, "
                          f"or '' for train.py's")
     nouns_embed.check_t1(T1, t1_reading())
-    tables = ('fig5a', 'fig5b') if TABLE == 'fig5' else (TABLE,)
+    tables = ('fig5a', 'fig5b') if TABLE == 'fig5' else _ALL if TABLE == 'all' else (TABLE,)
+    if TABLE == 'all' and ROWS:
+        raise SystemExit("error: --rows picks rows of one table; --table=all runs every row of every table")
     if 'fig5a' in tables:
         nouns_embed.check_t1(T1_VALUES, t1_reading(), '--t1_values')
-    check_choice('table', TABLE, sorted({*TABLES, '4', 'fig5'}))
+    check_choice('table', TABLE, sorted({*TABLES, '4', 'fig5', 'all'}))
     unknown = [d for d in DATASETS if d not in dataset.DATASETS]
     if unknown or not DATASETS or not SEEDS or not BITS:
         raise SystemExit(f"error: --datasets={','.join(DATASETS)}: choose from {', '.join(dataset.DATASETS)}; "
@@ -820,7 +825,7 @@ def checked_train_args(tables):
     extra = train_args()
     owned = {'DATASET', 'SEED', 'BITS', 'CACHE_DIR', 'BACKBONE', 'BACKBONE_PRETRAINED', 'CLIP_MODEL',
              'CLIP_PRETRAINED', 'EPOCHS', 'EXTERNAL', 'VOCAB', 'N_K', 'T1', 'T2', 'METHOD', 'RESULTS', 'RUN_DIR'}
-    owned |= {k for t in tables for row in table_rows(t) for k in row.settings or {}}
+    owned |= {k for t in tables if t != '4' for row in table_rows(t) for k in row.settings or {}}
     clash = sorted(owned & set(extra))
     if clash:
         raise SystemExit(f"error: --train_args sets {', '.join('--' + k.lower() for k in clash)}, which reproduce.py "
@@ -836,36 +841,28 @@ def checked_train_args(tables):
 def main():
     configure(globals())
     tables = check_settings()
-    os.makedirs(OUT_DIR, exist_ok=True)
-    if TABLE == '4':
+    if tables == ('4',):
         lines, failed = table4()
-        save_text(os.path.join(OUT_DIR, 'table4.md'), lines)
-        print('\n'.join(lines))
+        if not DRY_RUN:
+            save_text(os.path.join(OUT_DIR, 'table4.md'), lines)
+            print('\n'.join(lines))
         raise SystemExit(1 if failed else 0)
-
     extra = checked_train_args(tables)
     defaults = train_defaults()
     results_path = os.path.abspath(RESULTS or os.path.join(OUT_DIR, 'results.jsonl'))
     print(f"reproduce table={TABLE} datasets={','.join(DATASETS)} seeds={','.join(map(str, SEEDS))} "
           f"results={results_path}", flush=True)
-
-    cells = {t: make_cells(t, defaults, extra) for t in tables}
-    run_cells([c for t in tables for c in cells[t]], results_path, defaults)
+    cells = OrderedDict((t, make_cells(t, defaults, extra)) for t in tables if t != '4')
+    every = [c for t in cells for c in cells[t]]
     if DRY_RUN:
-        return
-    for t in tables:
-        title = TABLES[t][0]
-        lines = markdown_table(title, measured_on(cells[t], extra), table_rows(t), DATASETS,
-                               (FIG5_BITS,) if t.startswith('fig5') else BITS, cells[t], len(SEEDS), table_notes(t))
-        out = os.path.join(OUT_DIR, (f'table{t}' if t[0].isdigit() else t.replace('fig', 'figure')) + '.md')
-        save_text(out, lines)
-        print('\n' + '\n'.join(lines) + f'\n(written to {out})', flush=True)
-    if tables[0].startswith('fig5'):
-        png = os.path.join(OUT_DIR, f"figure{TABLE.removeprefix('fig')}.png")
-        plot_figure5([(t, cells[t]) for t in tables], png)
-        print(f'figure written to {png}')
-    failed = [c for t in tables for c in cells[t] if c.status == 'failed']
-    if failed:
+        return plan_cells(every, results_path, defaults, table4_rows() if '4' in tables else [])
+    lines = {'4': table4()[0]} if '4' in tables else {}  # Table 4 first: it makes the vocabularies' nouns
+    (find_cells if REPORT_ONLY else run_cells)(every, results_path, defaults)
+    lines.update(write_tables(cells, extra))
+    if TABLE == 'all':
+        print(f'report written to {write_report(cells, lines)}', flush=True)
+    failed = [c for c in every if c.status == 'failed']
+    if failed and not REPORT_ONLY:
         raise SystemExit(f"{len(failed)} cells failed (see the 'why' of their cell lines); rerun to retry them")
 
 

@@ -23,6 +23,7 @@ import eval_hash
 import external
 import models
 import nouns_embed
+import provenance
 import runs
 import views
 from baselines import COMPETITORS, QUANTIZED, SUPERVISED, TWO_VIEWS, UNTRAINED
@@ -545,17 +546,21 @@ def main():
     sha, key = runs.run_key(cfg, inputs)
     RUN_DIR = RUN_DIR or os.path.join('runs', runs.run_name(cfg, sha))  # a folder per run key
     runs.claim_run_dir(RUN_DIR, sha, key, FORCE)  # refuses a folder of another run, unless --force
+    made = dict(commit=provenance.git_commit(), machine=provenance.machine(device))  # where each line comes from
     for bits in BITS:
         t0 = time.time()
         nets, h_q, h_r, pq = fit_and_encode(bits, feats, aug, e, s, v, labels, (query, retrieval, train), device, tau2)
+        t_eval = time.time()
         mAP, mAP_cont = score(h_q, h_r, pq, labels[query], labels[retrieval], topk)
         out = os.path.join(RUN_DIR, f'{bits}bits')
         result = dict(dataset=DATASET, method=METHOD, supervised=METHOD in SUPERVISED, bits=bits, topk=topk,
                       ranking=f"aqd-{pq['aqd']}" if pq else 'hamming', map=round(float(mAP), 6),
                       map_continuous=round(float(mAP_cont), 6), seconds=round(time.time() - t0, 2),
+                      eval_seconds=round(time.time() - t_eval, 2), date=time.strftime('%Y-%m-%dT%H:%M:%S%z'), **made,
                       run_dir=out, run_key=sha, config=dict(cfg, BITS=bits, TAU2=tau2, RUN_DIR=RUN_DIR), inputs=inputs)
         save_run(out, result, (*nets, feats.shape[1], e.shape[1] if e is not None else None),
                  h_q, h_r, labels, query, retrieval, pq)
+        result['heads_sha256'] = cache.sha256_file(os.path.join(out, 'heads.pt'))  # the trained weights, checksummed
         runs.write_result(RESULTS, result)
         print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "
               f"{'(AQD ranking of product-quantized codes) ' if pq else ''}map_continuous@{topk}={mAP_cont:.4f} "

@@ -16,19 +16,23 @@ as in their code) are not modelled: for them it is a lower bound (bench_competit
     python benchmarks/estimate_gpu_time.py --cpu_cores=32 --gpu_vit_b16=3000 --tables=1,6
 
 Replace any input by your own measurement (e.g. bench_extract.py --device=cuda on your GPU);
-where you have run reproduce.py, its table files record the time the cells really took.
+where you have run reproduce.py, its REPORT.md records the time each step really took. The arithmetic
+and the rates' defaults live in report.py (`reproduce.py --dry_run` estimates what is left with them);
+this script counts the work of each table from empty caches.
 One line per table is printed to parse: `estimate table=... hours=...`.
 """
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import baselines  # noqa: E402
 import paper  # noqa: E402
+import report  # noqa: E402
 import reproduce  # noqa: E402
 import train  # noqa: E402
 from configurator import configure  # noqa: E402
+
+_R = report.GPU_RATES  # the defaults of the rates below (reproduce.py --dry_run estimates with them)
 
 # -----------------------------------------------------------------------------
 # what to estimate
@@ -39,35 +43,43 @@ SEEDS = 1                   # seeds per cell (reproduce.py --seeds)
 # results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv (PyTorch 2.4, CUDA 12.4), rows
 # vit_base_patch16_clip_quickgelu_224, vit_base_patch32_clip_quickgelu_224 and vgg16 (OpenAI's
 # CLIP towers use QuickGELU). Run dataset_extract.py with --precision=fp16 to get such rates.
-GPU_NAME = 'RTX 4090'       # the GPU the rates below are for (only printed)
-GPU_VIT_B16 = 2269.68       # images/s, CLIP ViT-B/16 image tower
-GPU_VIT_B32 = 8389.12       # images/s, CLIP ViT-B/32 image tower
-GPU_VGG16 = 2165.35         # images/s, VGG-16 (to fc8; fc7 is a little less)
-CPU_CORES = 8               # CPU cores of the GPU machine: dataset_extract.py runs one worker each
+GPU_NAME = _R['GPU_NAME']                  # the GPU the rates below are for (only printed)
+GPU_VIT_B16 = _R['GPU_VIT_B16']            # images/s, CLIP ViT-B/16 image tower
+GPU_VIT_B32 = _R['GPU_VIT_B32']            # images/s, CLIP ViT-B/32 image tower
+GPU_VGG16 = _R['GPU_VGG16']                # images/s, VGG-16 (to fc8; fc7 is a little less)
+CPU_CORES = _R['CPU_CORES']                # CPU cores of the GPU machine: dataset_extract.py runs one worker each
 # measured on this project's 2-core machine (AMD EPYC, no GPU), 2026-11-25, randomly initialised weights
-CPU_VIT_B16 = 4.2           # images/s of the ViT-B/16 image tower on these 2 cores (bench_extract.py, bare)
-WORKER_PHOTO = 291.0        # images/s one worker decodes and preprocesses: 500 x 375 JPEGs, plain view (bench_extract)
-WORKER_CIFAR = 1114.0       # the same for 32 x 32 images (CIFAR-10), plain view (--image_w=32 --image_h=32)
-STEP_S = 0.00185            # a training step's fixed CPU cost: its ops on tiny tensors, 1 thread (bench_train.py
-                            # step_overhead_ms); its arithmetic (about 3 GFLOP at batch 512) is far less on a GPU
-KERNELS_PER_STEP = 700      # ops a step dispatches (torch.profiler: 420 calls from Python, 700 at the bottom) ...
-LAUNCH_S = 4e-6             # ... each launching a CUDA kernel at this cost (assumed; typically 2-5 us)
-EVAL_S = ('cifar10=3.7', 'nuswide=4.0', 'flickr25k=2.6', 'mscoco=5.7')  # s a code length, mean of 16/32/64
-                            # bits: encode + binary + continuous MAP@K at the dataset's shape on the CPU
-                            # (bench_train.py --num_query= --num_retrieval= --topk= ... of each dataset)
-PROCESS_S = 8.0             # a train.py process's fixed cost: python and imports (1.8 s measured), loading and
-                            # checking the features (1.3 s measured, NUS-WIDE) and starting CUDA (5 s, assumed)
-CPU_TEXT_PROMPTS = 189.7    # prompts/s of the ViT-B/16 text tower, batches cut (bench_nouns.py)
-NOUNS_CPU_S = 36.0          # nouns_embed.py's CPU-side work on WordNet (reading, tokenizing, selection): the
-                            # whole step with the tiny test model less its clustering (36 s idle, 62-84 s under load)
-KMEANS_CPU_S = 19.6         # K-means of WordNet's 117,798 x 512 features into 800 clusters (bench_kmeans.py)
+CPU_VIT_B16 = _R['CPU_VIT_B16']            # images/s of the ViT-B/16 image tower on these 2 cores (bench_extract.py,
+                                           # bare)
+WORKER_PHOTO = _R['WORKER_PHOTO']          # images/s one worker decodes and preprocesses: 500 x 375 JPEGs, plain
+                                           # view (bench_extract)
+WORKER_CIFAR = _R['WORKER_CIFAR']          # the same for 32 x 32 images (CIFAR-10), plain view (--image_w=32
+                                           # --image_h=32)
+STEP_S = _R['STEP_S']                      # a training step's fixed CPU cost: its ops on tiny tensors, 1 thread
+                                           # (bench_train.py step_overhead_ms); its arithmetic (about 3 GFLOP at
+                                           # batch 512) is far less on a GPU
+KERNELS_PER_STEP = _R['KERNELS_PER_STEP']  # ops a step dispatches (torch.profiler: 420 calls from Python, 700 at the
+                                           # bottom) ...
+LAUNCH_S = _R['LAUNCH_S']                  # ... each launching a CUDA kernel at this cost (assumed; typically 2-5 us)
+EVAL_S = tuple(f'{d}={v}' for d, v in _R['EVAL_S'].items())  # s a code length, mean of 16/32/64 bits: encode +
+                                           # binary + continuous MAP@K at the dataset's shape on the CPU
+                                           # (bench_train.py --num_query= --num_retrieval= --topk= ... of each)
+PROCESS_S = _R['PROCESS_S']                # a train.py process's fixed cost: python and imports (1.8 s measured),
+                                           # loading and checking the features (1.3 s measured, NUS-WIDE) and
+                                           # starting CUDA (5 s, assumed)
+CPU_TEXT_PROMPTS = _R['CPU_TEXT_PROMPTS']  # prompts/s of the ViT-B/16 text tower, batches cut (bench_nouns.py)
+NOUNS_CPU_S = _R['NOUNS_CPU_S']            # nouns_embed.py's CPU-side work on WordNet (reading, tokenizing,
+                                           # selection): the whole step with the tiny test model less its clustering
+                                           # (36 s idle, 62-84 s under load)
+KMEANS_CPU_S = _R['KMEANS_CPU_S']          # K-means of WordNet's 117,798 x 512 features into 800 clusters
+                                           # (bench_kmeans.py)
 # the usual image counts; query, retrieval and train sizes follow the paper's Section 4.1.1
-IMAGES = ('cifar10=60000', 'nuswide=195834', 'flickr25k=20015', 'mscoco=122218')  # images of each dataset
-TRAIN = ('cifar10=5000', 'nuswide=10500', 'flickr25k=5000', 'mscoco=10000')  # training images of each
-AUG_VIEWS = 120             # augmented views of every train image (dataset_extract.py's default: 2 x 60 epochs; 2 with
-                            # --released)
-WORDNET_WORDS = 117798      # words of the vocabularies nouns_embed.py reads (WordNet's noun lemmas)
-IMAGENET_WORDS = 1000       # (open_clip's ImageNet-1k class names)
+IMAGES = tuple(f'{d}={v}' for d, v in _R['IMAGES'].items())  # images of each dataset
+TRAIN = tuple(f'{d}={v}' for d, v in _R['TRAIN'].items())    # training images of each
+AUG_VIEWS = _R['AUG_VIEWS']                # augmented views of every train image (dataset_extract.py's default:
+                                           # 2 x 60 epochs; 2 with --released)
+WORDNET_WORDS = _R['WORDNET_WORDS']        # words of the vocabularies nouns_embed.py reads (WordNet's noun lemmas)
+IMAGENET_WORDS = report.WORDS['imagenet']  # (open_clip's ImageNet-1k class names)
 PAPER_VOCABS = ('imagenet21k=21843', 'wordnet=117797', 'conceptnet=134364', 'glove=317756')  # Table 4's words
 
 
@@ -84,36 +96,9 @@ def numbers(name):
     return out
 
 
-def gpu_images_per_s(backbone):
-    return {'ViT-B-16': GPU_VIT_B16, 'ViT-B-32': GPU_VIT_B32, 'vgg16': GPU_VGG16}[backbone]
-
-
-def extract_s(d, backbone, views):
-    """dataset_extract.py: every image's plain view and, where the backbone feeds Hv, `views`
-    augmented views of each train image, made on the GPU from one decode; the slower of the GPU
-    (its forwards) and CPU_CORES workers (their decodes, at the plain view's rate) sets the pace."""
-    plain = WORKER_CIFAR if d == 'cifar10' else WORKER_PHOTO
-    gpu = gpu_images_per_s(backbone)
-    decode = CPU_CORES * plain
-    return numbers('IMAGES')[d] / min(gpu, decode) + numbers('TRAIN')[d] * max(views / gpu, 1 / decode)
-
-
-def nouns_s(words):
-    """nouns_embed.py: 7 prompts a word through the text tower, K-means, selection. GPU work is the
-    CPU time divided by the GPU's speed-up on the image tower; the CPU-side work scales with the words."""
-    speedup = GPU_VIT_B16 / CPU_VIT_B16
-    gpu = (7 * words / CPU_TEXT_PROMPTS + KMEANS_CPU_S * words / WORDNET_WORDS) / speedup
-    return gpu + NOUNS_CPU_S * words / WORDNET_WORDS
-
-
-def process_s(d, bits, trained=True, epochs=None, batch=None):
-    """One train.py process: start, then per code length its epochs x steps of training (reproduce.py's EPOCHS and
-    train.py's BATCH_SIZE unless a cell's own: a competitor's schedule, each step costed as DUH-EG's) and the
-    evaluation."""
-    steps = math.ceil(numbers('TRAIN')[d] / (batch or train.BATCH_SIZE))
-    step = STEP_S + KERNELS_PER_STEP * LAUNCH_S
-    per_bits = ((epochs or reproduce.EPOCHS) * steps * step if trained else 0.0) + numbers('EVAL_S')[d]
-    return PROCESS_S + len(bits) * per_bits
+def rates():
+    """The settings as report.py's rates."""
+    return dict({k: globals()[k] for k in report.GPU_RATES}, **{k: numbers(k) for k in ('IMAGES', 'TRAIN', 'EVAL_S')})
 
 
 def plan(table):
@@ -135,19 +120,15 @@ def plan(table):
         features[s['DATASET'], s['BACKBONE']] = AUG_VIEWS  # Hv's input, with its augmented views
         if reproduce.needs_nouns(s):
             vocabs[s['VOCAB'], s['CLIP_MODEL']] = IMAGENET_WORDS if s['VOCAB'] == 'imagenet' else WORDNET_WORDS
-        key = reproduce.run_name(s)  # reproduce.py trains a row, dataset and seed in one process
+        key = reproduce.run_name(c.cfg)  # reproduce.py trains a row, dataset and seed in one process
         groups.setdefault(key, (s['DATASET'], set(), s['METHOD'] not in baselines.UNTRAINED, c.cfg['EPOCHS'],
                                 c.cfg['BATCH_SIZE']))[1].add(c.bits)
     return features, vocabs, groups, len(cells)
 
 
 def estimate(features, vocabs, processes, cells):
-    ext = sum(extract_s(d, b, views) for (d, b), views in features.items())
-    nouns = sum(nouns_s(w) for w in vocabs.values())
-    trains = sum(process_s(*p) for p in processes.values())
-    return dict(features=len(features), vocabs=len(vocabs), processes=len(processes),
-                cells=cells, extract_s=ext, nouns_s=nouns, train_s=trains,
-                total_s=ext + nouns + trains)
+    e = report.estimate(rates(), features, vocabs, processes, reproduce.EPOCHS, train.BATCH_SIZE)
+    return dict(e, features=len(features), vocabs=len(vocabs), processes=len(processes), cells=cells)
 
 
 def hm(seconds):
@@ -156,7 +137,7 @@ def hm(seconds):
 
 def main():
     configure(globals())
-    unknown = [t for t in TABLES if t not in reproduce.TABLES and t not in ('4', 'fig5')]
+    unknown = [t for t in TABLES if t not in paper.TABLES and t not in ('4', 'fig5')]
     if unknown or SEEDS < 1 or CPU_CORES < 1:
         raise SystemExit(f"error: --tables: choose from 1, 2, 3, 4, 5, 6, fig5, fig5a, fig5b, baselines "
                          f"(got {', '.join(unknown) or '-'}); --seeds and --cpu_cores must be >= 1")
@@ -189,7 +170,7 @@ def main():
     print(f"\nTable 4: nouns_embed.py alone (ESTIMATE, the same machine) and the paper's seconds (hardware not named):")
     for name, words in numbers('PAPER_VOCABS').items():
         paper_s = paper.PAPER_TABLE4[name.replace('imagenet21k', 'imagenet')][1]
-        print(f"  {name}: {words:,.0f} words, about {nouns_s(words):.0f} s (paper {paper_s} s)")
+        print(f"  {name}: {words:,.0f} words, about {report.nouns_s(rates(), words):.0f} s (paper {paper_s} s)")
     print('\n'.join(lines))
 
 

@@ -80,3 +80,11 @@ def test_bench_competitors_projects_each_schedule_and_its_ratio():
         assert s > 0 and (epochs - 1) * s - 0.1 <= full, method
         assert float(r[f'{method}_vs_duheg']) == pytest.approx(full / float(r['duheg_full_s']), rel=0.1)
     assert float(r['cghash_full_s']) > 0 and r['duheg_vs_duheg'] == '1.000'
+
+
+def test_bench_report_same_document_and_every_cell():
+    r = result(run_script('benchmarks/bench_report.py', '--seeds=1', '--rounds=1', '--num_query=20',
+                          '--num_retrieval=200'), 'bench_report')
+    # every cell of --table=all on four datasets, the shared ones one results line; the figures' 64-bit runs
+    assert r['same'] == 'True' and int(r['cells']) > int(r['results']) > 300 and int(r['codes']) > 40
+    assert float(r['first_s']) > float(r['figures_s']) > 0 and float(r['cached_s']) > 0
