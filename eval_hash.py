@@ -687,8 +687,8 @@ def eval_run(cfg):
             print(f"wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {', '.join(map(os.path.basename, drawn))}")
     if os.path.exists(result):
         with open(result) as f:
-            run_cfg = json.load(f)['config']
-        if run_cfg.get('METHOD', 'duheg') == 'duheg':  # a run with Hv and He: its images, searched by words too
+            run_cfg = json.load(f).get('config', {})
+        if run_cfg.get('METHOD', 'duheg') == 'duheg' and 'DATASET' in run_cfg:  # Hv and He: images and words
             print(f"search page: python search.py --run={RUN} --bits={bits} --images=dataset:{run_cfg['DATASET']} "
                   f"--index={os.path.normpath(RUN)}_index --serve (then open the address it prints)")
     for _, line in scored.values():
