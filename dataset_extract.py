@@ -298,5 +298,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (DataError, CacheError, models.WeightsUnavailable, OSError) as e:
+    except (DataError, CacheError, models.WeightsUnavailable, OSError, ValueError) as e:  # ValueError: --backbone
         raise SystemExit(cache.user_error(e))

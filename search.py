@@ -561,7 +561,7 @@ def cached_thumbnail(entry, meta, index, size):
 def random_weights_warning(cfg):
     """The page's warning for a run trained on random weights (a test run, as the quick start's), else ''."""
     random = [f'--{k.lower()}=random' for k in ('BACKBONE_PRETRAINED', 'CLIP_PRETRAINED')
-              if models.pretrained_tag(cfg.get(k)) == 'random']
+              if k in cfg and models.pretrained_tag(cfg[k]) == 'random']
     return (f"This run was trained on random weights ({', '.join(random)}): a test run. Its codes, nouns and word "
             f"searches mean nothing about what the images show; index a run trained on real weights to search by "
             f"meaning.") if random else ''
