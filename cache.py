@@ -256,7 +256,7 @@ def read_sidecar(path):
 #   <cache>/<dataset>/<backbone>-<weights>[-released]/images.npy, train_aug_<split>.npy, bad_images.txt
 #                                                                 dataset_extract.py
 #   .../<clip>-<weights>[-released]/external_*.npy                train.py (Eq. 5-6, cached)
-#   <cache>/nouns/<vocab>_<clip>_<weights>[_released]/noun_feats.npy, noun_words.txt      nouns_embed.py
+#   <cache>/nouns/<vocab>[-sample<n>]_<clip>_<weights>[_released]/noun_feats.npy, noun_words.txt  nouns_embed.py
 #   .../kmeans_k<N_k>_.../centres.npy, assign.npy; .../select_k<N_k>_t<T1>[_sim][_released]/selected_feats.npy,
 #   selected_words.txt, selection.json                            nouns_embed.py
 def dataset_dir(cache_dir, dataset):
@@ -288,14 +288,26 @@ def views_path(fdir, tag):
 
 def external_path(fdir, external, vocab, n_k, t1, reading, tau1, released, tag):
     """e_i of every train image (Eq. 5-6) as train.py caches it, beside the CLIP features `fdir`."""
-    return os.path.join(fdir, f"external_{external}_{os.path.basename(str(vocab))}_k{n_k}_t{t1}"
+    return os.path.join(fdir, f"external_{external}_{vocab_tag(vocab)}_k{n_k}_t{t1}"
                               f"{'_sim' if reading == 'similarity' else ''}_tau{tau1}{'_released' if released else ''}"
                               f"_{tag}.npy")
 
 
+def vocab_sample(vocab):
+    """(the vocabulary, n) of a sample '<vocab>:<n>' of a vocabulary (n of its words, nouns_embed.read_words),
+    else (vocab, None). A word-list file whose name itself ends in ':<digits>' is that file."""
+    head, sep, tail = str(vocab).rpartition(':')
+    if sep and head and tail.isdigit() and not os.path.isfile(vocab):
+        return head, int(tail)
+    return vocab, None
+
+
 def vocab_tag(vocab):
-    """'wordnet', 'imagenet', or 'file-<name>' for a word-list file."""
-    return vocab if vocab in ('wordnet', 'imagenet') else 'file-' + os.path.splitext(os.path.basename(vocab))[0]
+    """'wordnet', 'imagenet', or 'file-<name>' for a word-list file; '-sample<n>' added for a sample
+    '<vocab>:<n>', so a sample has caches of its own, never taken for the whole vocabulary."""
+    base, n = vocab_sample(vocab)
+    tag = base if base in ('wordnet', 'imagenet') else 'file-' + os.path.splitext(os.path.basename(base))[0]
+    return tag + (f'-sample{n}' if n is not None else '')
 
 
 def vocab_dir(cache_dir, vocab, clip_model, clip_pretrained, released=False):

@@ -22,6 +22,8 @@ DATASETS = {
     'mscoco':    dict(query=5000, train=10000, topk=5000, multilabel=True),
     # your own images: DATA_PATH/<class>/<image>; sizes are per-class settings
     'folder':    dict(query_per_class=10, train_per_class=20, topk=1000, multilabel=False),
+    # 400 generated images of 10 classes, made in memory (demo_images): the offline quick start
+    'demo':      dict(query_per_class=10, train_per_class=20, topk=1000, multilabel=False),
 }
 NUSWIDE_CONCEPTS = 21  # NUS-WIDE keeps its 21 most frequent of 81 concepts
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -173,6 +175,33 @@ def _folder(path):
     if not names:
         raise DataError(f"no images found in {path}/<class>/ (extensions {', '.join(IMAGE_EXTS)})")
     return Images(names, np.eye(len(classes), dtype=np.int8)[y], root=path, classes=classes)
+
+
+def demo_images(n_classes=10, per_class=40, size=32, seed=0):
+    """(pixels uint8 [N, size, size, 3], class of each): each class a base colour and a stripe
+    direction, with noise and a random phase, so that a random-weight encoder tells the classes
+    apart too (the 'demo' dataset; the tests write them as an image folder)."""
+    rng = np.random.default_rng(seed)
+    hues = rng.uniform(0, 255, (n_classes, 3))
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for c in range(n_classes):
+        angle = np.pi * c / n_classes
+        for _ in range(per_class):
+            phase = rng.uniform(0, 2 * np.pi)
+            stripes = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 0.6 + phase)[..., None]
+            img = hues[c] * (0.6 + 0.3 * stripes) + rng.normal(0, 20, (size, size, 3))
+            out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out), np.repeat(np.arange(n_classes), per_class)
+
+
+def _demo():
+    """The 'demo' dataset: demo_images, named class<c>/<i>.png as the tests' image folder names them."""
+    pixels, y = demo_images()
+    per_class = np.bincount(y)
+    names = [f'class{c:02d}/{i:03d}.png' for c in range(len(per_class)) for i in range(per_class[c])]
+    return Images(names, np.eye(len(per_class), dtype=np.int8)[y], arrays=pixels,
+                  classes=[f'class{c:02d}' for c in range(len(per_class))])
 
 
 def _mirflickr(path):
@@ -331,6 +360,8 @@ def load_images(dataset, data_path, download=True, split_dir=''):
         return _cifar10(data_path, download)
     if dataset == 'folder':
         return _folder(data_path)
+    if dataset == 'demo':
+        return _demo()
     list_file = os.path.join(data_path, 'list.txt')
     if dataset == 'flickr25k' and not os.path.isfile(list_file):
         images = _flickr_mat(data_path) if os.path.isdir(data_path) else None

@@ -35,7 +35,8 @@ from models import hardware, load_backbone, pretrained_tag, resolve_device
 from views import augment_settings, augment_transform
 
 # data
-DATASET = 'cifar10'        # cifar10 | nuswide | flickr25k | mscoco | folder (your own DATA_PATH/<class>/<img>)
+DATASET = 'cifar10'        # cifar10 | nuswide | flickr25k | mscoco | folder (your own DATA_PATH/<class>/<img>) | demo
+                           # (400 generated images of 10 classes, no files: the offline quick start)
 DATA_PATH = ''             # '' -> data/<dataset>
 DOWNLOAD = True            # CIFAR-10 only: download it when missing
 SPLIT_SEED = 0             # seed of the query/retrieval/train split (Section 4.1.1)
@@ -43,10 +44,13 @@ SPLIT_DIR = ''             # your own split: a folder with query.txt, retrieval.
 QUERY = None               # override the query size (per class for cifar10/nuswide/folder), None: the paper's
 TRAIN = None               # override the train size likewise
 # backbone
-BACKBONE = nouns_embed.CLIP_MODEL  # ViT-B-16 | ViT-B-32 (Table 6) | vgg16 (Table 1, CNN rows)
-BACKBONE_PRETRAINED = ''   # '' -> 'openai' for CLIP, 'imagenet' for vgg16; or a checkpoint file; 'random' (tests)
-CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP whose image space the external feature lives in (used with vgg16)
-CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights: tag, checkpoint file, or 'random'
+BACKBONE = nouns_embed.CLIP_MODEL  # ViT-B-16 | ViT-B-32 (Table 6) | vgg16 (Table 1, CNN rows) | tiny-test (a tiny
+                           # CLIP for quick runs and tests: the README's offline quick start, with random weights)
+BACKBONE_PRETRAINED = ''   # '' -> 'openai' for CLIP, 'imagenet' for vgg16; or a checkpoint file; 'random': random
+                           # weights, no download (quick runs, tests: features that mean nothing about the images)
+CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP whose image space the external feature lives in (used with vgg16):
+                           # ViT-B-16 | ViT-B-32 | tiny-test
+CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights: tag, checkpoint file, or 'random' (no download)
 AUG_VIEWS = None           # augmented views per train image; None: 120 = 2 x T_max, a fresh pair (2t, 2t+1) in each of
                            # train.py's 60 epochs (Algorithm 2, line 10), or the one fixed pair (2) with --released
 AUG_SEED = 0               # seed of the augmented views
@@ -229,19 +233,19 @@ def features_step(images, data_settings, split_settings, train, rank, world, dev
     """The backbone's plain view of every image and its augmented views of the train images, and
     CLIP's plain view when the backbone is not a CLIP (the external feature lives in CLIP's space).
     Returns the backbone's feature dimension."""
-    jobs = [(BACKBONE, BACKBONE_PRETRAINED, AUG_VIEWS)]
+    jobs = [(BACKBONE, BACKBONE_PRETRAINED, AUG_VIEWS, models.BACKBONE_FLAGS)]
     if BACKBONE not in models.CLIP_MODELS:
-        jobs.append((CLIP_MODEL, CLIP_PRETRAINED, 0))
+        jobs.append((CLIP_MODEL, CLIP_PRETRAINED, 0, models.CLIP_FLAGS))
     dims = {}
-    for backbone, pretrained, n_views in jobs:
+    for backbone, pretrained, n_views, flags in jobs:  # flags: the settings an error names
         fdir = feature_dir(CACHE_DIR, DATASET, backbone, pretrained, VIEW_RECIPE)
-        encode, preprocess, dims[backbone] = load_backbone(backbone, pretrained, device)
+        encode, preprocess, dims[backbone] = load_backbone(backbone, pretrained, device, flags)
         if VIEW_RECIPE == 'released':
             preprocess, augment = views.released_views(DATASET, models.preprocess_params(preprocess)[0])
         else:
             augment = augment_transform(preprocess)
         settings = dict(data_settings, backbone=backbone, pretrained=pretrained_tag(pretrained),
-                        build=models.backbone_build(backbone, pretrained), transform=repr(preprocess),
+                        build=models.backbone_build(backbone, pretrained, flags), transform=repr(preprocess),
                         precision=PRECISION, view_path=VIEW_PATH, version=_VERSION)
         encode_views(f'{backbone} images', images, np.arange(len(images)), preprocess, 1, encode,
                      os.path.join(fdir, 'images.npy'), settings, rank, world, device)
@@ -294,5 +298,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except (DataError, CacheError, models.WeightsUnavailable, OSError) as e:
+    except (DataError, CacheError, models.WeightsUnavailable, OSError, ValueError) as e:  # ValueError: --backbone
         raise SystemExit(cache.user_error(e))

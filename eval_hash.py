@@ -14,6 +14,7 @@ The authors' released code ranks by the continuous tanh outputs instead, without
     python eval_hash.py --run=runs/cifar10            # every <bits>bits/codes.npz in the run
     python eval_hash.py --runs=runs/a,runs/b --bits=64  # one line per run in the same plot
 """
+import glob
 import json
 import os
 import zipfile
@@ -37,7 +38,8 @@ BITS = 64                # code length the --runs comparison draws (Figures 3-4 
 OUT = 'runs/compare'     # folder of the --runs comparison plots and json
 TOPK = 0                 # K of MAP@K; 0 = the `topk` stored in codes.npz (1000 CIFAR-10, 5000 others)
 # metrics
-P_AT_N = (1,) + tuple(range(100, 1001, 100))  # N of precision@N / recall@N (Figure 4)
+P_AT_N = (1,) + tuple(range(100, 1001, 100))  # N of precision@N / recall@N (Figure 4); on a retrieval set too
+                                              # small for ten of them, ten more spread over it
 PR_POINTS = 100          # rank positions of the precision-recall curve, evenly spread over the retrieval set
 RADIUS = 2               # Hamming radius of "precision within radius" (empty set: precision 0)
 # pictures (Figures 6-7), drawn by --run when the run's images can be read
@@ -514,13 +516,23 @@ def evaluate_all(q_h, r_h, q_labels, r_labels, topk, ns=None, pr_points=None, ra
         pr_curve_radius=curve, **curves)
 
 
+def p_at_n_values(ns, n, least=10):
+    """The N of precision@N (Figure 4) on n retrieval items: those of `ns` (P_AT_N) up to n, and when
+    fewer than `least` remain (a small set), `least` more spread evenly over 1..n, so the curve has
+    at least `least` points (every N on a set of fewer items)."""
+    kept = np.unique(np.clip(np.asarray(ns, np.int64), 1, n))
+    if len(kept) < least:
+        kept = np.unique(np.concatenate([kept, np.linspace(1, n, least).round().astype(np.int64)]))
+    return kept
+
+
 def _rank_curves(precision_recall, n, ns, pr_points):
     """Precision/recall@N at the N of `ns` (Figure 4) and the PR curve at `pr_points` rank positions
     spread over the n retrieval items (Figure 3), from one ranking: precision_recall(positions) is
     precision_recall_at (or its AQD twin) at the sorted positions. Returns dict(p_at_n,
     pr_curve_rank, queries_without_relevant)."""
     positions = np.unique(np.linspace(1, n, pr_points).round().astype(np.int64))
-    n_at = np.clip(np.asarray(ns, np.int64), 1, n)
+    n_at = p_at_n_values(ns, n)
     both = np.unique(np.concatenate([n_at, positions]))
     at = precision_recall(both)  # one ranking serves both lists
 
@@ -771,24 +783,84 @@ def _load_codes(path):
                          f'train.py for that code length') from None
 
 
+def map_text(value, topk, n):
+    """MAP@K as train.py and eval_hash.py print it: K as asked (the dataset's K, or --topk) whatever the
+    size n of the retrieval set, and a note when K was cut to it: 'map@1000=0.7955 (K cut to the 45
+    retrieval items)'."""
+    return f"map@{topk}={value:.4f}" + (f" (K cut to the {n} retrieval items)" if topk > n else '')
+
+
 def _score(path, name):
-    """evaluate_all on one codes.npz, and its printed line."""
+    """evaluate_all on one codes.npz, and its printed line: (metrics, line)."""
     z = _load_codes(path)
     topk = TOPK or int(z['topk'])
     if 'codebooks' in z:  # DQN, DVSQ, DTQ: product-quantized codes ranked by AQD
         m = evaluate_quantized(z['query_h'], z['retrieval_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],
                                z['retrieval_labels'], topk, str(z['aqd']))
-        print(f"eval {name}bits={m['bits']} map@{m['topk']}={m['map']:.4f} (AQD ranking of product-quantized codes) "
-              f"p@{m['p_at_n']['n'][-1]}={m['p_at_n']['precision'][-1]:.4f} "
-              f"map_continuous@{m['topk']}={m['map_continuous']['value']:.4f} (continuous features)", flush=True)
-        return m
+        return m, (f"eval {name}bits={m['bits']} {map_text(m['map'], topk, m['num_retrieval'])} (AQD ranking of "
+                   f"product-quantized codes) p@{m['p_at_n']['n'][-1]}={m['p_at_n']['precision'][-1]:.4f} "
+                   f"map_continuous@{topk}={m['map_continuous']['value']:.4f} (continuous features)")
     m = evaluate_all(z['query_h'], z['retrieval_h'], z['query_labels'], z['retrieval_labels'], topk)
-    print(f"eval {name}bits={m['bits']} map@{m['topk']}={m['map']:.4f} p@r{m['radius']}={m['precision_radius']:.4f} "
-          f"p@{m['p_at_n']['n'][-1]}={m['p_at_n']['precision'][-1]:.4f} "
-          f"map_continuous@{m['topk']}={m['map_continuous']['value']:.4f} "
-          f"(continuous-output MAP, released-code ranking)",
-          flush=True)
-    return m
+    p_at_n = f"p@{m['p_at_n']['n'][-1]}={m['p_at_n']['precision'][-1]:.4f}"
+    return m, (f"eval {name}bits={m['bits']} {map_text(m['map'], topk, m['num_retrieval'])} "
+               f"p@r{m['radius']}={m['precision_radius']:.4f} {p_at_n} map_continuous@{topk}="
+               f"{m['map_continuous']['value']:.4f} (continuous-output MAP, released-code ranking)")
+
+
+def run_codes(run):
+    """[(bits, codes.npz)] of a run folder's finished code lengths (a note for each unfinished one); none
+    is an error that lists the run folders found below `run` (runs/<dataset>/<run>: up to two levels)."""
+    dirs = bits_dirs(run)
+    found = sorted((b, os.path.join(d, 'codes.npz')) for b, d in dirs.items()
+                   if os.path.exists(os.path.join(d, 'codes.npz')))
+    for d in sorted(d for d in dirs.values() if not os.path.exists(os.path.join(d, 'codes.npz'))):
+        print(f'note: {d} has no codes.npz (its training did not finish): that code length is left out; '
+              f'rerun train.py')
+    if found:
+        return found
+    below = sorted({os.path.dirname(os.path.dirname(p)) for depth in ('*', '*/*')
+                    for p in glob.glob(os.path.join(glob.escape(run), depth, '*bits', 'codes.npz'))})
+    if below:
+        more = f' and {len(below) - 8} more' if len(below) > 8 else ''
+        raise SystemExit(f"error: no <bits>bits/codes.npz under {run}: it holds {len(below)} run folder(s), "
+                         f"{', '.join(below[:8])}{more}; give one of them as --run")
+    raise SystemExit(f"error: no <bits>bits/codes.npz under {run}{'' if os.path.isdir(run) else ' (no such folder)'}"
+                     f": give --run the folder train.py wrote (its run=... line, or --run_dir)")
+
+
+def eval_run(cfg):
+    """--run: metrics.json, the PR and P@N plots and Figures 6-7 of a run's code lengths; then how to
+    open its search page, and last the MAP line of each code length."""
+    found = run_codes(RUN)
+    mixed = mixed_runs(RUN, [b for b, _ in found])
+    if mixed:
+        raise SystemExit(f'error: {RUN} mixes runs made from different settings or inputs ({mixed}); train '
+                         f'each into its own --run_dir')
+    print(f'eval run={RUN} code_lengths={[b for b, _ in found]}')
+    scored = {b: _score(p, '') for b, p in found}
+    metrics = {b: m for b, (m, _) in scored.items()}
+    save_json(os.path.join(RUN, 'metrics.json'), dict(config=cfg, bits={str(b): m for b, m in metrics.items()}))
+    name = os.path.basename(os.path.normpath(RUN))
+    plot_curves({f'{b} bits': m['pr_curve_rank'] for b, m in metrics.items()},
+                os.path.join(RUN, 'pr_curve.png'), 'pr', f'Precision-recall, {name}')
+    plot_curves({f'{b} bits': m['p_at_n'] for b, m in metrics.items()},
+                os.path.join(RUN, 'p_at_n.png'), 'pn', f'Precision@N, {name}')
+    print(f'wrote {RUN}/metrics.json, pr_curve.png, p_at_n.png')
+    bits, path = found[-1]
+    z = _load_codes(path)
+    result = os.path.join(RUN, f'{bits}bits', 'result.json')
+    if EXAMPLES and 'query_index' in z and os.path.exists(result):
+        drawn = draw_examples(RUN, bits, z, EXAMPLES)
+        if drawn:
+            print(f"wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {', '.join(map(os.path.basename, drawn))}")
+    if os.path.exists(result):
+        with open(result) as f:
+            run_cfg = json.load(f).get('config', {})
+        if run_cfg.get('METHOD', 'duheg') == 'duheg' and 'DATASET' in run_cfg:  # Hv and He: images and words
+            print(f"search page: python search.py --run={RUN} --bits={bits} --images=dataset:{run_cfg['DATASET']} "
+                  f"--index={os.path.normpath(RUN)}_index --serve (then open the address it prints)")
+    for _, line in scored.values():
+        print(line, flush=True)
 
 
 def main():
@@ -797,34 +869,7 @@ def main():
     if not RUN and not RUNS:
         raise SystemExit('error: give --run=<run dir> or --runs=<dir>,<dir> (see the docstring)')
     if RUN:
-        dirs = bits_dirs(RUN)
-        found = sorted((b, os.path.join(d, 'codes.npz')) for b, d in dirs.items()
-                       if os.path.exists(os.path.join(d, 'codes.npz')))
-        for d in sorted(d for d in dirs.values() if not os.path.exists(os.path.join(d, 'codes.npz'))):
-            print(f'note: {d} has no codes.npz (its training did not finish): that code length is left out; '
-                  f'rerun train.py')
-        if not found:
-            raise SystemExit(f'error: no <bits>bits/codes.npz under {RUN}')
-        mixed = mixed_runs(RUN, [b for b, _ in found])
-        if mixed:
-            raise SystemExit(f'error: {RUN} mixes runs made from different settings or inputs ({mixed}); train '
-                             f'each into its own --run_dir')
-        print(f'eval run={RUN} code_lengths={[b for b, _ in found]}')
-        metrics = {b: _score(p, '') for b, p in found}
-        save_json(os.path.join(RUN, 'metrics.json'), dict(config=cfg, bits={str(b): m for b, m in metrics.items()}))
-        plot_curves({f'{b} bits': m['pr_curve_rank'] for b, m in metrics.items()},
-                    os.path.join(RUN, 'pr_curve.png'), 'pr',
-                    f'Precision-recall, {os.path.basename(os.path.normpath(RUN))}')
-        plot_curves({f'{b} bits': m['p_at_n'] for b, m in metrics.items()},
-                    os.path.join(RUN, 'p_at_n.png'), 'pn', f'Precision@N, {os.path.basename(os.path.normpath(RUN))}')
-        print(f'wrote {RUN}/metrics.json, pr_curve.png, p_at_n.png')
-        bits, path = found[-1]
-        z = _load_codes(path)
-        if EXAMPLES and 'query_index' in z and os.path.exists(os.path.join(RUN, f'{bits}bits', 'result.json')):
-            drawn = draw_examples(RUN, bits, z, EXAMPLES)
-            if drawn:
-                names = ', '.join(map(os.path.basename, drawn))
-                print(f'wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {names}')
+        eval_run(cfg)
     if RUNS:  # one line per run at BITS (Figures 3-4 compare methods at 64 bits)
         runs = list(dict.fromkeys(os.path.normpath(r) for r in RUNS))  # keyed by the whole path: two 'run' folders stay
                                                                        # two
@@ -840,7 +885,8 @@ def main():
         os.makedirs(OUT, exist_ok=True)
         metrics = {}
         for run in runs:
-            metrics[run] = _score(os.path.join(run, f'{BITS}bits', 'codes.npz'), f'run={run} ')
+            metrics[run], line = _score(os.path.join(run, f'{BITS}bits', 'codes.npz'), f'run={run} ')
+            print(line, flush=True)
         save_json(os.path.join(OUT, f'compare_{BITS}bits.json'), dict(config=cfg, runs=metrics))
         plot_curves({k: m['pr_curve_rank'] for k, m in metrics.items()},
                     os.path.join(OUT, f'pr_curve_{BITS}bits.png'), 'pr', f'Precision-recall, {BITS} bits')

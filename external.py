@@ -4,6 +4,7 @@ builds e_i with it, eval_hash.py draws Figure 7's top nouns with it, search.py t
 with it.
 """
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +13,20 @@ from cache import feature_dir, image_names, load_array, selection_dir, split_pat
 from models import clip_build
 
 
+def _read_only(a):
+    """A float32 tensor of the array `a`, memory-mapped and read-only ones (a cache's) without torch's
+    warning that writing to it is undefined: it is only read here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='The given NumPy array is not writable')
+        return torch.as_tensor(a, dtype=torch.float32)
+
+
 def noun_weights(i, t, tau1, device='cpu', half=False):
     """Eq. 6: s_{i,w} = softmax_w(cos(i_i, t_w) / tau1), the weight of noun w in image i's external
     feature (Figure 7 draws the largest); i and t need not be normalised. Returns (s, t normalised)."""
     dtype = torch.float16 if half else torch.float32
-    i = F.normalize(torch.as_tensor(i, dtype=torch.float32), dim=1).to(device, dtype)
-    t = F.normalize(torch.as_tensor(t, dtype=torch.float32), dim=1).to(device, dtype)
+    i = F.normalize(_read_only(i), dim=1).to(device, dtype)
+    t = F.normalize(_read_only(t), dim=1).to(device, dtype)
     return torch.softmax(i @ t.T / tau1, dim=1), t
 
 

@@ -9,13 +9,18 @@ import socket
 import torch
 import torch.nn as nn
 
-CLIP_MODELS = ('ViT-B-16', 'ViT-B-32', 'tiny-test')  # open_clip names; tiny-test is for tests
+CLIP_MODELS = ('ViT-B-16', 'ViT-B-32', 'tiny-test')  # open_clip names; tiny-test: quick runs and tests
 VGG_MODELS = ('vgg16',)
-# tiny-test: a randomly initialised CLIP of the same open_clip code path, small enough for CI
+# tiny-test: a CLIP of the same open_clip code path, small enough for CI and the offline quick start (with
+# pretrained='random': no download, and features that mean nothing about the images)
 TINY_CLIP_CFG = dict(embed_dim=32,
                      vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8),
                      text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
 MODEL_SEED = 0  # seed for randomly initialised weights (pretrained='random'), so all steps share them
+# the settings a weights error names: (the model's, its weights'); None: the weights a run was trained
+# with (search.py), which no setting of that script changes
+CLIP_FLAGS = ('--clip_model', '--clip_pretrained')
+BACKBONE_FLAGS = ('--backbone', '--backbone_pretrained')
 
 
 class WeightsUnavailable(RuntimeError):
@@ -163,9 +168,14 @@ def clip_quick_gelu(name, pretrained):
     return is_torchscript(path) or name in ('ViT-B-16', 'ViT-B-32')
 
 
-def clip_build(name, pretrained):
-    """What the features of this CLIP depend on besides its weights, for the caches' settings."""
-    return dict(activation='QuickGELU' if clip_quick_gelu(name, pretrained) else 'GELU', loader=2)
+def clip_build(name, pretrained, flags=CLIP_FLAGS):
+    """What the features of this CLIP depend on besides its weights, for the caches' settings. A
+    weights file that is not there is an error naming `flags` (as load_clip's)."""
+    try:
+        quick = clip_quick_gelu(name, pretrained)
+    except WeightsUnavailable as e:
+        raise _weights_error(e, name, pretrained, flags) from e
+    return dict(activation='QuickGELU' if quick else 'GELU', loader=2)
 
 
 def _register_tiny():
@@ -175,38 +185,74 @@ def _register_tiny():
     return open_clip
 
 
-def _offline_advice(name, pretrained):
+def _weights_error(e, name, pretrained, flags):
+    """A WeightsUnavailable that opens with the setting at fault: '--backbone_pretrained='x': ...'."""
+    who = f"{flags[1]}={pretrained!r}" if flags else f"the weights {pretrained!r} of {name} its run was trained with"
+    return WeightsUnavailable(f"{who}: {e}")
+
+
+def _offline_advice(name, pretrained, flags):
     import open_clip
     cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained_tag(pretrained) != 'random' else {}
     url, hub = cfg.get('url'), cfg.get('hf_hub', '').strip('/')
     if url:
+        file = os.path.basename(url)
         return (f"With no network, download {url} on another machine (OpenAI's own file: only its weights are "
-                f"read) and put it in {os.path.join(OPENAI_CACHE, os.path.basename(url))}, where it is found by "
-                f"itself, or anywhere and pass --clip_pretrained=/path/to/{os.path.basename(url)}"
-                + (f"; the model hub's folder of {hub} (open_clip_pytorch_model.bin) works too" if hub else ''))
-    if hub:
+                f"read) and put it in {os.path.join(OPENAI_CACHE, file)}, where it is found by itself"
+                + (f", or anywhere and pass {flags[1]}=/path/to/{file}" if flags else '')
+                + (f"; the model hub's folder of {hub} (open_clip_pytorch_model.bin) works too" if hub and flags
+                   else ''))
+    if hub and flags:
         return (f"With no network, copy the model hub's folder of {hub} (open_clip_pytorch_model.bin or .safetensors) "
-                f"to this machine and pass --clip_pretrained=/path/to/that/folder")
-    return f"pass a local weights file or folder: --clip_pretrained=/path/to/{name}.pt"
+                f"to this machine and pass {flags[1]}=/path/to/that/folder")
+    return (f"pass a local weights file or folder: {flags[1]}=/path/to/{name}.pt" if flags else
+            "it needs a download: search with a run whose weights are a local file")
 
 
 OPENAI_CACHE = os.path.expanduser('~/.cache/clip')  # where OpenAI's clip package keeps its downloads
 
 
-def load_clip(name='ViT-B-16', pretrained='openai', device='cpu'):
+def _create(open_clip, name, pretrained, quick):
+    """open_clip's model and transforms, without its warning that no weights were loaded (expected: the
+    weights are read next from a file, or random on purpose)."""
+    import logging
+
+    def expected(record):
+        return not record.getMessage().startswith('No pretrained weights loaded')
+    root = logging.getLogger()
+    root.addFilter(expected)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                     force_quick_gelu=quick)
+    finally:
+        root.removeFilter(expected)
+    return model, preprocess
+
+
+def load_clip(name='ViT-B-16', pretrained='openai', device='cpu', flags=CLIP_FLAGS):
     """open_clip model (eval mode, frozen, float32), its validation preprocess and its tokenizer.
     `pretrained`: an open_clip tag ('openai'), a weights file or folder in any form read_state_dict
-    reads, or 'random'. Built with the activation the weights were trained with (clip_quick_gelu)."""
+    reads, or 'random'. Built with the activation the weights were trained with (clip_quick_gelu).
+    Errors name the settings `flags` (CLIP_FLAGS, BACKBONE_FLAGS; None: a run's weights)."""
     open_clip = _register_tiny()
-    base = name.removesuffix('-quickgelu')
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP model {name!r}; choose one of {', '.join(CLIP_MODELS)} "
-                         f"(or any of open_clip.list_models())")
-    tag = pretrained_tag(pretrained)
+        raise ValueError(f"{flags[0] + '=' if flags else 'the CLIP '}{name!r} is not a CLIP model: choose one of "
+                         f"{', '.join(CLIP_MODELS)} (or any of open_clip.list_models())")
+    try:
+        model, preprocess = _build_clip(open_clip, name, pretrained, flags)
+    except WeightsUnavailable as e:
+        raise _weights_error(e, name, pretrained, flags) from e
+    model = model.float().to(device).eval().requires_grad_(False)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def _build_clip(open_clip, name, pretrained, flags):
+    """(model, preprocess) of load_clip: random, read from a file or folder, or open_clip's download."""
+    base, tag = name.removesuffix('-quickgelu'), pretrained_tag(pretrained)
     if tag != 'random' and not tag.startswith('file-'):
         cfg = open_clip.get_pretrained_cfg(base, pretrained)
         if not cfg:
-            raise WeightsUnavailable(f"{pretrained!r} is neither a file nor a folder nor an open_clip tag of {name} "
+            raise WeightsUnavailable(f"neither a file nor a folder nor an open_clip tag of {name} "
                                      f"({', '.join(t for m, t in open_clip.list_pretrained() if m == base)})")
         local = os.path.join(OPENAI_CACHE, os.path.basename(cfg['url'])) if cfg.get('url') else ''
         if local and os.path.isfile(local):  # OpenAI's clip package already downloaded it: read that file
@@ -214,10 +260,10 @@ def load_clip(name='ViT-B-16', pretrained='openai', device='cpu'):
     quick = clip_quick_gelu(name, pretrained)
     if tag == 'random':
         torch.manual_seed(MODEL_SEED)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=quick)
-    elif os.path.exists(str(pretrained)) or tag.startswith('file-'):
+        return _create(open_clip, name, None, quick)
+    if os.path.exists(str(pretrained)) or tag.startswith('file-'):
         sd = read_state_dict(pretrained)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=quick)
+        model, preprocess = _create(open_clip, name, None, quick)
         own = model.state_dict()
         missing = [k for k in own if k not in sd]
         unexpected = [k for k in sd if k not in own]
@@ -226,74 +272,80 @@ def load_clip(name='ViT-B-16', pretrained='openai', device='cpu'):
             raise WeightsUnavailable(f"{pretrained} does not hold {name} weights: {len(missing)} missing (e.g. "
                                      f"{', '.join(missing[:3])}), {len(unexpected)} unexpected (e.g. "
                                      f"{', '.join(unexpected[:3])}), {len(shape)} of another shape (e.g. "
-                                     f"{', '.join(shape[:3])}); check --clip_model / --backbone")
+                                     f"{', '.join(shape[:3])}); check {flags[0] if flags else 'the run'}")
         model.load_state_dict(sd)
-    else:
-        if not (_online('huggingface.co') or _online('openaipublic.azureedge.net')):
-            import huggingface_hub.constants
-            huggingface_hub.constants.HF_HUB_OFFLINE = True  # use a cached copy if there is one, fail fast if not
-        import logging
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.CRITICAL)  # open_clip logs its own 'ERROR:root:Failed to download' before raising
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
-                                                                         force_quick_gelu=quick)
-        except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
-            why = ' '.join(str(e).split())
-            why = why if len(why) <= 200 else why[:200].rsplit(' ', 1)[0] + ' …'  # cut between words
-            raise WeightsUnavailable(f"cannot load CLIP {name} weights {pretrained!r} ({type(e).__name__}: "
-                                     f"{why}). {_offline_advice(name, pretrained)}") from e
-        finally:
-            root.setLevel(level)
-    model = model.float().to(device).eval().requires_grad_(False)
-    return model, preprocess, open_clip.get_tokenizer(name)
+        return model, preprocess
+    if not (_online('huggingface.co') or _online('openaipublic.azureedge.net')):
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # use a cached copy if there is one, fail fast if not
+    import logging
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)  # open_clip logs its own 'ERROR:root:Failed to download' before raising
+    try:
+        return _create(open_clip, name, pretrained, quick)
+    except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+        why = ' '.join(str(e).split())
+        why = why if len(why) <= 200 else why[:200].rsplit(' ', 1)[0] + ' …'  # cut between words
+        raise WeightsUnavailable(f"cannot load CLIP {name} weights {pretrained!r} ({type(e).__name__}: "
+                                 f"{why}). {_offline_advice(name, pretrained, flags)}") from e
+    finally:
+        root.setLevel(level)
 
 
-def load_vgg16(pretrained='imagenet', device='cpu'):
+def load_vgg16(pretrained='imagenet', device='cpu', flags=BACKBONE_FLAGS):
     """torchvision VGG-16 up to fc7 (after its ReLU), F = 4096, with its preprocessing.
     `pretrained`: 'imagenet' (torchvision's download, or its cache ~/.cache/torch/hub/checkpoints),
     a weights file (torchvision's vgg16-397923af.pth, any state dict or .safetensors), or 'random'."""
+    try:
+        net = _build_vgg16(pretrained, flags)
+    except WeightsUnavailable as e:
+        raise _weights_error(e, 'vgg16', pretrained, flags) from e
+    from torchvision.models import VGG16_Weights
+    net.classifier = net.classifier[:5]  # fc6, ReLU, Dropout, fc7, ReLU -> the fc7 output
+    return net.to(device).eval().requires_grad_(False), VGG16_Weights.IMAGENET1K_V1.transforms()
+
+
+def _build_vgg16(pretrained, flags):
     import torchvision
     from torchvision.models import VGG16_Weights
     weights = VGG16_Weights.IMAGENET1K_V1
     tag = pretrained_tag(pretrained)
     if tag == 'random':
         torch.manual_seed(MODEL_SEED)
-        net = torchvision.models.vgg16(weights=None)
-    elif tag.startswith('file-'):
+        return torchvision.models.vgg16(weights=None)
+    if tag.startswith('file-'):
         net = torchvision.models.vgg16(weights=None)
         try:
             net.load_state_dict(read_state_dict(pretrained))
         except RuntimeError as e:
             raise WeightsUnavailable(f"{pretrained} does not hold torchvision VGG-16 weights ({str(e)[:200]})") from e
-    elif tag == 'imagenet':
-        try:
-            net = torchvision.models.vgg16(weights=weights)
-        except Exception as e:  # noqa: BLE001
-            raise WeightsUnavailable(
-                f"cannot download VGG-16 ImageNet weights ({type(e).__name__}: {e}). With no network, download "
-                f"{weights.url} on another machine and put it in ~/.cache/torch/hub/checkpoints/, where it is found "
-                f"by itself, or anywhere and pass --backbone_pretrained=/path/to/"
-                f"{os.path.basename(weights.url)}") from e
-    else:
-        raise WeightsUnavailable(f"VGG-16 weights {pretrained!r}: use 'imagenet', a weights file, or 'random'")
-    net.classifier = net.classifier[:5]  # fc6, ReLU, Dropout, fc7, ReLU -> the fc7 output
-    return net.to(device).eval().requires_grad_(False), weights.transforms()
+        return net
+    if tag != 'imagenet':
+        raise WeightsUnavailable("VGG-16 weights are 'imagenet', a weights file, or 'random'")
+    try:
+        return torchvision.models.vgg16(weights=weights)
+    except Exception as e:  # noqa: BLE001
+        where = (f", or anywhere and pass {flags[1]}=/path/to/{os.path.basename(weights.url)}" if flags else '')
+        raise WeightsUnavailable(
+            f"cannot download VGG-16 ImageNet weights ({type(e).__name__}: {e}). With no network, download "
+            f"{weights.url} on another machine and put it in ~/.cache/torch/hub/checkpoints/, where it is found "
+            f"by itself{where}") from e
 
 
-def load_backbone(name, pretrained, device='cpu'):
-    """(encode_image, preprocess, F): the frozen image encoder that feeds Hv."""
+def load_backbone(name, pretrained, device='cpu', flags=BACKBONE_FLAGS):
+    """(encode_image, preprocess, F): the frozen image encoder that feeds Hv. Errors name the settings
+    `flags` (BACKBONE_FLAGS; CLIP_FLAGS for the CLIP beside a VGG-16; None: a run's weights)."""
     if name in VGG_MODELS:
-        net, preprocess = load_vgg16(pretrained, device)
+        net, preprocess = load_vgg16(pretrained, device, flags)
         return net, preprocess, 4096
-    model, preprocess, _ = load_clip(name, pretrained, device)
+    model, preprocess, _ = load_clip(name, pretrained, device, flags)
     return model.encode_image, preprocess, model.visual.output_dim
 
 
-def backbone_build(name, pretrained):
+def backbone_build(name, pretrained, flags=BACKBONE_FLAGS):
     """clip_build for a CLIP backbone; VGG-16's build has no choice in it."""
-    return {} if name in VGG_MODELS else clip_build(name, pretrained)
+    return {} if name in VGG_MODELS else clip_build(name, pretrained, flags)
 
 
 def preprocess_params(preprocess):

@@ -8,6 +8,7 @@ from which train.py builds each image's external feature e_i (Eq. 5-6).
 
     python nouns_embed.py                     # WordNet, CLIP ViT-B/16, N_k = 800, T1 = 0.9
     python nouns_embed.py --vocab=imagenet    # ImageNet class names (Table 5)
+    python nouns_embed.py --vocab=wordnet:2000  # a fixed sample of 2,000 WordNet nouns: quick runs only
     python nouns_embed.py --t1=0.8            # reuses the cached features and K-means (Figure 5a)
     python nouns_embed.py --released          # the authors' released code (README: Paper or released code)
 """
@@ -26,20 +27,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cache import CacheError, cached, kmeans_dir, save_json, save_text, selection_dir, user_error, vocab_dir, vocab_tag
+from cache import (CacheError, cached, kmeans_dir, save_json, save_text, selection_dir, user_error, vocab_dir,
+                   vocab_sample, vocab_tag)
 from configurator import check_choice, check_ranges, choice_error, configure, released_defaults
 from external import read_word_lines
 from models import WeightsUnavailable, clip_build, encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
 
 # -----------------------------------------------------------------------------
 # vocabulary
-VOCAB = 'wordnet'                  # 'wordnet' (all noun lemmas), 'imagenet' (1k class names) or a word-list file
+VOCAB = 'wordnet'                  # 'wordnet' (all noun lemmas), 'imagenet' (1k class names) or a word-list file;
+                                   # '<vocab>:<n>' (wordnet:2000): a fixed sample of n of its words (seed 0, in the
+                                   # vocabulary's order), caches of its own: quick runs, never the paper's vocabulary
 WORDNET_DIR = '/usr/share/wordnet'  # WordNet 3.0 dict folder, used when nltk's own wordnet data is absent
 PROMPTS = ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.',
            'a {} in a video game.', 'art of the {}.', 'a photo of the small {}.')  # Eq. 2: CLIP's 7 ImageNet templates
 # text encoder (Eq. 2)
-CLIP_MODEL = 'ViT-B-16'            # open_clip name: ViT-B-16, ViT-B-32 (Table 6), tiny-test
-CLIP_PRETRAINED = 'openai'         # open_clip tag, a local checkpoint file, or 'random' (tests)
+CLIP_MODEL = 'ViT-B-16'            # open_clip name: ViT-B-16, ViT-B-32 (Table 6), tiny-test (a tiny CLIP for quick
+                                   # runs and tests: the README's offline quick start, with random weights)
+CLIP_PRETRAINED = 'openai'         # open_clip tag, a local checkpoint file, or 'random': random weights, no download
+                                   # (quick runs, tests: nouns that mean nothing about the images)
 BATCH_SIZE = None                  # prompts per text-encoder batch; None: 1024 on a GPU, 128 on the CPU (the
                                    # fastest on each)
 PRECISION = None                   # 'fp32', 'fp16' (GPU) or 'bf16' autocast; None: fp16 on a GPU (as OpenAI's clip.load
@@ -137,7 +143,9 @@ def read_words(vocab, cache_dir=CACHE_DIR, wordnet_dir=WORDNET_DIR, released=Fal
     lemma names as the synsets spell them, case kept (119,034, the words of the authors'
     WordNet_Nouns.csv), sorted; imagenet: open_clip's 1k class names; otherwise a text file with
     one word per line (blank lines skipped, first occurrence kept; a .csv file's first line is its
-    header, as pandas reads the authors' WordNet_Nouns.csv)."""
+    header, as pandas reads the authors' WordNet_Nouns.csv). '<vocab>:<n>': sample_words of it."""
+    if vocab_sample(vocab)[1] is not None:
+        return sample_words(vocab, cache_dir, wordnet_dir, released)
     if vocab == 'wordnet':
         reader, where = _wordnet_reader(cache_dir, wordnet_dir)
         if released:
@@ -159,6 +167,18 @@ def read_words(vocab, cache_dir=CACHE_DIR, wordnet_dir=WORDNET_DIR, released=Fal
     if not words:
         raise SystemExit(f"error: the word-list file {vocab} holds no words (one word per line expected)")
     return words, vocab_tag(vocab), os.path.abspath(vocab)
+
+
+def sample_words(vocab, cache_dir=CACHE_DIR, wordnet_dir=WORDNET_DIR, released=False):
+    """read_words of a sample '<vocab>:<n>': n words of the vocabulary drawn without replacement with
+    seed 0 (always the same n), kept in the vocabulary's order; tagged '<tag>-sample<n>' (vocab_tag)."""
+    base, n = vocab_sample(vocab)
+    words, _, source = read_words(base, cache_dir, wordnet_dir, released)
+    if not 1 <= n <= len(words):
+        raise SystemExit(f"error: --vocab={vocab}: a sample of {n} words of {source}, which holds {len(words)}; "
+                         f"choose 1 to {len(words)}, or --vocab={base} for all of them")
+    keep = np.sort(np.random.default_rng(0).choice(len(words), n, replace=False))
+    return [words[i] for i in keep], vocab_tag(vocab), f'{source}, a sample of {n} of its {len(words)} words (seed 0)'
 
 
 # -----------------------------------------------------------------------------

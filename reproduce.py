@@ -42,7 +42,7 @@ import nouns_embed
 import report
 import runs
 import train  # train.py's settings: their defaults and types, and T2_BEST (Figure 5b)
-from cache import feature_dir, save_text, selection_dir, vocab_dir
+from cache import feature_dir, save_text, selection_dir, vocab_dir, vocab_sample
 from configurator import check_choice, check_ranges, configure, released_defaults
 from models import hardware, pretrained_tag
 from paper import BEST, PAPER, PAPER_BITS, PAPER_DATASETS, PAPER_TABLE4, T2_COMMON, TABLES, Row
@@ -59,8 +59,9 @@ BITS = (16, 32, 64)         # code lengths
 SEEDS = (0,)                # train.py --seed; several: each cell is mean +- std over them
 # features and models (what dataset_extract.py wrote to CACHE_DIR)
 CACHE_DIR = nouns_embed.CACHE_DIR  # dataset_extract.py's and nouns_embed.py's files
-CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP of every CLIP row: the image backbone and the space of the nouns
-CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights: tag, checkpoint file or 'random'
+CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP of every CLIP row: the image backbone and the space of the nouns:
+                            # ViT-B-16 | ViT-B-32 | tiny-test (a tiny CLIP for quick runs and tests)
+CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights: tag, checkpoint file or 'random' (no download)
 CNN_BACKBONE = 'vgg16'      # Table 1's CNN row (its external features still come from CLIP_MODEL)
 CNN_PRETRAINED = 'imagenet' # its weights: 'imagenet', a .pth file or 'random'
 ALT_CLIP = 'ViT-B-32'       # Table 6's other CLIP: backbone and space of the nouns both
@@ -72,7 +73,8 @@ RELEASED = False            # every cell as the authors' released code: train.py
 T1_READING = ''             # Eq. 3 reading of every cell and of Figure 5a's sweep: distance | similarity; '':
                             # train.py's
                             # (distance, or similarity with --released)
-VOCAB = 'wordnet'           # nouns_embed.py vocabulary
+VOCAB = 'wordnet'           # nouns_embed.py vocabulary: wordnet | imagenet | a word-list file; wordnet:2000 a sample
+                            # of 2,000 of its words (quick runs; nouns_embed.py --vocab)
 VOCAB_FILES = ()            # Tables 4-5 word lists, name=path: conceptnet=a.txt,glove=b.txt (one word a line)
 N_K = train.N_K             # clusters of the noun selection (Eq. 3); nouns_embed.py's default
 T1 = train.T1               # threshold of representative nouns (Eq. 3); nouns_embed.py's default
@@ -219,7 +221,7 @@ def cell_settings(row, d, seed, extra):
     s['CLIP_MODEL'], s['CLIP_PRETRAINED'] = clip
     if s['T2'] == BEST:
         s['T2'] = train.T2_BEST.get(paper_dataset(d), T2_COMMON)
-    if s['VOCAB'] not in ('wordnet', 'imagenet'):
+    if vocab_sample(s['VOCAB'])[0] not in ('wordnet', 'imagenet'):  # a word-list file, or a sample of one
         s['VOCAB'] = os.path.abspath(s['VOCAB'])
     return s
 

@@ -13,21 +13,25 @@ modification time, the images that could not be read, checksums. Indexing again 
 changed images and drops vanished ones; the others are not encoded again. Words become a code
 through the run's own machinery: their CLIP text feature (Eq. 2's prompts) is turned into an
 external feature by Eq. 5-6 over the run's vocabulary, which He maps to a code, so a DUH-EG run
-searches images by words with no further training. Results: results.json (top-k with Hamming
-distances, ties by index order) and one contact sheet PNG per query.
+searches images by words with no further training. Each search writes a folder of its own below
+OUT, <NNN>_<query>: results.json (top-k with Hamming distances, ties by index order) and one contact
+sheet PNG per query.
 
 The page (--serve) takes words, an upload or a dropped image, or a click on a hit, and shows the
 query back with its code (hex and bits), the five nouns that weigh most in its external feature
 (Eq. 6), the hits with their distances, links and (on a dataset index) Figure 6's frames, the time,
 and results.json and the contact sheet to download. It answers this machine only (127.0.0.1, and a
 Host header naming it), takes uploads up to MAX_UPLOAD_MB that are images, and keeps thumbnails in
-INDEX/thumbs. From another machine: ssh -L 8765:127.0.0.1:8765 <this machine>.
+INDEX/thumbs. From another machine: ssh -L 8765:127.0.0.1:8765 <this machine>. Its addresses take
+/search?words=<text>&k=<hits> (words), /search?item=<i>&k=<hits> (the index's image i, 0 .. count - 1,
+as each hit links: more like it); k defaults to --topk; /thumb/<i> and /image/<i> are the pictures.
 """
 import errno
 import html
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import textwrap
@@ -68,7 +72,8 @@ QUERY = ()                # image files to search with
 ITEM = ()                 # images of the index (their path as index.json lists it) to search with
 WORDS = ()                # words to search with (Eq. 2 prompts, Eq. 5-6 on the run's vocabulary, then He)
 TOPK = 10                 # hits per query
-OUT = ''                  # where results.json and the contact sheets go; '' -> INDEX/results
+OUT = ''                  # each search's results.json and contact sheets go to a new folder below it,
+                          # <NNN>_<query>; '' -> INDEX/results
 # search
 SEARCH = 'exact'          # exact (every code, ties by index) | ivf | hnsw (faiss's approximate binary indexes)
 IVF_LISTS = 0             # IVF: inverted lists; 0 -> 4 x sqrt(number of codes)
@@ -131,8 +136,9 @@ def run_identity(run, bits, run_sha, cfg):
 
 def image_encoder(cfg, device):
     """(encode, preprocess) of the run's backbone: the plain view its features were extracted with."""
-    encode, preprocess, _ = once(('backbone', cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device),
-                                 lambda: models.load_backbone(cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device))
+    encode, preprocess, _ = once(('backbone', cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device),  # the run's weights
+                                 lambda: models.load_backbone(cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'], device,
+                                                              flags=None))
     if (cfg.get('VIEW_RECIPE') or 'simclr') == 'released':
         preprocess = views.released_views(cfg['DATASET'], models.preprocess_params(preprocess)[0])[0]
     return encode, preprocess
@@ -157,7 +163,7 @@ def run_vocabulary(cfg):
 def text_features(words, cfg, device):
     """CLIP text features of free text, as Eq. 2 embeds a noun: the run's CLIP, its prompts."""
     model, _, tok = once(('clip', cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device),
-                         lambda: models.load_clip(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device))
+                         lambda: models.load_clip(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device, flags=None))
     return nouns_embed.embed_words(list(words), model, tok, device=device, keep_underscores=bool(cfg['RELEASED']),
                                    raw_mean=bool(cfg['RELEASED']))
 
@@ -433,6 +439,22 @@ def query_codes(meta, codes, device):
     return out
 
 
+def query_folder(root, first):
+    """A new folder under `root` for one command line's queries, so no search replaces another's results:
+    <root>/<NNN>_<its first query, in safe letters>, NNN one more than the folders there before."""
+    os.makedirs(root, exist_ok=True)
+    slug = re.sub(r'[^A-Za-z0-9._-]+', '-', first).strip('-.')[:40] or 'query'
+    taken = [int(d.split('_', 1)[0]) for d in os.listdir(root) if d.split('_', 1)[0].isdigit()]
+    n = max(taken, default=0) + 1
+    while True:
+        path = os.path.join(root, f'{n:03d}_{slug}')
+        try:
+            os.mkdir(path)  # taken at once: two searches at a time get two folders
+            return path
+        except FileExistsError:
+            n += 1
+
+
 def answer(meta, codes, queries, k, kind):
     """results: [{query, hits: [{rank, name, distance, row}]}] for [(query, code)]. A query that is an
     image of the index (--item, or a --query file at an indexed path) finds itself first: it ranks
@@ -455,18 +477,20 @@ def answer(meta, codes, queries, k, kind):
 # -----------------------------------------------------------------------------
 # the search page: words, an upload (form or drag and drop) or a click on a hit; the query shown back
 # with its code and the nouns that made it; the hits with distances, links, downloads (this machine only)
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search</title><style>
-body{{font-family:sans-serif;margin:1em;max-width:70em}} h1{{font-size:1.3em;margin:.2em 0}}
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>duheg search: {run}</title><style>
+body{{font-family:sans-serif;margin:1em}} h1{{font-size:1.3em;margin:.2em 0}}
+#warning{{background:#fff3cd;border:1px solid #d9a400;padding:.3em .6em;max-width:60em}}
 form{{display:inline-block;margin:.3em 1em .3em 0}} #drop{{color:#666;font-size:.9em}}
 body.dragging{{outline:3px dashed #48c;outline-offset:-8px}}
 #error{{color:#b00;font-weight:bold}} .query{{display:flex;gap:1em;align-items:flex-start;margin:.8em 0}}
 .query img{{width:128px;height:128px;object-fit:contain;border:1px solid #999}}
 code{{font-size:.85em;word-break:break-all}}
 table.nouns td{{padding:0 .6em 0 0}} .legend,.time{{color:#444;font-size:.9em}}
-.hit{{display:inline-block;margin:4px;text-align:center;font-size:12px;vertical-align:top;width:{w}px}}
+#hits{{display:flex;flex-wrap:wrap;gap:8px}} .hit{{text-align:center;font-size:12px;width:{w}px}}
+.hit .name{{overflow-wrap:anywhere}}
 .hit img{{border:3px solid transparent}} .hit.right img{{border-color:#2a2}} .hit.wrong img{{border-color:#d22}}
 .hit a{{text-decoration:none;color:inherit}} .full{{font-size:11px}}
-</style></head><body><h1>Search {count} images <small>({bits}-bit codes of {run})</small></h1>
+</style></head><body><h1>Search {count} images <small>({bits}-bit codes of {run})</small></h1>{warning}
 <form action="/search" method="get"><input name="words" id="words" size="30" placeholder="words" value="{words}">
 {k_select}<button id="go">search</button></form>
 <form action="/search" method="post" enctype="multipart/form-data" id="upload-form">
@@ -506,7 +530,8 @@ def clip_image_feature(img, x, cfg, device):
     if (cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED']) == (cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED']):
         return x
     encode, preprocess, _ = once(('backbone', cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device),
-                                 lambda: models.load_backbone(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device))
+                                 lambda: models.load_backbone(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'], device,
+                                                              flags=None))
     return encode(preprocess(img)[None].to(device)).float().cpu().numpy()[0]
 
 
@@ -533,6 +558,15 @@ def cached_thumbnail(entry, meta, index, size):
         return f.read()
 
 
+def random_weights_warning(cfg):
+    """The page's warning for a run trained on random weights (a test run, as the quick start's), else ''."""
+    random = [f'--{k.lower()}=random' for k in ('BACKBONE_PRETRAINED', 'CLIP_PRETRAINED')
+              if k in cfg and models.pretrained_tag(cfg[k]) == 'random']
+    return (f"This run was trained on random weights ({', '.join(random)}): a test run. Its codes, nouns and word "
+            f"searches mean nothing about what the images show; index a run trained on real weights to search by "
+            f"meaning.") if random else ''
+
+
 def dataset_labels(meta):
     """Labels of an index made from a dataset (--images=dataset:<name>), to frame hits as Figure 6 does."""
     names = {e.get('dataset') for e in meta['images']}
@@ -553,6 +587,7 @@ class SearchPage:
         self.uploads = tempfile.mkdtemp(prefix='duheg-search-')
         self.answers = {}  # id -> (results.json of the query, its query description); the last 100
         self.labels = dataset_labels(meta)  # a dataset index's labels (Figure 6's frames), else None
+        self.warning = random_weights_warning(self.cfg)
 
     def ask(self, query, code, k, nouns, picture=None):
         """Search with one code; the answer is kept under a new id for its downloads (`picture`: the
@@ -612,18 +647,27 @@ class SearchPage:
                 f'<p><a id="json" href="/results/{qid}.json" download="results.json">results.json</a> · '
                 f'<a id="sheet" href="/results/{qid}.png" download="contact_sheet.png">contact sheet</a></p></div>'
                 f'{nouns_html}</div><p class="legend" id="legend">{_LEGEND.format(bits=bits)}'
-                f'{framed}</p>' + ''.join(tiles))
+                f'{framed}</p><div id="hits">' + ''.join(tiles) + '</div>')
 
+
+    def item(self, text, where):
+        """The index row an address names (item=<i>, /thumb/<i>, /image/<i>), checked: 0 .. count - 1."""
+        n = len(self.codes)
+        if not (text.isdigit() and int(text) < n):
+            raise DataError(f"{where} names no image of this index: its {n} images are numbered 0 to {n - 1}; click a "
+                            f"hit, or search with words or an image")
+        return int(text)
 
     def download(self, path):
         """(bytes, content type) of a picture or download the page links to: /thumb/<row>, /image/<row>,
         /query/<upload>, /results/<id>.json or .png; None for an answer no longer kept."""
         name = os.path.basename(path)
         if path.startswith('/thumb/'):
-            return cached_thumbnail(self.meta['images'][int(name)], self.meta, self.index, THUMB), 'image/jpeg'
+            entry = self.meta['images'][self.item(name, path)]
+            return cached_thumbnail(entry, self.meta, self.index, THUMB), 'image/jpeg'
         if path.startswith('/image/'):
             buf = io.BytesIO()
-            entry_image(self.meta['images'][int(name)], self.meta).save(buf, format='PNG')
+            entry_image(self.meta['images'][self.item(name, path)], self.meta).save(buf, format='PNG')
             return buf.getvalue(), 'image/png'
         if path.startswith('/query/'):
             with open(os.path.join(self.uploads, name), 'rb') as f:
@@ -679,9 +723,10 @@ class Handler(BaseHTTPRequestHandler):
         options = ''.join(f'<option value="{n}"{" selected" if n == k else ""}>{n} hits</option>'
                           for n in sorted(set(_K_CHOICES) | {k}))
         run = os.path.basename(os.path.normpath(site.meta['identity']['run']))
+        warning = f'<p id="warning">{html.escape(site.warning)}</p>' if site.warning else ''
         self.send(_PAGE.format(count=len(site.codes), bits=site.meta['bits'], run=html.escape(run), k=k, w=THUMB + 16,
                                words=html.escape(words), k_select=f'<select name="k" id="k">{options}</select>',
-                               results=results).encode(), code=code)
+                               warning=warning, results=results).encode(), code=code)
 
     def error(self, message, k=None, code=200):  # one line, never a temporary path
         message = message.replace(self.site.uploads + os.sep, '').replace(self.site.uploads, 'the uploads')
@@ -706,11 +751,11 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlparse(self.path)
         q = urllib.parse.parse_qs(url.query)
         try:
-            k = max(1, min(int(q.get('k', [TOPK])[0]), len(self.site.codes)))
+            k = self.hits_wanted(q.get('k', [str(TOPK)])[0])
             if url.path.startswith(('/thumb/', '/image/', '/query/', '/results/')):
                 return self.file(url.path, k)
             if url.path == '/search' and 'item' in q:  # a click on a hit: more like it
-                row = int(q['item'][0])
+                row = self.site.item(q['item'][0].strip(), f"item={q['item'][0]}")
                 entry = self.site.meta['images'][row]
                 return self.show(self.site.image_query(dict(item=row, name=entry['name']),
                                                        entry_image(entry, self.site.meta), k, f'/thumb/{row}'), k=k)
@@ -729,11 +774,12 @@ class Handler(BaseHTTPRequestHandler):
         size = int(self.headers.get('Content-Length') or 0)
         if size > MAX_UPLOAD_MB * 2**20:  # refused before it is read
             self.close_connection = True
-            return self.error(f'the upload is {size / 2**20:.1f} MB, more than this page takes '
-                              f'(search.py --max_upload_mb={MAX_UPLOAD_MB:g})', code=413)
+            return self.error(f'the upload is {size / 2**20:.1f} MB, more than this page takes: choose a smaller '
+                              f'image, or start the page with a larger search.py --max_upload_mb (now '
+                              f'{MAX_UPLOAD_MB:g})', code=413)
         try:
             parts = form_parts(self.headers['Content-Type'], self.rfile.read(size))
-            k = max(1, min(int(parts['k'].get_content().strip()), len(self.site.codes))) if 'k' in parts else TOPK
+            k = self.hits_wanted(parts['k'].get_content()) if 'k' in parts else TOPK
             part = parts.get('image')
             data = part.get_payload(decode=True) if part is not None else None
             if not data:
@@ -744,7 +790,8 @@ class Handler(BaseHTTPRequestHandler):
                 with Image.open(io.BytesIO(data)) as im:
                     img = dataset.to_rgb(im)
             except Exception:  # noqa: BLE001 - whatever PIL cannot read is not an image here
-                return self.error(f'{name} is not an image this page can read (JPEG, PNG, GIF, WebP, ...)', k)
+                return self.error(f'{name} is not an image this page can read: choose a JPEG, PNG, GIF, WebP, ... '
+                                  f'file', k)
             saved = os.path.join(self.site.uploads, f'{time.time_ns()}.jpg')
             img.save(saved, format='JPEG', quality=90)  # the preview, and the contact sheet's first picture
             return self.show(self.site.image_query(dict(upload=name, name=name), img, k,
@@ -752,11 +799,22 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - one line in the page, the server goes on
             return self.failed(e)
 
+    def hits_wanted(self, text):
+        """The number of hits k an address or the form asks for, within 1 .. the index's size."""
+        if not text.strip().isdigit():
+            raise DataError(f"k={text.strip()!r} is not a number of hits: give a whole number, e.g. k={TOPK}")
+        return max(1, min(int(text), len(self.site.codes)))
+
     def failed(self, e):
-        if isinstance(e, (DataError, CacheError, ValueError, IndexError, OSError)):  # the user's to mend
-            return self.error(str(e).split('\n')[0][:300])
-        traceback.print_exc()  # ours: the trace on the console, one line in the page
-        return self.error(f"the search failed ({type(e).__name__}); the server's console says why")
+        """One sentence in the page that says what to do; a trace on the console when it is ours to mend."""
+        if isinstance(e, (DataError, CacheError, models.WeightsUnavailable)):  # sentences written for the user
+            return self.error(str(e).split('\n')[0][:400])
+        if isinstance(e, OSError) and e.filename:  # an indexed image moved or went since the index was made
+            return self.error(f"cannot read {e.filename} ({e.strerror}): it moved or went since the index was made; "
+                              f"index the images again (search.py --run ... --images ...) or put it back")
+        traceback.print_exc()
+        return self.error(f"the search failed ({type(e).__name__}: {str(e)[:120]}); the server's console shows where: "
+                          f"try another query, and report it if it happens again")
 
 
 def serve(meta, codes, device, host, port, index):
@@ -817,14 +875,14 @@ def main():
         return serve(meta, codes, device, HOST, PORT, INDEX)
     results = answer(meta, codes, query_codes(meta, codes, device), TOPK, SEARCH)
     if results:
-        out = OUT or os.path.join(INDEX, 'results')
+        out = query_folder(OUT or os.path.join(INDEX, 'results'), query_name(results[0]['query'], meta))
         for j, r in enumerate(results):
             r['sheet'] = contact_sheet(r['query'], r['hits'], meta, os.path.join(out, f'query{j}.png'))
             for h in r['hits']:
                 print(f"hit query={j} rank={h['rank']} distance={h['distance']} name={h['name']}")
         save_json(os.path.join(out, 'results.json'), dict(index=os.path.abspath(INDEX), search=SEARCH, topk=TOPK,
                                                           results=results))
-        print(f"wrote {out}/results.json and {len(results)} contact sheet(s)")
+        print(f"wrote {out}/results.json and {len(results)} contact sheet(s) (query0.png, ...)")
     print(f"search index={INDEX} images={len(codes)} bits={meta['bits']} skipped={len(meta.get('skipped', []))} "
           f"queries={len(results)} topk={TOPK} method={SEARCH} seconds={time.time() - t0:.1f}")
 

@@ -35,15 +35,20 @@ from methods.pq import PQ_WORDS, pq_shape
 from models import HashHead, pretrained_tag, resolve_device
 
 # data (what dataset_extract.py and nouns_embed.py produced)
-DATASET = 'cifar10'         # cifar10 | nuswide | flickr25k | mscoco | folder
+DATASET = 'cifar10'         # cifar10 | nuswide | flickr25k | mscoco | folder | demo (generated: the quick start)
 CACHE_DIR = nouns_embed.CACHE_DIR  # where dataset_extract.py and nouns_embed.py left their files
 SPLIT_SEED = 0              # which split (dataset_extract.py --split_seed)
 SPLIT_DIR = ''              # or the name of your own split folder (dataset_extract.py --split_dir)
-BACKBONE = nouns_embed.CLIP_MODEL  # features feeding Hv: ViT-B-16 | ViT-B-32 | vgg16
-BACKBONE_PRETRAINED = ''    # '' -> 'openai' for CLIP, 'imagenet' for vgg16
-CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP space of nouns and images for the external feature
-CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights (as given to dataset_extract.py / nouns_embed.py)
-VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet | a word-list file (Table 5)
+BACKBONE = nouns_embed.CLIP_MODEL  # features feeding Hv: ViT-B-16 | ViT-B-32 | vgg16 | tiny-test (a tiny CLIP for
+                            # quick runs and tests: the README's offline quick start)
+BACKBONE_PRETRAINED = ''    # '' -> 'openai' for CLIP, 'imagenet' for vgg16; a checkpoint file; 'random' (random
+                            # weights: quick runs, tests)
+CLIP_MODEL = nouns_embed.CLIP_MODEL  # the CLIP space of nouns and images for the external feature: ViT-B-16 |
+                            # ViT-B-32 | tiny-test
+CLIP_PRETRAINED = nouns_embed.CLIP_PRETRAINED  # its weights (as given to dataset_extract.py / nouns_embed.py): a tag,
+                            # a checkpoint file, or 'random'
+VOCAB = 'wordnet'           # vocabulary of nouns_embed.py: wordnet | imagenet | a word-list file (Table 5);
+                            # wordnet:2000 its sample of 2,000 words (quick runs; nouns_embed.py --vocab)
 N_K = nouns_embed.N_K       # clusters of the noun selection (Eq. 3); nouns_embed.py's default
 T1 = nouns_embed.T1         # threshold of representative nouns (Eq. 3); nouns_embed.py's default
 T1_READING = None           # Eq. 3 read as 'distance' (paper) or 'similarity' (authors' code); None: distance, or
@@ -562,7 +567,7 @@ def main():
                  h_q, h_r, labels, query, retrieval, pq)
         result['heads_sha256'] = cache.sha256_file(os.path.join(out, 'heads.pt'))  # the trained weights, checksummed
         runs.write_result(RESULTS, result)
-        print(f"result dataset={DATASET} method={METHOD} bits={bits} map@{topk}={mAP:.4f} "
+        print(f"result dataset={DATASET} method={METHOD} bits={bits} {eval_hash.map_text(mAP, topk, len(h_r))} "
               f"{'(AQD ranking of product-quantized codes) ' if pq else ''}map_continuous@{topk}={mAP_cont:.4f} "
               f"({'continuous features' if pq else 'released-code ranking, not binary'}) "
               f"seconds={result['seconds']} run={out}")

@@ -27,21 +27,14 @@ needs_wordnet = pytest.mark.skipif(not _wordnet_available(), reason='no WordNet:
 
 
 def make_image_folder(root, n_classes=10, per_class=40, size=32, seed=0):
-    """DATA_PATH/<class>/<i>.png: each class a base colour and a stripe direction, with noise
-    and a random shift, so classes are told apart by a random-weight encoder too."""
+    """DATA_PATH/<class>/<i>.png: the 'demo' dataset's generated images (dataset.demo_images) as files,
+    so classes are told apart by a random-weight encoder too."""
+    import dataset
     from PIL import Image
-    rng = np.random.default_rng(seed)
-    hues = rng.uniform(0, 255, (n_classes, 3))
-    yy, xx = np.mgrid[:size, :size]
-    for c in range(n_classes):
+    pixels, y = dataset.demo_images(n_classes, per_class, size, seed)
+    for j, (img, c) in enumerate(zip(pixels, y)):
         os.makedirs(os.path.join(root, f'class{c:02d}'), exist_ok=True)
-        angle = np.pi * c / n_classes
-        for i in range(per_class):
-            phase = rng.uniform(0, 2 * np.pi)
-            stripes = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 0.6 + phase)[..., None]
-            img = hues[c] * (0.6 + 0.3 * stripes) + rng.normal(0, 20, (size, size, 3))
-            path = os.path.join(root, f'class{c:02d}', f'{i:03d}.png')
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+        Image.fromarray(img).save(os.path.join(root, f'class{c:02d}', f'{j % per_class:03d}.png'))
     return root
 
 

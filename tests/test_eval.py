@@ -427,7 +427,8 @@ def test_cli_run(tmp_path):
         assert abs(m['map_continuous']['value'] - E.map_continuous(qh, rh, ql, rl, 100)) < 1e-12
         assert 'continuous-output' in m['map_continuous']['label']
         assert abs(m['precision_radius'] - E.precision_radius(qb, rb, ql, rl, 2)) < 1e-12
-        at = E.precision_recall_at(qb, rb, ql, rl, E.P_AT_N)
+        assert m['p_at_n']['n'] == E.p_at_n_values(E.P_AT_N, 600).tolist()  # 7 of P_AT_N fit: more drawn in
+        at = E.precision_recall_at(qb, rb, ql, rl, m['p_at_n']['n'])
         np.testing.assert_allclose(m['p_at_n']['precision'], at['precision'], atol=1e-12)
         np.testing.assert_allclose(m['p_at_n']['recall'], at['recall'], atol=1e-12)
         assert m['pr_curve_rank']['n'][-1] == 600 and len(m['pr_curve_rank']['n']) == 20
@@ -449,3 +450,41 @@ def test_cli_runs_compare(tmp_path):
     assert set(json.load(open(tmp_path / 'cmp' / 'compare_16bits.json'))['runs']) == {str(tmp_path / 'a'),
                                                                                      str(tmp_path / 'b')}
     assert _png(tmp_path / 'cmp' / 'pr_curve_16bits.png').shape[:2] == (450, 600)
+
+
+def test_one_map_name_and_ten_points_of_p_at_n_on_a_small_set(tmp_path):
+    """MAP@K is named by the K asked for, with a note when the retrieval set is smaller; P@N has at least
+    ten N whatever the size (the paper's N where they fit), every N on a set of fewer than ten items."""
+    assert E.map_text(0.79554, 1000, 45) == 'map@1000=0.7955 (K cut to the 45 retrieval items)'
+    assert E.map_text(0.79554, 1000, 5000) == 'map@1000=0.7955'
+    assert E.p_at_n_values(E.P_AT_N, 45).tolist() == [1, 6, 11, 16, 21, 25, 30, 35, 40, 45]
+    assert E.p_at_n_values(E.P_AT_N, 50000).tolist() == list(E.P_AT_N)  # a large set: the paper's Figure 4
+    assert E.p_at_n_values(E.P_AT_N, 4).tolist() == [1, 2, 3, 4]
+    rng = np.random.default_rng(3)
+    run = tmp_path / 'run'
+    qh, rh, ql, rl = _write_run(run, rng, [16], nq=10, n=45, C=5)[16]
+    out = subprocess.run([sys.executable, 'eval_hash.py', f'--run={run}'], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    m = json.load(open(run / 'metrics.json'))['bits']['16']
+    assert len(m['p_at_n']['n']) == 10 and m['p_at_n']['n'][-1] == 45
+    assert f"eval bits=16 map@100={m['map']:.4f} (K cut to the 45 retrieval items) " in out.stdout  # codes.npz's K
+    assert out.stdout.strip().splitlines()[-1].startswith('eval bits=16 map@100=')  # the MAP line last
+
+
+def test_a_folder_of_runs_lists_them(tmp_path):
+    """--run at a folder that holds runs, not codes: the error lists the run folders found below it."""
+    rng = np.random.default_rng(4)
+    for name in ('a', 'b'):
+        _write_run(tmp_path / 'runs' / 'folder' / name, rng, [16], nq=5, n=30, C=3)
+    for where in (tmp_path / 'runs' / 'folder', tmp_path / 'runs'):
+        out = subprocess.run([sys.executable, 'eval_hash.py', f'--run={where}'], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.strip() == (
+            f"error: no <bits>bits/codes.npz under {where}: it holds 2 run folder(s), {tmp_path}/runs/folder/a, "
+            f"{tmp_path}/runs/folder/b; give one of them as --run")
+    out = subprocess.run([sys.executable, 'eval_hash.py', f'--run={tmp_path}/nowhere'], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stderr.strip() == (f"error: no <bits>bits/codes.npz under {tmp_path}/nowhere (no such folder): give "
+                                  f"--run the folder train.py wrote (its run=... line, or --run_dir)")
+

@@ -92,3 +92,15 @@ def test_settings_doc_reads_groups_continuations_and_every_constant_above_the_fi
         configurator.configure(dict(g, LATE=4), [])
     assert str(e.value) == (f"error: {path}:21: LATE is below the first function, where --key=value cannot set it: "
                             f"move it up into the settings, or name it _LATE")
+
+
+@pytest.mark.parametrize('script, settings', [
+    ('dataset_extract.py', ('BACKBONE', 'BACKBONE_PRETRAINED', 'CLIP_MODEL', 'CLIP_PRETRAINED')),
+    ('nouns_embed.py', ('CLIP_MODEL', 'CLIP_PRETRAINED')),
+    ('train.py', ('BACKBONE', 'BACKBONE_PRETRAINED', 'CLIP_MODEL', 'CLIP_PRETRAINED')),
+    ('reproduce.py', ('CLIP_MODEL', 'CLIP_PRETRAINED'))])
+def test_help_lists_the_tiny_model_and_random_weights(script, settings):
+    """Where --help lists the backbones and their weights, the tiny CLIP and random weights are among them."""
+    meaning = {n: c for _, n, c in configurator.settings_doc(os.path.join(ROOT, script))}
+    for name in settings:
+        assert ('tiny-test' if not name.endswith('PRETRAINED') else "'random'") in meaning[name], (script, name)

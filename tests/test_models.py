@@ -37,6 +37,46 @@ def test_clip_offline_fails_fast_naming_the_file_and_the_setting(monkeypatch):
         models.load_clip('tiny-test', '/nonexistent/ViT-B-16.pt')
 
 
+def test_every_weights_error_names_the_setting_at_fault(monkeypatch):
+    """The same CLIP loaded as the backbone names --backbone_pretrained, as the CLIP --clip_pretrained, for a
+    run's weights (search.py) none that the script does not have."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(models, '_online', lambda *a, **k: False)  # as with no network
+    monkeypatch.setattr(models, 'OPENAI_CACHE', '/nonexistent/clip-cache')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(models.WeightsUnavailable) as e:
+        models.load_backbone('ViT-B-32', 'openai')
+    assert str(e.value).startswith("--backbone_pretrained='openai': cannot load CLIP ViT-B-32 weights 'openai'")
+    assert 'pass --backbone_pretrained=/path/to/ViT-B-32.pt' in str(e.value) and '--clip_pretrained' not in str(e.value)
+    with pytest.raises(models.WeightsUnavailable) as e:
+        models.load_backbone('ViT-B-32', 'openai', flags=None)  # search.py: the weights its run was trained with
+    assert str(e.value).startswith("the weights 'openai' of ViT-B-32 its run was trained with: cannot load")
+    assert 'found by itself' in str(e.value) and 'pass --' not in str(e.value)
+    for call, flag in ((lambda: models.load_clip('tiny-test', '/nonexistent/w.pt'), '--clip_pretrained'),
+                       (lambda: models.load_backbone('tiny-test', '/nonexistent/w.pt'), '--backbone_pretrained'),
+                       (lambda: models.clip_build('tiny-test', '/nonexistent/w.pt'), '--clip_pretrained'),
+                       (lambda: models.backbone_build('tiny-test', '/nonexistent/w.pt'), '--backbone_pretrained'),
+                       (lambda: models.load_backbone('vgg16', 'laion'), '--backbone_pretrained')):
+        with pytest.raises(models.WeightsUnavailable, match=f"^{flag}='"):
+            call()
+    with pytest.raises(ValueError, match="^--backbone='ViT-X' is not a CLIP model: choose one of ViT-B-16"):
+        models.load_backbone('ViT-X', 'openai')
+
+
+def test_random_and_file_weights_load_without_open_clips_warning(caplog, tmp_path):
+    """open_clip warns that it loaded no weights whenever it builds a model it is not given weights for:
+    expected here (random on purpose, or read from a file next), so not shown; a file's weights load."""
+    import logging
+    with caplog.at_level(logging.WARNING):
+        model, _, _ = models.load_clip('tiny-test', 'random')
+        torch.save(model.state_dict(), tmp_path / 'tiny.pt')
+        again, _, _ = models.load_clip('tiny-test', str(tmp_path / 'tiny.pt'))
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert torch.equal(model.visual.conv1.weight, again.visual.conv1.weight)
+    logging.getLogger().warning('news')  # the filter is gone afterwards: other warnings still show
+    assert [r.getMessage() for r in caplog.records] == ['news']
+
+
 def test_vgg_offline_error_and_fc7_output(monkeypatch):
     import torchvision.models._api as api
 

@@ -173,6 +173,34 @@ def test_wordnet_nouns(tmp_path):
     assert ne.read_words('wordnet', str(tmp_path))[0] == words  # the cached copy is reused
 
 
+def test_a_vocabulary_sample_is_seeded_and_keyed_apart(tmp_path, monkeypatch):
+    """'<vocab>:<n>': always the same n words, in the vocabulary's order, with caches of their own (folder,
+    external features, sidecar), so a sample is never taken for the whole vocabulary; train.py and
+    reproduce.py pass it on as it is written."""
+    words, tag, source = ne.read_words('imagenet:50')
+    assert tag == 'imagenet-sample50' and source.endswith('a sample of 50 of its 998 words (seed 0)')
+    every = ne.read_words('imagenet')[0]
+    pos = [every.index(w) for w in words]
+    assert len(set(words)) == 50 and pos == sorted(pos) and ne.read_words('imagenet:50')[0] == words
+    assert ne.read_words('imagenet:60')[0] != words[:50]
+    for vocab, want in (('wordnet:2000', 'wordnet-sample2000'), ('words/glove.txt:500', 'file-glove-sample500'),
+                        ('wordnet', 'wordnet')):
+        assert cache.vocab_tag(vocab) == want
+        assert os.path.basename(cache.vocab_dir('c', vocab, 'tiny-test', 'random')) == f'{want}_tiny-test_random'
+    assert cache.external_path('f', 'efc', 'wordnet:2000', 800, 0.9, 'distance', 0.004, False, 'split_s0') != \
+        cache.external_path('f', 'efc', 'wordnet', 800, 0.9, 'distance', 0.004, False, 'split_s0')
+    odd = tmp_path / 'list:3'  # a word-list file whose name ends in :<digits> is that file
+    odd.write_text('cat\ndog\n')
+    assert cache.vocab_sample(str(odd)) == (str(odd), None) and ne.read_words(str(odd))[0] == ['cat', 'dog']
+    with pytest.raises(SystemExit, match=r"--vocab=imagenet:5000: a sample of 5000 words of .*, which holds 998; "
+                                         r"choose 1 to 998, or --vocab=imagenet for all of them"):
+        ne.read_words('imagenet:5000')
+    import reproduce
+    monkeypatch.setattr(reproduce, 'VOCAB', 'wordnet:2000')
+    cell = reproduce.cell_settings(reproduce.Row('x', 'x', None, {}), 'cifar10', 0, {})
+    assert cell['VOCAB'] == 'wordnet:2000'
+
+
 # -----------------------------------------------------------------------------
 # the script end to end
 def run(*args, ok=True):

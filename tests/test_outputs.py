@@ -185,6 +185,19 @@ def test_offline_clip_says_one_line_cut_between_words(tmp_path):
     assert 'ViT-B-32.pt' in line and '--clip_pretrained=/path/to/ViT-B-32.pt' in line
 
 
+def test_offline_backbone_error_names_backbone_pretrained(tmp_path):
+    """The CLIP weights still at 'openai' are the backbone's: the error names --backbone_pretrained, not the CLIP's."""
+    proc = run_script('dataset_extract.py', '--dataset=demo', '--clip_pretrained=random', '--aug_views=2',
+                      f'--cache_dir={tmp_path}', check=False)
+    line = error(proc)
+    assert line.startswith("error: --backbone_pretrained='openai': cannot load CLIP ViT-B-16 weights 'openai'"), line
+    assert 'or anywhere and pass --backbone_pretrained=/path/to/ViT-B-16.pt;' in line and '--clip_pre' not in line
+    proc = run_script('dataset_extract.py', '--dataset=demo', '--backbone=ViT-X', f'--cache_dir={tmp_path}',
+                      check=False)
+    assert error(proc).startswith("error: --backbone='ViT-X' is not a CLIP model: choose one of ViT-B-16, ViT-B-32, "
+                                  "tiny-test")
+
+
 def test_file_system_errors_name_the_file_and_what_to_do(tmp_path, monkeypatch):
     link = tmp_path / 'imgs' / 'cats' / 'gone.png'
     os.makedirs(link.parent)

@@ -219,7 +219,8 @@ def train_cmd(tmp_path, method, *extra):
 def test_quantized_run_is_scored_by_aqd_everywhere(tmp_path):
     write_feature_set(str(tmp_path))
     proc = run_script(*train_cmd(tmp_path, 'dtq'), env=dict(OMP_NUM_THREADS='1'))
-    line = re.search(r'^result .*map@1000=([\d.]+) \(AQD ranking', proc.stdout, re.M)
+    line = re.search(r'^result .*map@1000=([\d.]+) \(K cut to the 400 retrieval items\) \(AQD ranking', proc.stdout,
+                     re.M)
     assert line, proc.stdout[-2000:]
     z = np.load(f'{tmp_path}/dtq/16bits/codes.npz')
     assert z['retrieval_codes'].shape == (len(z['retrieval_h']), 2) and z['codebooks'].shape == (2, 256, 32)
@@ -228,7 +229,7 @@ def test_quantized_run_is_scored_by_aqd_everywhere(tmp_path):
                             z['retrieval_labels'], 1000, str(z['aqd']))
     assert aqd == pytest.approx(float(line.group(1)), abs=1e-4)
     ev = run_script('eval_hash.py', f'--run={tmp_path}/dtq', '--examples=0')
-    assert f'map@400={float(line.group(1)):.4f} (AQD ranking' in ev.stdout
+    assert f'map@1000={float(line.group(1)):.4f} (K cut to the 400 retrieval items) (AQD ranking' in ev.stdout
     assert os.path.exists(f'{tmp_path}/dtq/pr_curve.png')
     s = run_script('search.py', f'--run={tmp_path}/dtq', '--bits=16', '--images=dataset:folder',
                    f'--index={tmp_path}/index', check=False)

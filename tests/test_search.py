@@ -2,6 +2,7 @@
 approximate search, bad input, and the search page driven in headless Chromium."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,19 +22,31 @@ def search(*args, check=True):
     return run_script('search.py', *args, check=check)
 
 
+def written(proc):
+    """The folder a command-line search wrote its results.json and contact sheets to, as it printed."""
+    return re.search(r'^wrote (.+)/results\.json and', proc.stdout, re.M).group(1)
+
+
 def test_indexed_image_finds_itself_first_and_codes_equal_train_py(run, image_folder, tmp_path):
     tmp, cache, rundir = run
     index = str(tmp_path / 'index')
-    out = search(f'--run={rundir}', '--bits=64', f'--images={image_folder}', f'--index={index}',
-                 f'--query={image_folder}/class03/007.png', '--item=class05/011.png', '--topk=5').stdout
-    res = json.load(open(os.path.join(index, 'results', 'results.json')))['results']
+    proc = search(f'--run={rundir}', '--bits=64', f'--images={image_folder}', f'--index={index}',
+                  f'--query={image_folder}/class03/007.png', '--item=class05/011.png', '--topk=5')
+    out, folder = proc.stdout, written(proc)
+    assert folder == os.path.join(index, 'results', '001_007.png')  # a folder of its own, named after the query
+    res = json.load(open(os.path.join(folder, 'results.json')))['results']
     assert res[0]['hits'][0] == dict(rank=1, name='class03/007.png', distance=0, row=res[0]['hits'][0]['row'])
     assert res[1]['hits'][0]['name'] == 'class05/011.png' and res[1]['hits'][0]['distance'] == 0
     assert [h['distance'] for h in res[0]['hits']] == sorted(h['distance'] for h in res[0]['hits'])
     assert out.strip().splitlines()[-1].startswith(f'search index={index} images=400 bits=64 skipped=0 queries=2')
-    png = os.path.join(index, 'results', 'query0.png')
+    png = os.path.join(folder, 'query0.png')
     from PIL import Image
     assert Image.open(png).size == (6 * (96 + 4) + 4, 96 + 26)  # the query and its five hits
+    first = open(os.path.join(folder, 'results.json')).read()
+    again = search(f'--index={index}', '--item=class01/002.png', '--topk=3')  # a second search keeps the first's
+    assert written(again) == os.path.join(index, 'results', '002_class01-002.png')
+    assert open(os.path.join(folder, 'results.json')).read() == first and os.path.exists(png)
+    assert json.load(open(os.path.join(written(again), 'results.json')))['results'][0]['hits'][0]['distance'] == 0
     # the index's codes are the codes train.py saved for the same images (its retrieval set)
     z = np.load(os.path.join(rundir, '64bits', 'codes.npz'))
     names = dataset.read_lines(os.path.join(cache, 'folder', 'names.txt'))
@@ -93,9 +106,9 @@ def test_word_query_retrieves_its_class(tmp_path):
                f'--results={tmp_path}/r.jsonl')
     index = str(tmp_path / 'index')
     search(f'--run={tmp_path}/run', '--bits=32', '--images=dataset:folder', f'--index={index}')
-    out = search(f'--index={index}', f'--words={",".join(names + names[:1])}', '--topk=20').stdout
-    assert 'queries=9' in out.strip().splitlines()[-1]
-    res = json.load(open(os.path.join(index, 'results', 'results.json')))['results']
+    proc = search(f'--index={index}', f'--words={",".join(names + names[:1])}', '--topk=20')
+    assert 'queries=9' in proc.stdout.strip().splitlines()[-1]
+    res = json.load(open(os.path.join(written(proc), 'results.json')))['results']
     y = labels[retrieval].argmax(1)
     precision = np.mean([np.mean(y[[h['row'] for h in r['hits']]] == c) for c, r in enumerate(res[:8])])
     assert precision > 0.6, precision  # chance: 0.125
@@ -293,9 +306,8 @@ class Browser:
 
 def cli_hits(index, *args):
     """The hits search.py's command line gives for one query (results.json), six of them as the page shows."""
-    out = os.path.join(index, 'cli')
-    search(f'--index={index}', *args, '--topk=6', f'--out={out}')
-    return json.load(open(os.path.join(out, 'results.json')))['results'][0]['hits']
+    proc = search(f'--index={index}', *args, '--topk=6', f'--out={os.path.join(index, "cli")}')
+    return json.load(open(os.path.join(written(proc), 'results.json')))['results'][0]['hits']
 
 
 def test_search_page_in_headless_chromium(run, image_folder, tmp_path):
@@ -365,7 +377,6 @@ def test_search_page_shows_why_and_lets_results_be_taken_away(run, image_folder,
     image file; a file that is not an image, an upload too large, a foreign Host header. Screenshots
     of each state are saved in the test's folder."""
     import base64
-    import re
     import urllib.error
     import urllib.request
     tmp, cache, rundir = run
@@ -437,8 +448,8 @@ def test_search_page_shows_why_and_lets_results_be_taken_away(run, image_folder,
         browser.type(browser.find('#image')[0], str(tmp_path / 'notes.png'))
         browser.click(browser.find('#upload')[0])
         browser.wait_for('#error')
-        assert browser.text(browser.find('#error')[0]) == ('notes.png is not an image this page can read (JPEG, PNG, '
-                                                           'GIF, WebP, ...)')
+        assert browser.text(browser.find('#error')[0]) == ('notes.png is not an image this page can read: choose a '
+                                                           'JPEG, PNG, GIF, WebP, ... file')
         big = tmp_path / 'big.png'
         from PIL import Image
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(big)
@@ -449,8 +460,9 @@ def test_search_page_shows_why_and_lets_results_be_taken_away(run, image_folder,
                                                   or '') and time.time() < deadline:
             time.sleep(0.2)
         browser.screenshot(shots / '4_too_large.png')
-        assert re.fullmatch(r'the upload is 0\.1 MB, more than this page takes \(search.py --max_upload_mb=0.05\)',
-                            browser.text(browser.find('#error')[0]))
+        assert browser.text(browser.find('#error')[0]) == (
+            'the upload is 0.1 MB, more than this page takes: choose a smaller image, or start the page with a larger '
+            'search.py --max_upload_mb (now 0.05)')
         assert browser.script('return arguments[0].value', browser.find('#k')[0]) == '6'  # the server's --topk
         assert 'Traceback' not in browser.text(browser.find('body')[0]) and '/tmp' not in browser.text(
             browser.find('body')[0])
@@ -460,6 +472,50 @@ def test_search_page_shows_why_and_lets_results_be_taken_away(run, image_folder,
             urllib.request.urlopen(req)
         assert e.value.code == 403
         assert len(os.listdir(os.path.join(index, 'thumbs'))) >= 20  # thumbnails made once, kept beside the index
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_search_page_at_1280_px_and_errors_that_say_what_to_do(run, image_folder, tmp_path):
+    """Ten hits on one row of a 1280 px window, long file names inside their tiles, the run's name in the tab
+    title, the warning of a run trained on random weights, and a sentence that says what to do for an address
+    that names no image or no number of hits."""
+    tmp, cache, rundir = run
+    photos = tmp_path / 'photos'
+    for c in range(3):  # twelve images with long names, as a camera names them
+        os.makedirs(photos / f'class{c:02d}')
+        for i in range(4):
+            shutil.copy(os.path.join(image_folder, f'class{c:02d}', f'{i:03d}.png'),
+                        photos / f'class{c:02d}' / f'holiday_in_the_mountains_with_the_whole_family_IMG_{i:04d}.png')
+    index = str(tmp_path / 'index')
+    search(f'--run={rundir}', '--bits=64', f'--images={photos}', f'--index={index}')
+    browser = Browser()
+    server, base = start_page(index, '--topk=10')
+    try:
+        browser.call('POST', browser.s('/window/rect'), {'width': 1280, 'height': 900})
+        browser.get(base + 'search?words=a+striped+thing&k=10')
+        browser.wait_for('.hit')
+        browser.screenshot(tmp_path / 'ten_hits_1280.png')
+        assert browser.run_js('return document.title') == 'duheg search: run'  # the run folder's name
+        boxes = browser.run_js("return Array.from(document.querySelectorAll('.hit')).map(e => {"
+                               "const r = e.getBoundingClientRect(), n = e.querySelector('.name');"
+                               "return [r.left, r.right, r.top, n.scrollWidth, n.clientWidth]; })")
+        assert len(boxes) == 10 and len({round(b[2]) for b in boxes}) == 1  # one row
+        assert all(a[1] <= b[0] for a, b in zip(boxes, boxes[1:]))  # no tile reaches into the next
+        assert all(scroll <= width for *_, scroll, width in boxes)  # each name wraps inside its tile
+        warning = browser.text(browser.find('#warning')[0])
+        assert warning.startswith('This run was trained on random weights (--backbone_pretrained=random, '
+                                  '--clip_pretrained=random): a test run.')
+        for address, said in (
+                ('search?item=999', 'item=999 names no image of this index: its 12 images are numbered 0 to 11; '
+                                    'click a hit, or search with words or an image'),
+                ('search?words=cat&k=abc', "k='abc' is not a number of hits: give a whole number, e.g. k=10"),
+                ('thumb/99', '/thumb/99 names no image of this index: its 12 images are numbered 0 to 11; click a '
+                             'hit, or search with words or an image')):
+            browser.get(base + address)
+            assert browser.text(browser.wait_for('#error')[0]) == said
     finally:
         browser.quit()
         server.terminate()
