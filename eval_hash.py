@@ -14,7 +14,6 @@ The authors' released code ranks by the continuous tanh outputs instead, without
     python eval_hash.py --run=runs/cifar10            # every <bits>bits/codes.npz in the run
     python eval_hash.py --runs=runs/a,runs/b --bits=64  # one line per run in the same plot
 """
-import json
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ import dataset
 import external
 from cache import save_json
 from configurator import check_ranges, configure
-from runs import bits_dirs, mixed_runs, run_dataset
+from runs import bits_dirs, code_lengths, mixed_runs, run_dataset
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -543,8 +542,7 @@ def plot_top_nouns(img, words, weights, path, words_all=None, weights_all=None):
 def draw_examples(run, bits, z, n):
     """Figures 6 and 7 for the first n queries of a run, at `bits`: each query with its top-10
     retrievals, and its top-5 nouns of Eq. 6 with and without the noun selection."""
-    with open(os.path.join(run, f'{bits}bits', 'result.json')) as f:
-        cfg = json.load(f)['config']
+    cfg = cache.read_json(os.path.join(run, f'{bits}bits', 'result.json'))['config']
     name = cfg['DATASET']
     try:  # the images dataset_extract.py read, checked against their recorded fingerprint
         images = dataset.extracted_images(cfg['CACHE_DIR'], name, DATA_PATH)
@@ -567,7 +565,8 @@ def draw_examples(run, bits, z, n):
     if cfg.get('METHOD', 'duheg') != 'duheg' or cfg.get('EXTERNAL', 'efc') == 'none':
         return paths
     try:  # Figure 7: the weights of Eq. 6 over t_com, and over every noun
-        i_feats = cache.load_array(external.clip_images_path(cfg), mmap=True)
+        i_feats = cache.load_features(cfg['CACHE_DIR'], name, cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
+                                      cfg.get('VIEW_RECIPE') or 'simclr', mmap=True)
         t_com, words_com = external.run_vocabulary(dict(cfg, EXTERNAL='efc'), words=True)
         t_all, words_all = external.run_vocabulary(dict(cfg, EXTERNAL='ek'), words=True)
     except (Exception, SystemExit) as e:  # noqa: BLE001
@@ -604,8 +603,15 @@ def _load_codes(path):
 
 
 def _score(path, name):
-    """evaluate_all on one codes.npz, and its printed line."""
-    z = _load_codes(path)
+    """evaluate_all on one codes.npz, and its printed line; codes or labels that cannot be scored (NaN,
+    shapes that do not match) are an error naming the file."""
+    try:
+        return _score_codes(_load_codes(path), name)
+    except ValueError as e:
+        raise SystemExit(f'error: {path}: {e}: it is damaged or hand-made; rerun train.py for that code length')
+
+
+def _score_codes(z, name):
     topk = TOPK or int(z['topk'])
     if 'codebooks' in z:  # DQN, DVSQ, DTQ: product-quantized codes ranked by AQD
         m = evaluate_quantized(z['query_h'], z['retrieval_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],
@@ -660,15 +666,18 @@ def main():
     if RUNS:  # one line per run at BITS (Figures 3-4 compare methods at 64 bits)
         runs = list(dict.fromkeys(os.path.normpath(r) for r in RUNS))  # keyed by the whole path: two 'run' folders stay
                                                                        # two
-        datasets = {r: run_dataset(r, BITS) for r in runs}
-        if len(set(datasets.values())) > 1:
-            raise SystemExit('error: --runs mixes datasets (' + ', '.join(f'{r}: {d}' for r, d in datasets.items())
-                             + '): MAP is comparable only on one dataset and split; compare runs of one dataset')
         for r in runs:
             if not os.path.exists(os.path.join(r, f'{BITS}bits', 'codes.npz')):
-                have = sorted(bits_dirs(r))
+                if not os.path.isdir(r) or not bits_dirs(r):
+                    raise SystemExit(f'error: {r} is not a train.py run folder (it holds no <L>bits/codes.npz): give '
+                                     f'--runs the folders train.py wrote, e.g. runs/<dataset>/<name>_<key>')
+                have = code_lengths(r)
                 raise SystemExit(f'error: {r} has no {BITS}-bit codes ({r}/{BITS}bits/codes.npz); its code lengths: '
                                  f'{have or "none"}; choose --bits from those, or train {BITS} bits')
+        datasets = {r: run_dataset(r, BITS) for r in runs}
+        if len(set(datasets.values()) - {'?'}) > 1:  # '?': a run whose result.json does not say
+            raise SystemExit('error: --runs mixes datasets (' + ', '.join(f'{r}: {d}' for r, d in datasets.items())
+                             + '): MAP is comparable only on one dataset and split; compare runs of one dataset')
         os.makedirs(OUT, exist_ok=True)
         metrics = {}
         for run in runs:
@@ -685,4 +694,4 @@ if __name__ == '__main__':
     try:
         main()
     except (OSError, ValueError, cache.CacheError) as e:
-        raise SystemExit(cache.user_error(e))
+        raise SystemExit(cache.user_error(e, dict(run=RUN, out=OUT)))
