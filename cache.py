@@ -19,10 +19,22 @@ class CacheError(RuntimeError):
     pass
 
 
-def user_error(e):
+def _setting_of(filename, where):
+    """'--<name>' of the setting in `where` ({name: path}) whose file or folder holds `filename`, the
+    innermost; '' when none does."""
+    f, best = os.path.abspath(str(filename)), ('', '')
+    for name, path in (where or {}).items():
+        p = os.path.abspath(str(path)) if path else ''
+        if p and (f == p or f.startswith(p.rstrip(os.sep) + os.sep)) and len(p) > len(best[1]):
+            best = (f'--{name}', p)
+    return best[0]
+
+
+def user_error(e, where=None):
     """The one line `error: ...` a script ends with for an error the user can fix: the message of an
     error raised in a DataLoader worker without torch's wrapping and its traceback, a full disk or a
-    read-only folder with the file it was writing."""
+    read-only folder with the file it was writing and the setting that names its folder (`where`:
+    {setting: path} of the script's folders, e.g. dict(cache_dir=CACHE_DIR, results=RESULTS))."""
     import errno
     import shutil
 
@@ -38,12 +50,14 @@ def user_error(e):
                 f"exist): mend or remove the link, then run again")
     if isinstance(e, FileNotFoundError) and e.filename:
         return f"error: {e.filename} does not exist ({e.strerror}): check the path, or the step that writes it"
+    setting = _setting_of(e.filename, where) if isinstance(e, OSError) and e.filename else ''
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"error: no space left on the device while writing {e.filename or 'a cache file'} (the disk is "
-                f"full): free some space (or choose another --cache_dir) and run the same command again; nothing "
+        return (f"error: no space left on the device while writing {e.filename or 'a file'} (the disk is full): free "
+                f"some space (or choose another {setting or 'folder for it'}) and run the same command again; nothing "
                 f"half-written is kept, and an extraction resumes where it stopped")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return f"error: cannot write {e.filename or 'a cache file'} ({e.strerror}): choose a writable --cache_dir"
+        return (f"error: cannot write {e.filename or 'a file'} ({e.strerror}): choose a writable "
+                f"{setting or 'folder for it'}")
     msg = str(e)
     if 'Original Traceback' in msg:  # raised in a DataLoader worker: its last line is the original error
         msg = msg.strip().splitlines()[-1].split(': ', 1)[-1]
@@ -94,8 +108,29 @@ def save_json(path, obj):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, default=str) + '\n').encode()))
 
 
+def name_bytes(name):
+    """A file name (or any text) as the bytes it stands for: a name that is not UTF-8 reaches Python with
+    its bytes as surrogates (os.listdir's surrogateescape), and goes back to those bytes, so it can be
+    hashed and stored as it is and read back to the same name."""
+    return name.encode('utf-8', 'surrogateescape')
+
+
+def shown(name):
+    """A file name as it can be printed or put in a page: bytes that are not UTF-8 as \\xNN."""
+    return name_bytes(name).decode('utf-8', 'backslashreplace')
+
+
 def save_text(path, lines):
-    atomic_write(path, lambda f: f.write(''.join(l + '\n' for l in lines).encode()))
+    atomic_write(path, lambda f: f.write(b''.join(name_bytes(l) + b'\n' for l in lines)))
+
+
+def read_json(path, fix='rerun the step that writes it (with --force to rebuild)'):
+    """The JSON object a step wrote at `path`; a damaged file is a CacheError that names it and `fix`."""
+    try:
+        with open(path, 'rb') as f:
+            return json.loads(f.read().decode('utf-8', 'surrogateescape'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is not whole JSON ({e}; a killed write, or an edit): {fix}") from None
 
 
 def save_array(path, arr, settings, producer):
@@ -134,16 +169,16 @@ def save_array_by_parts(path, shape, dtype, settings, producer, parts):
     return _write_sidecar(path, settings, producer, shape, dtype)
 
 
-def cache_status(path, settings):
-    """'missing', 'ok', or a sentence saying why the file at `path` cannot be trusted."""
+def cache_status(path, settings, whose='this run'):
+    """'missing', 'ok', or a sentence saying why the file at `path` cannot be trusted (`whose`: what
+    holds `settings`, in words)."""
     if not os.path.exists(path + '.json'):
         return 'missing' if not os.path.exists(path) else f'{path} has no sidecar {path}.json (a killed run?)'
-    with open(path + '.json') as f:
-        meta = json.load(f)
+    meta = read_sidecar(path)
     for k, v in settings.items():
         have = meta['settings'].get(k, '<not recorded>')
         if json.loads(json.dumps(have, default=str)) != json.loads(json.dumps(v, default=str)):
-            return f"{path} was made with {k}={have!r}, but this run has {k}={v!r}"
+            return f"{path} was made with {k}={have!r}, but {whose} has {k}={v!r}"
     return 'ok'
 
 
@@ -158,8 +193,7 @@ def reusable(path, settings, force=False, producer='this step'):
             pass
     status = cache_status(path, settings)
     if status == 'ok':
-        with open(path + '.json') as f:
-            meta = json.load(f)
+        meta = read_sidecar(path)
         if 'sha256' in meta and (not os.path.isfile(path) or sha256_file(path) != meta['sha256']):
             raise CacheError(f"{path} does not match the checksum in {path}.json (changed or truncated since it was "
                              f"written): rerun {producer} with --force to rebuild it")
@@ -173,8 +207,7 @@ def fingerprint(path):
     """What later products record of an input file: the sha256 its sidecar holds (a cached array),
     else the file's own sha256. A changed input changes it, so a product made from it is stale."""
     if os.path.exists(path + '.json'):
-        with open(path + '.json') as f:
-            return json.load(f)['sha256']
+        return read_sidecar(path)['sha256']
     return sha256_file(path)
 
 
@@ -183,20 +216,20 @@ def fingerprints(**paths):
     return {name: fingerprint(p) for name, p in paths.items()}
 
 
-def load_array(path, settings=None, producer='the step that writes it', verify=True, mmap=False, companions=()):
+def load_array(path, settings=None, producer='the step that writes it', verify=True, mmap=False, companions=(),
+               whose='this run'):
     """Load a cached array after checking its sidecar against `settings`, its shape, dtype,
     checksum and finiteness, and that each companion file beside it (a word list written with it)
     still has the sha256 its sidecar recorded. Raises CacheError with what to do."""
     settings = settings or {}
-    status = cache_status(path, settings)
+    status = cache_status(path, settings, whose)
     rerun = f"run {producer} (with --force to rebuild)"
     if status == 'missing':
         raise CacheError(f"{path} does not exist: {rerun}")
     if status != 'ok':
         raise CacheError(f"stale or incomplete cache: {status}. Rerun {producer} with --force, "
                          f"or change CACHE_DIR")
-    with open(path + '.json') as f:
-        meta = json.load(f)
+    meta = read_sidecar(path)
     if verify and sha256_file(path) != meta['sha256']:
         raise CacheError(f"{path} does not match the checksum in {path}.json (changed or truncated): {rerun}")
     try:
@@ -209,12 +242,25 @@ def load_array(path, settings=None, producer='the step that writes it', verify=T
     if arr.dtype.kind == 'f' and not mmap and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)).all(1)).ravel()
         raise CacheError(f"{path} holds NaN or infinite values in {len(bad)} rows (first: {bad[:5].tolist()}): {rerun}")
+    broken = broken_companion(path, meta, companions)
+    if broken:
+        raise CacheError(f"{broken}: rerun {producer} with --force")
+    return arr
+
+
+def broken_companion(path, meta, companions):
+    """'' when each companion file beside `path` (a word list written with it) still has the sha256 its
+    sidecar `meta` recorded, else a sentence naming the first that is missing or changed."""
     for name in companions:
         other = os.path.join(os.path.dirname(path), name)
-        if not os.path.isfile(other) or sha256_file(other) != meta['settings'].get(name + '_sha256'):
-            raise CacheError(f"{other} is missing or does not belong to {path} (a killed run, or an edited file): "
-                             f"rerun {producer} with --force")
-    return arr
+        if not os.path.isfile(other):
+            return f"{other}, written with {os.path.basename(path)}, is missing (deleted?)"
+        if sha256_file(other) != meta['settings'].get(name + '_sha256'):
+            return f"{other} does not belong to {path} (a killed run, or an edited file)"
+    return ''
+
+
+BUILT = []  # the products this process built (cached): a step that built nothing writes nothing else
 
 
 def cached(path, settings, build, producer, force=False, companions=(), rebuild_stale='', load=True, quiet=False):
@@ -225,16 +271,22 @@ def cached(path, settings, build, producer, force=False, companions=(), rebuild_
     companions, which build() wrote, are fingerprinted in it); or None when build() wrote `path` and
     its sidecar itself. A cache made with other settings is a CacheError that names the setting and
     --force, or, with rebuild_stale (what the file holds, in words), a note and a rebuild; `force`
-    rebuilds. Returns (the array, or None when not `load`; its sidecar)."""
+    rebuilds, and so does a missing or changed companion (said). Returns (the array, or None when not
+    `load`; its sidecar)."""
     status = cache_status(path, settings)
     if rebuild_stale and status not in ('ok', 'missing'):
         print(f"rebuilding {rebuild_stale}: {status}")
         force = True
     if reusable(path, settings, force, producer):
-        if not quiet:
-            print(f"reusing {path}")
-        arr = load_array(path, settings, producer, verify=False, companions=companions) if load else None
-        return arr, read_sidecar(path)
+        broken = broken_companion(path, read_sidecar(path), companions)
+        if not broken:
+            if not quiet:
+                print(f"reusing {path}")
+            arr = load_array(path, settings, producer, verify=False) if load else None
+            return arr, read_sidecar(path)
+        print(f"rebuilding {path}: {broken}")  # a product with a missing part is made again, whole
+        os.remove(path + '.json')
+    BUILT.append(path)
     out = build()
     if out is None:
         return (load_array(path, settings, producer) if load else None), read_sidecar(path)
@@ -243,10 +295,36 @@ def cached(path, settings, build, producer, force=False, companions=(), rebuild_
     return arr, save_array(path, arr, dict(settings, **more), producer)
 
 
+_HELD = []  # the locks this process holds (hold), released when it ends
+
+
+def hold(folder, busy):
+    """Hold `folder`/.lock until the process ends, so that a second run writing the same folder stops
+    with the line `busy` instead of racing this one. A folder this run cannot write is not locked: it
+    writes nothing there (a read-only cache whose products all exist)."""
+    import errno
+    import fcntl
+    path = os.path.join(folder, '.lock')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(path, 'a')
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        if not os.path.isfile(path):
+            return
+        lock = open(path)  # a lock is taken on a file opened for reading too
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f"error: {busy}") from None
+    _HELD.append(lock)
+
+
 def read_sidecar(path):
     """The sidecar of the cached array `path`: producer, settings, shape, dtype, sha256."""
-    with open(path + '.json') as f:
-        return json.load(f)
+    return read_json(path + '.json')
 
 
 # -----------------------------------------------------------------------------
@@ -279,6 +357,37 @@ def feature_dir(cache_dir, dataset, backbone, pretrained, recipe='simclr'):
     from models import pretrained_tag
     return os.path.join(cache_dir, dataset, f'{backbone}-{pretrained_tag(pretrained)}'
                         + ('-released' if recipe == 'released' else ''))
+
+
+def backbone_settings(backbone, pretrained):
+    """What the sidecar of a features file records of the network that made it (dataset_extract.py),
+    and what every reader of the file checks: its build, name and weights."""
+    from models import backbone_build, pretrained_tag
+    return dict(build=backbone_build(backbone, pretrained), backbone=backbone, pretrained=pretrained_tag(pretrained))
+
+
+def features_settings(cache_dir, dataset, backbone, pretrained):
+    """What every reader of a dataset's features (images.npy) expects their sidecar to hold: the
+    network (backbone_settings), the dataset, and the images its labels were made from."""
+    want = dict(backbone_settings(backbone, pretrained), dataset=dataset)
+    labels = split_paths(cache_dir, dataset, '')['labels']
+    made = read_sidecar(labels)['settings'] if os.path.exists(labels + '.json') else {}
+    return dict(want, images_sha=made['images_sha']) if 'images_sha' in made else want
+
+
+def load_features(cache_dir, dataset, backbone, pretrained, recipe='simclr', mmap=False):
+    """The plain-view features of every image of `dataset` by `backbone` (dataset_extract.py), checked
+    by the one rule (features_settings, checksum, shape, finiteness)."""
+    path = os.path.join(feature_dir(cache_dir, dataset, backbone, pretrained, recipe), 'images.npy')
+    return load_array(path, features_settings(cache_dir, dataset, backbone, pretrained), mmap=mmap,
+                      producer=f'dataset_extract.py --dataset={dataset} --backbone={backbone} '
+                               f'--backbone_pretrained={pretrained}')
+
+
+def extraction_of(features_path):
+    """The settings a product of the same extraction as the features at `features_path` (their
+    augmented views) must hold: the features' own, but for the unreadable images they skipped."""
+    return {k: v for k, v in read_sidecar(features_path)['settings'].items() if k != 'bad'}
 
 
 def views_path(fdir, tag):
@@ -338,7 +447,7 @@ def image_names(cache_dir, dataset, n):
     if not os.path.isfile(path):
         return [f'{dataset}/{i}' for i in range(n)]
     with open(path, 'rb') as f:
-        return f.read().decode('utf-8').splitlines()
+        return f.read().decode('utf-8', 'surrogateescape').split('\n')[:-1]  # a name as its bytes (name_bytes)
 
 
 def source_path(cache_dir, dataset):

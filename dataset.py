@@ -4,13 +4,12 @@ files or the authors' split files; the query / retrieval / train split is drawn 
 """
 import glob
 import hashlib
-import json
 import os
 import re
 
 import numpy as np
 
-from cache import read_sidecar, sha256_file, source_path, split_paths
+from cache import name_bytes, read_json, read_sidecar, sha256_file, shown, source_path, split_paths
 
 # -----------------------------------------------------------------------------
 # splits (Section 4.1.1): per dataset, how query / train sets are drawn and MAP's K
@@ -67,9 +66,9 @@ class Images:
         for n in self.names:
             if self.root is not None:
                 st = os.stat(os.path.join(self.root, n))
-                h.update(f'{n}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
+                h.update(name_bytes(f'{n}\t{st.st_size}\t{st.st_mtime_ns}\n'))
             else:
-                h.update(f'{n}\n'.encode())
+                h.update(name_bytes(f'{n}\n'))
         h.update(np.ascontiguousarray(self.labels).data)
         return h.hexdigest()[:16]
 
@@ -95,12 +94,13 @@ _LIST_PATH = re.compile(r'^\s*(.*?\.(?:' + '|'.join(e[1:] for e in IMAGE_EXTS) +
 
 
 def read_lines(path):
-    """The lines of a text file in UTF-8; another encoding is an error naming the file, the line
-    and the fix."""
+    """The lines of a text file in UTF-8 (a byte-order mark left out); another encoding is an error
+    naming the file, the line and the fix."""
     if not os.path.isfile(path):
         raise DataError(f"list file {path} does not exist")
     with open(path, 'rb') as f:
         raw = f.read()
+    raw = raw[3:] if raw.startswith(b'\xef\xbb\xbf') else raw  # a byte-order mark is not part of the first line
     try:
         return raw.decode('utf-8').splitlines()
     except UnicodeDecodeError as e:
@@ -160,13 +160,21 @@ def _cifar10(path, download):
                   arrays=arrays, classes=list(parts[0].classes))
 
 
-def _folder(path):
+def _folder(path, cache_dir=''):
+    """DATA_PATH/<class>/<image>. Hidden folders and files (.ipynb_checkpoints, ._x.png) are not classes
+    or images, nor is the cache when it lies inside the image folder."""
     if not os.path.isdir(path):
         raise DataError(f"image folder {path} does not exist (expected {path}/<class>/<image>)")
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
+    if cache_dir and os.path.isdir(cache_dir):
+        inside = [d for d in classes if os.path.samefile(os.path.join(path, d), cache_dir)]
+        if inside:
+            print(f"note: {os.path.join(path, inside[0])} is the cache (--cache_dir), not a class: left out")
+            classes.remove(inside[0])
     names, y = [], []
     for c, cls in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(path, cls)) if f.lower().endswith(IMAGE_EXTS))
+        files = sorted(f for f in os.listdir(os.path.join(path, cls))
+                       if f.lower().endswith(IMAGE_EXTS) and not f.startswith('.'))
         if not files:
             raise DataError(f"the class folder {os.path.join(path, cls)} holds no images ({', '.join(IMAGE_EXTS)}): "
                             f"add images to it or move it out of {path}")
@@ -349,9 +357,10 @@ def _listed_images(dataset, data_path, split_dir, fmt):
     return images
 
 
-def load_images(dataset, data_path, download=True, split_dir=''):
+def load_images(dataset, data_path, download=True, split_dir='', cache_dir=''):
     """The Images of `dataset` (a name of DATASETS) found at `data_path`; split files that list
-    the images themselves (NUS-WIDE's *_img.txt, MS-COCO's train/test/database.txt) define them."""
+    the images themselves (NUS-WIDE's *_img.txt, MS-COCO's train/test/database.txt) define them.
+    `cache_dir`, when it lies inside a folder dataset, is not one of its classes."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if split_dir and split_format(split_dir) in ('dsdh', 'deephash'):
@@ -359,7 +368,7 @@ def load_images(dataset, data_path, download=True, split_dir=''):
     if dataset == 'cifar10':
         return _cifar10(data_path, download)
     if dataset == 'folder':
-        return _folder(data_path)
+        return _folder(data_path, cache_dir)
     if dataset == 'demo':
         return _demo()
     list_file = os.path.join(data_path, 'list.txt')
@@ -468,14 +477,40 @@ def read_split_dir(split_dir, images):
             if fmt == 'dsdh':
                 names = [l.strip() for l in read_lines(path) if l.strip()]
             else:
-                names = read_list_file(path, '', images.labels.shape[1], check=False)[0]
+                names, labels = read_list_file(path, '', images.labels.shape[1], check=False)
             unknown = [n for n in names if n not in pos]
             if unknown:
                 raise DataError(f"{len(unknown)} images of {path} are not in the dataset, e.g. "
-                                f"{', '.join(unknown[:5])}")
+                                f"{', '.join(map(shown, unknown[:5]))}")
             out.append(np.array([pos[n] for n in names], np.int64))
+            if fmt == 'lists':
+                check_labels(path, names, labels, images.labels[out[-1]])
     check_split(*out, *files)
     return tuple(out)
+
+
+def check_labels(path, names, given, own):
+    """The labels a split list file gives its images must be the dataset's own (its class folders or
+    list file): a disagreement is an error naming the file and line, the image and both labels."""
+    bad = np.flatnonzero((np.asarray(given) != np.asarray(own)).any(1))
+    if len(bad):
+        i = bad[0]
+        line = [k for k, l in enumerate(read_lines(path), 1) if l.strip()][i]
+        raise DataError(f"{path}:{line}: the labels of {shown(names[i])} ({' '.join(map(str, given[i]))}) disagree "
+                        f"with the dataset's own ({' '.join(map(str, own[i]))}, from its class folders or list file)"
+                        + (f", as do {len(bad) - 1} more lines" if len(bad) > 1 else '')
+                        + f": correct them in {path} (training and MAP use the dataset's labels)")
+
+
+def one_label_warning(labels, classes=None):
+    """'' or the warning for labels that every image shares (a folder dataset of one class): every
+    retrieval item is then relevant to every query and MAP is 1.0, whatever the codes."""
+    shared = np.flatnonzero(np.asarray(labels).all(0)) if len(labels) else []
+    if not len(shared):
+        return ''
+    name = classes[shared[0]] if classes is not None and len(classes) > shared[0] else str(shared[0])
+    return (f"warning: every image has the label {name!r} (one class): every retrieval item is relevant to every "
+            f"query, so MAP is 1.0 whatever the codes; give the dataset two or more classes to measure retrieval")
 
 
 def check_split(query, retrieval, train, q_name='query', r_name='retrieval', t_name='train'):
@@ -499,12 +534,9 @@ def extracted_images(cache_dir, dataset, data_path=''):
     """The images dataset_extract.py read into `cache_dir` (eval_hash.py's and search.py's pictures):
     from `data_path`, or from where it recorded it read them, checked against the fingerprint it
     recorded. Other images (another dataset, a changed folder) are a DataError naming both."""
-    src = {}
-    if os.path.exists(source_path(cache_dir, dataset)):
-        with open(source_path(cache_dir, dataset)) as f:
-            src = json.load(f)
+    src = read_json(source_path(cache_dir, dataset)) if os.path.exists(source_path(cache_dir, dataset)) else {}
     path = data_path or src.get('data_path') or os.path.join('data', dataset)
-    images = load_images(dataset, path, download=False, split_dir=src.get('split_dir', ''))
+    images = load_images(dataset, path, download=False, split_dir=src.get('split_dir', ''), cache_dir=cache_dir)
     want = read_sidecar(split_paths(cache_dir, dataset, '')['labels'])['settings'].get('images_sha')
     if want and images.fingerprint() != want:
         raise DataError(f"the images under {path} are not the ones dataset_extract.py read into {cache_dir}/{dataset} "

@@ -10,6 +10,7 @@ With BACKBONE=vgg16 the CLIP_MODEL features (images.npy) are extracted too: the 
 feature needs CLIP's space. Work is saved in chunks, so a killed run resumes where it stopped.
 Several GPUs or machines: torchrun --nproc_per_node=N dataset_extract.py ... (same files).
 """
+import glob
 import hashlib
 import math
 import os
@@ -80,7 +81,7 @@ RELEASED_DEFAULTS = dict(  # each None setting above: (its default, the authors'
 
 
 def hash_names(names):
-    return hashlib.sha256('\n'.join(names).encode()).hexdigest()[:16]
+    return hashlib.sha256(cache.name_bytes('\n'.join(names))).hexdigest()[:16]
 
 
 def setup_distributed():
@@ -220,9 +221,11 @@ def split_step(images, rank, world):
         return train
     if rank == 0:
         cached(paths['labels'], data_settings, labels, 'dataset_extract.py', FORCE, load=False)
-        save_json(cache.source_path(CACHE_DIR, DATASET), dict(  # where the pictures of eval_hash/search come from
-            data_path=os.path.abspath(DATA_PATH), split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '',
-            images_sha=data_settings['images_sha']))
+        source = dict(data_path=os.path.abspath(DATA_PATH), split_dir=os.path.abspath(SPLIT_DIR) if SPLIT_DIR else '',
+                      images_sha=data_settings['images_sha'])  # where the pictures of eval_hash/search come from
+        if not os.path.exists(cache.source_path(CACHE_DIR, DATASET)) or \
+                cache.read_json(cache.source_path(CACHE_DIR, DATASET)) != source:  # nothing to write, nothing written
+            save_json(cache.source_path(CACHE_DIR, DATASET), source)
         cached(paths['train'], split_settings, split, 'dataset_extract.py', FORCE, load=False)
     barrier(world)
     return (data_settings, split_settings,
@@ -239,16 +242,19 @@ def features_step(images, data_settings, split_settings, train, rank, world, dev
     dims = {}
     for backbone, pretrained, n_views, flags in jobs:  # flags: the settings an error names
         fdir = feature_dir(CACHE_DIR, DATASET, backbone, pretrained, VIEW_RECIPE)
+        plain = os.path.join(fdir, 'images.npy')
         encode, preprocess, dims[backbone] = load_backbone(backbone, pretrained, device, flags)
         if VIEW_RECIPE == 'released':
             preprocess, augment = views.released_views(DATASET, models.preprocess_params(preprocess)[0])
         else:
             augment = augment_transform(preprocess)
-        settings = dict(data_settings, backbone=backbone, pretrained=pretrained_tag(pretrained),
-                        build=models.backbone_build(backbone, pretrained, flags), transform=repr(preprocess),
+        settings = dict(data_settings, **cache.backbone_settings(backbone, pretrained), transform=repr(preprocess),
                         precision=PRECISION, view_path=VIEW_PATH, version=_VERSION)
         encode_views(f'{backbone} images', images, np.arange(len(images)), preprocess, 1, encode,
-                     os.path.join(fdir, 'images.npy'), settings, rank, world, device)
+                     plain, settings, rank, world, device)
+        if rank == 0 and plain in cache.BUILT:  # new features: no views of the old
+            drop_stale_views(fdir)
+        barrier(world)
         if n_views:  # all views of a train image from one decode (views 2t, 2t+1 are train.py's epoch t)
             aug = augment_settings() if VIEW_RECIPE == 'simclr' else repr(augment)
             aug_settings = dict(settings, split=split_settings, aug=aug, aug_views=n_views, aug_seed=AUG_SEED)
@@ -256,11 +262,26 @@ def features_step(images, data_settings, split_settings, train, rank, world, dev
                          cache.views_path(fdir, split_settings['split']), aug_settings, rank, world, device,
                          seed=AUG_SEED)
         barrier(world)
-        bad = read_sidecar(os.path.join(fdir, 'images.npy'))['settings'].get('bad', [])
+        bad = read_sidecar(plain)['settings'].get('bad', [])
         if bad and rank == 0:
-            save_text(os.path.join(fdir, 'bad_images.txt'), [images.names[i] for i in bad])
+            if plain in cache.BUILT:
+                save_text(os.path.join(fdir, 'bad_images.txt'), [images.names[i] for i in bad])
             print(f"skipped {len(bad)} unreadable images, listed in {fdir}/bad_images.txt")
     return dims[BACKBONE]
+
+
+def drop_stale_views(fdir):
+    """Remove the augmented views in `fdir` (any split) made by another extraction than the features
+    just built beside them (another precision, backbone build, images, ...): a rebuild of the features
+    leaves no product of the old ones beside the new."""
+    want = cache.extraction_of(os.path.join(fdir, 'images.npy'))
+    for path in sorted(glob.glob(cache.views_path(fdir, '*'))):
+        status = cache.cache_status(path, want, os.path.join(fdir, 'images.npy'))
+        if status not in ('ok', 'missing'):
+            for p in (path + '.json', path):
+                if os.path.exists(p):
+                    os.remove(p)
+            print(f"removed the augmented views {status}: a product of other features is not kept beside them")
 
 
 def main():
@@ -277,17 +298,23 @@ def main():
     cfg.update(AUG_VIEWS=AUG_VIEWS, VIEW_RECIPE=VIEW_RECIPE, PRECISION=PRECISION,
                BACKBONE_PRETRAINED=BACKBONE_PRETRAINED)
 
-    if rank == 0:  # every image and its labels; rank 0 alone downloads CIFAR-10, the others wait for it
-        images = load_images(DATASET, DATA_PATH, DOWNLOAD, SPLIT_DIR)
+    ddir = dataset_dir(CACHE_DIR, DATASET)
+    if rank == 0:  # one extraction into a dataset's cache at a time; rank 0 alone downloads CIFAR-10, the others wait
+        cache.hold(ddir, f"another dataset_extract.py is extracting into {ddir}: wait for it to finish, then run this "
+                         f"again (it reuses what that one made), or give another --cache_dir")
+        images = load_images(DATASET, DATA_PATH, DOWNLOAD, SPLIT_DIR, CACHE_DIR)  # every image and its labels
+        warning = dataset.one_label_warning(images.labels, images.classes)
+        if warning:
+            print(warning)
     barrier(world)
     if rank > 0:
-        images = load_images(DATASET, DATA_PATH, False, SPLIT_DIR)
+        images = load_images(DATASET, DATA_PATH, False, SPLIT_DIR, CACHE_DIR)
     data_settings, split_settings, query, retrieval, train = split_step(images, rank, world)  # Section 4.1.1
     dim = features_step(images, data_settings, split_settings, train, rank, world, device)    # Section 4.1.2
-    if rank == 0:
-        save_json(os.path.join(dataset_dir(CACHE_DIR, DATASET),
-                               f'extract_{BACKBONE}-{pretrained_tag(BACKBONE_PRETRAINED)}_config.json'),
+    if rank == 0 and cache.BUILT:  # a run that built nothing writes nothing (a read-only cache)
+        save_json(os.path.join(ddir, f'extract_{BACKBONE}-{pretrained_tag(BACKBONE_PRETRAINED)}_config.json'),
                   dict(cfg, seconds=round(time.time() - t0, 1), hardware=hardware(device), world=world))
+    if rank == 0:
         print(f"extract dataset={DATASET} backbone={BACKBONE} images={len(images)} query={len(query)} "
               f"retrieval={len(retrieval)} train={len(train)} views={AUG_VIEWS} dim={dim} "
               f"world={world} seconds={time.time() - t0:.1f}")
@@ -299,4 +326,4 @@ if __name__ == '__main__':
     try:
         main()
     except (DataError, CacheError, models.WeightsUnavailable, OSError, ValueError) as e:  # ValueError: --backbone
-        raise SystemExit(cache.user_error(e))
+        raise SystemExit(cache.user_error(e, dict(cache_dir=CACHE_DIR)))

@@ -24,11 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 import cache
-import dataset
-import external
+import figures
 from cache import save_json
 from configurator import check_ranges, configure
-from runs import bits_dirs, mixed_runs, run_dataset
+from runs import bits_dirs, code_lengths, mixed_runs, run_dataset
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -645,129 +644,6 @@ def rank_topk(z, k, n=None):
 
 
 # -----------------------------------------------------------------------------
-# plots (Agg canvas, no pyplot state)
-def _figure(w, h, dpi=100):
-    from matplotlib.figure import Figure
-    return Figure(figsize=(w, h), dpi=dpi)
-
-
-def plot_curves(curves, path, kind='pr', title=None):
-    """One line per method or code length (Figure 3: kind='pr', precision over recall;
-    Figure 4: kind='pn', precision over the number N of returned images). 600 x 450 px."""
-    fig = _figure(6, 4.5)
-    ax = fig.add_subplot()
-    for label, cur in curves.items():
-        x = cur['recall'] if kind == 'pr' else cur['n']
-        ax.plot(x, cur['precision'], marker='.', markersize=3, label=label)
-    ax.set_xlabel('Recall' if kind == 'pr' else 'Number of top returned images N')
-    ax.set_ylabel('Precision')
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title or ('Precision-recall' if kind == 'pr' else 'Precision@N'))
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def _framed(img, color, width):
-    """The image as H x W x 3 uint8 inside a border of `color` (RGB) `width` pixels wide."""
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    out = np.empty((img.shape[0] + 2 * width, img.shape[1] + 2 * width, 3), np.uint8)
-    out[:] = color
-    out[width:width + img.shape[0], width:width + img.shape[1]] = img[:, :, :3]
-    return out
-
-
-def plot_top10(query_img, retrieved_imgs, correct, path):
-    """Figure 6: the query and its top-10 retrieved images, each framed green (relevant) or red."""
-    fig = _figure(1.4 * (1 + len(retrieved_imgs)), 1.8)
-    panels = [('query', _framed(query_img, (255, 255, 255), 0))]
-    for i, (img, ok) in enumerate(zip(retrieved_imgs, correct)):
-        w = max(2, round(0.06 * min(np.shape(img)[:2])))
-        panels.append((f'{i + 1}', _framed(img, (0, 170, 0) if ok else (220, 0, 0), w)))
-    for j, (name, img) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), j + 1)
-        ax.imshow(img)
-        ax.set_title(name, fontsize=9)
-        ax.axis('off')
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.02, top=0.85, wspace=0.06)
-    fig.savefig(path)
-    return path
-
-
-def plot_top_nouns(img, words, weights, path, words_all=None, weights_all=None):
-    """Figure 7: an image with its top-5 matched nouns and their weights s_{i,w} (Eq. 6) as bar
-    charts, with the noun selection and, when given, without it (all nouns)."""
-    charts = [('with noun selection', words, weights)]
-    if words_all is not None:
-        charts.append(('without noun selection', words_all, weights_all))
-    fig = _figure(3 + 3.5 * len(charts), 3)
-    ax = fig.add_subplot(1, 1 + len(charts), 1)
-    ax.imshow(_framed(img, (255, 255, 255), 0))
-    ax.axis('off')
-    for j, (name, ws, vs) in enumerate(charts):
-        ax = fig.add_subplot(1, 1 + len(charts), j + 2)
-        ws, vs = list(ws)[:5], list(vs)[:5]
-        ax.barh(range(len(ws))[::-1], vs, color='tab:blue' if j == 0 else 'tab:gray')
-        ax.set_yticks(range(len(ws))[::-1], [str(w).replace('_', ' ') for w in ws], fontsize=8)
-        ax.set_xlabel('weight')
-        ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def draw_examples(run, bits, z, n):
-    """Figures 6 and 7 for the first n queries of a run, at `bits`: each query with its top-10
-    retrievals, and its top-5 nouns of Eq. 6 with and without the noun selection."""
-    with open(os.path.join(run, f'{bits}bits', 'result.json')) as f:
-        cfg = json.load(f)['config']
-    name = cfg['DATASET']
-    try:  # the images dataset_extract.py read, checked against their recorded fingerprint
-        images = dataset.extracted_images(cfg['CACHE_DIR'], name, DATA_PATH)
-    except dataset.DataError as e:
-        if DATA_PATH:  # the user named other images: refused, never drawn
-            raise SystemExit(f'error: --data_path={DATA_PATH}: {e}')
-        print(f'no Figure 6-7 pictures: {e}')
-        return []
-    except Exception as e:  # noqa: BLE001 - pictures are optional: say why there are none
-        print(f'no Figure 6-7 pictures: the images of {name} cannot be read ({e})')
-        return []
-    q_idx, r_idx = z['query_index'][:n], z['retrieval_index']
-    top, _ = rank_topk(z, min(10, len(r_idx)), n)
-    paths = []
-    for j, q in enumerate(q_idx):
-        ret = r_idx[top[j]]
-        correct = images.labels[ret] @ images.labels[q] > 0
-        paths.append(plot_top10(np.asarray(images.load(q)), [np.asarray(images.load(r)) for r in ret], correct,
-                                os.path.join(run, f'top10_query{j}.png')))
-    if cfg.get('METHOD', 'duheg') != 'duheg' or cfg.get('EXTERNAL', 'efc') == 'none':
-        return paths
-    try:  # Figure 7: the weights of Eq. 6 over t_com, and over every noun
-        i_feats = cache.load_array(external.clip_images_path(cfg), mmap=True)
-        t_com, words_com = external.run_vocabulary(dict(cfg, EXTERNAL='efc'), words=True)
-        t_all, words_all = external.run_vocabulary(dict(cfg, EXTERNAL='ek'), words=True)
-    except (Exception, SystemExit) as e:  # noqa: BLE001
-        print(f'no Figure 7 pictures: the nouns or CLIP features of the run cannot be read ({str(e)[:200]})')
-        return paths
-
-    def top5(i, t, words):  # the five largest weights s_{i,w} of Eq. 6
-        s = external.noun_weights(i[None], t, cfg['TAU1'])[0][0].numpy()
-        best = np.argsort(-s, kind='stable')[:5]
-        return [words[w] for w in best], s[best]
-
-    for j, q in enumerate(q_idx):
-        i = np.asarray(i_feats[q], np.float32)
-        (w1, s1), (w2, s2) = top5(i, t_com, words_com), top5(i, t_all, words_all)
-        paths.append(plot_top_nouns(np.asarray(images.load(q)), w1, s1, os.path.join(run, f'nouns_query{j}.png'),
-                                    w2, s2))
-    return paths
-
-
-# -----------------------------------------------------------------------------
 def _load_codes(path):
     """The arrays of one codes.npz (query_h, retrieval_h, query_labels, retrieval_labels, topk)."""
     if not os.path.exists(path):
@@ -791,8 +667,15 @@ def map_text(value, topk, n):
 
 
 def _score(path, name):
-    """evaluate_all on one codes.npz, and its printed line: (metrics, line)."""
-    z = _load_codes(path)
+    """evaluate_all on one codes.npz, and its printed line: (metrics, line); codes or labels that cannot be
+    scored (NaN, shapes that do not match) are an error naming the file."""
+    try:
+        return _score_codes(_load_codes(path), name)
+    except ValueError as e:
+        raise SystemExit(f'error: {path}: {e}: it is damaged or hand-made; rerun train.py for that code length')
+
+
+def _score_codes(z, name):
     topk = TOPK or int(z['topk'])
     if 'codebooks' in z:  # DQN, DVSQ, DTQ: product-quantized codes ranked by AQD
         m = evaluate_quantized(z['query_h'], z['retrieval_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],
@@ -841,16 +724,17 @@ def eval_run(cfg):
     metrics = {b: m for b, (m, _) in scored.items()}
     save_json(os.path.join(RUN, 'metrics.json'), dict(config=cfg, bits={str(b): m for b, m in metrics.items()}))
     name = os.path.basename(os.path.normpath(RUN))
-    plot_curves({f'{b} bits': m['pr_curve_rank'] for b, m in metrics.items()},
+    figures.plot_curves({f'{b} bits': m['pr_curve_rank'] for b, m in metrics.items()},
                 os.path.join(RUN, 'pr_curve.png'), 'pr', f'Precision-recall, {name}')
-    plot_curves({f'{b} bits': m['p_at_n'] for b, m in metrics.items()},
+    figures.plot_curves({f'{b} bits': m['p_at_n'] for b, m in metrics.items()},
                 os.path.join(RUN, 'p_at_n.png'), 'pn', f'Precision@N, {name}')
     print(f'wrote {RUN}/metrics.json, pr_curve.png, p_at_n.png')
     bits, path = found[-1]
     z = _load_codes(path)
     result = os.path.join(RUN, f'{bits}bits', 'result.json')
     if EXAMPLES and 'query_index' in z and os.path.exists(result):
-        drawn = draw_examples(RUN, bits, z, EXAMPLES)
+        top = rank_topk(z, min(10, len(z['retrieval_index'])), EXAMPLES)[0]  # Figure 6's top-10 of each query
+        drawn = figures.draw_examples(RUN, bits, z, top, DATA_PATH)
         if drawn:
             print(f"wrote {len(drawn)} pictures (Figures 6-7, {bits} bits): {', '.join(map(os.path.basename, drawn))}")
     if os.path.exists(result):
@@ -873,24 +757,27 @@ def main():
     if RUNS:  # one line per run at BITS (Figures 3-4 compare methods at 64 bits)
         runs = list(dict.fromkeys(os.path.normpath(r) for r in RUNS))  # keyed by the whole path: two 'run' folders stay
                                                                        # two
-        datasets = {r: run_dataset(r, BITS) for r in runs}
-        if len(set(datasets.values())) > 1:
-            raise SystemExit('error: --runs mixes datasets (' + ', '.join(f'{r}: {d}' for r, d in datasets.items())
-                             + '): MAP is comparable only on one dataset and split; compare runs of one dataset')
         for r in runs:
             if not os.path.exists(os.path.join(r, f'{BITS}bits', 'codes.npz')):
-                have = sorted(bits_dirs(r))
+                if not os.path.isdir(r) or not bits_dirs(r):
+                    raise SystemExit(f'error: {r} is not a train.py run folder (it holds no <L>bits/codes.npz): give '
+                                     f'--runs the folders train.py wrote, e.g. runs/<dataset>/<name>_<key>')
+                have = code_lengths(r)
                 raise SystemExit(f'error: {r} has no {BITS}-bit codes ({r}/{BITS}bits/codes.npz); its code lengths: '
                                  f'{have or "none"}; choose --bits from those, or train {BITS} bits')
+        datasets = {r: run_dataset(r, BITS) for r in runs}
+        if len(set(datasets.values()) - {'?'}) > 1:  # '?': a run whose result.json does not say
+            raise SystemExit('error: --runs mixes datasets (' + ', '.join(f'{r}: {d}' for r, d in datasets.items())
+                             + '): MAP is comparable only on one dataset and split; compare runs of one dataset')
         os.makedirs(OUT, exist_ok=True)
         metrics = {}
         for run in runs:
             metrics[run], line = _score(os.path.join(run, f'{BITS}bits', 'codes.npz'), f'run={run} ')
             print(line, flush=True)
         save_json(os.path.join(OUT, f'compare_{BITS}bits.json'), dict(config=cfg, runs=metrics))
-        plot_curves({k: m['pr_curve_rank'] for k, m in metrics.items()},
+        figures.plot_curves({k: m['pr_curve_rank'] for k, m in metrics.items()},
                     os.path.join(OUT, f'pr_curve_{BITS}bits.png'), 'pr', f'Precision-recall, {BITS} bits')
-        plot_curves({k: m['p_at_n'] for k, m in metrics.items()},
+        figures.plot_curves({k: m['p_at_n'] for k, m in metrics.items()},
                     os.path.join(OUT, f'p_at_n_{BITS}bits.png'), 'pn', f'Precision@N, {BITS} bits')
         print(f'wrote {OUT}/compare_{BITS}bits.json, pr_curve_{BITS}bits.png, p_at_n_{BITS}bits.png')
 
@@ -899,4 +786,4 @@ if __name__ == '__main__':
     try:
         main()
     except (OSError, ValueError, cache.CacheError) as e:
-        raise SystemExit(cache.user_error(e))
+        raise SystemExit(cache.user_error(e, dict(run=RUN, out=OUT)))

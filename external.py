@@ -9,8 +9,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from cache import feature_dir, image_names, load_array, selection_dir, split_paths, split_tag, vocab_dir
-from models import clip_build
+from cache import (feature_dir, image_names, load_array, load_features, selection_dir, split_paths, split_tag,
+                   vocab_dir, vocab_tag)
+from models import clip_build, pretrained_tag
 
 
 def _read_only(a):
@@ -54,6 +55,17 @@ def vocabulary_path(cfg):
     return None
 
 
+def vocabulary_settings(cfg):
+    """What every reader expects the sidecar of a run's vocabulary (nouns_embed.py's noun_feats.npy, or
+    for efc selected_feats.npy) to hold: the CLIP that embedded it, the word list, the selection."""
+    want = dict(clip_build=clip_build(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED']), clip_model=cfg['CLIP_MODEL'],
+                clip_pretrained=pretrained_tag(cfg['CLIP_PRETRAINED']), vocab=vocab_tag(cfg['VOCAB']),
+                released=bool(cfg['RELEASED']))
+    if cfg['EXTERNAL'] == 'efc':
+        want.update(n_k=cfg['N_K'], t1=cfg['T1'], t1_reading=cfg['T1_READING'])
+    return want
+
+
 def clip_images_path(cfg):
     """The CLIP features of every image of the run's dataset (dataset_extract.py), Eq. 5's i_i."""
     return os.path.join(feature_dir(cfg['CACHE_DIR'], cfg['DATASET'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
@@ -68,10 +80,11 @@ def read_word_lines(path):
 
 def run_vocabulary(cfg, words=False, mmap=False):
     """(t, words or None): the vocabulary the external feature of a run with config `cfg` is built from
-    (Eq. 5), trusted by the one rule of every cache (its sidecar's CLIP build and checksum, and with
-    `words` the word list's checksum). imgk: the training images' CLIP features, named by their files."""
+    (Eq. 5), trusted by the one rule of every cache (its sidecar holds vocabulary_settings, its checksum
+    holds, and with `words` the word list's). imgk: the training images' CLIP features, named by their files."""
     if cfg['EXTERNAL'] == 'imgk':
-        feats = load_array(clip_images_path(cfg), producer='dataset_extract.py', mmap=mmap)
+        feats = load_features(cfg['CACHE_DIR'], cfg['DATASET'], cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'],
+                              cfg.get('VIEW_RECIPE') or 'simclr', mmap=mmap)
         train = load_array(split_paths(cfg['CACHE_DIR'], cfg['DATASET'], split_tag(cfg['SPLIT_SEED'],
                                                                                    cfg.get('SPLIT_DIR')))['train'])
         names = image_names(cfg['CACHE_DIR'], cfg['DATASET'], len(feats)) if words else None
@@ -82,7 +95,7 @@ def run_vocabulary(cfg, words=False, mmap=False):
     words_file = 'selected_words.txt' if cfg['EXTERNAL'] == 'efc' else 'noun_words.txt'
     flags = f"--vocab={cfg['VOCAB']} --clip_model={cfg['CLIP_MODEL']} --clip_pretrained={cfg['CLIP_PRETRAINED']}"
     flags += f" --n_k={cfg['N_K']} --t1={cfg['T1']}" if cfg['EXTERNAL'] == 'efc' else ''
-    t = load_array(path, dict(clip_build=clip_build(cfg['CLIP_MODEL'], cfg['CLIP_PRETRAINED'])),
+    t = load_array(path, vocabulary_settings(cfg),
                    producer=f"nouns_embed.py {flags}{' --released' if cfg['RELEASED'] else ''}", mmap=mmap,
                    companions=[words_file] if words else ())
     if not words:

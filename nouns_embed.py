@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cache import (CacheError, cached, kmeans_dir, save_json, save_text, selection_dir, user_error, vocab_dir,
-                   vocab_sample, vocab_tag)
+from cache import (CacheError, cache_status, cached, kmeans_dir, load_array, read_sidecar, save_array, save_json,
+                   save_text, selection_dir, user_error, vocab_dir, vocab_sample, vocab_tag)
 from configurator import check_choice, check_ranges, choice_error, configure, released_defaults
+from dataset import DataError, read_lines
 from external import read_word_lines
 from models import WeightsUnavailable, clip_build, encode_text_cut, hardware, load_clip, pretrained_tag, resolve_device
 
@@ -48,6 +49,8 @@ CLIP_PRETRAINED = 'openai'         # open_clip tag, a local checkpoint file, or 
                                    # (quick runs, tests: nouns that mean nothing about the images)
 BATCH_SIZE = None                  # prompts per text-encoder batch; None: 1024 on a GPU, 128 on the CPU (the
                                    # fastest on each)
+CHUNK_PROMPTS = 100000             # Eq. 2's running sums are saved after every chunk of this many prompts (the unit
+                                   # of resuming after a kill)
 PRECISION = None                   # 'fp32', 'fp16' (GPU) or 'bf16' autocast; None: fp16 on a GPU (as OpenAI's clip.load
                                    # runs CLIP on CUDA), fp32 on the CPU
 # clustering (Eq. 3-4)
@@ -74,8 +77,9 @@ DEVICE = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 THREADS = 0                        # torch CPU threads; 0 leaves torch's default (1 is faster on a busy CPU)
 FORCE = False                      # rebuild the cached features, K-means and selection
 # -----------------------------------------------------------------------------
-_RANGES = dict(BATCH_SIZE='[1, inf)', N_K='[1, inf)', KMEANS_ITERS='[1, inf)', KMEANS_RESTARTS='[1, inf)',
-               KMEANS_TOL='[0, inf)', KMEANS_SEED='[0, inf)', THREADS='[0, inf)')  # checked before any work
+_RANGES = dict(BATCH_SIZE='[1, inf)', CHUNK_PROMPTS='[1, inf)', N_K='[1, inf)', KMEANS_ITERS='[1, inf)',
+               KMEANS_RESTARTS='[1, inf)', KMEANS_TOL='[0, inf)', KMEANS_SEED='[0, inf)',
+               THREADS='[0, inf)')  # checked before any work
 T1_RANGES = {'distance': (0, 4), 'similarity': (-1, 1)}  # T1 by its reading of Eq. 3: 2 - 2cos, or cos
 RELEASED_DEFAULTS = dict(  # each None setting above: (its default, the authors' released code's), by RELEASED
     KMEANS_ITERS=(40, 300), KMEANS_RESTARTS=(1, 10), KMEANS_TOL=(1e-5, 0.0),  # faiss Kmeans(niter=300, nredo=10)
@@ -158,12 +162,11 @@ def read_words(vocab, cache_dir=CACHE_DIR, wordnet_dir=WORDNET_DIR, released=Fal
         return list(dict.fromkeys(IMAGENET_CLASSNAMES)), 'imagenet', 'open_clip IMAGENET_CLASSNAMES'
     if not os.path.isfile(vocab):
         raise SystemExit(f"error: --vocab={vocab!r} is neither 'wordnet', 'imagenet' nor an existing word-list file")
-    try:
-        with open(vocab, encoding='utf-8') as f:
-            lines = f.read().splitlines()[1 if vocab.lower().endswith('.csv') else 0:]
-            words = list(dict.fromkeys(w for w in (' '.join(line.split()) for line in lines) if w))
-    except (OSError, UnicodeDecodeError) as e:
+    try:  # UTF-8, a byte-order mark left out; another encoding names the line and the fix
+        lines = read_lines(vocab)[1 if vocab.lower().endswith('.csv') else 0:]
+    except (OSError, DataError) as e:
         raise SystemExit(f"error: cannot read the word-list file {vocab}: {e}")
+    words = list(dict.fromkeys(w for w in (' '.join(line.split()) for line in lines) if w))
     if not words:
         raise SystemExit(f"error: the word-list file {vocab} holds no words (one word per line expected)")
     return words, vocab_tag(vocab), os.path.abspath(vocab)
@@ -222,23 +225,38 @@ def prompt_texts(words, prompts=PROMPTS, keep_underscores=False):
     return [p.format(w if keep_underscores else w.replace('_', ' ')) for w in words for p in prompts]
 
 
+def _autocast(device, precision):
+    """The autocast context of a precision setting: fp32 (none), fp16 (a GPU) or bf16."""
+    if precision == 'fp32':
+        return nullcontext()
+    check_choice('precision', precision, ('fp32', 'fp16', 'bf16'))
+    if torch.device(device).type == 'cpu' and precision == 'fp16':
+        raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
+    return torch.autocast(torch.device(device).type, dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
+
+
+def _saved_sums(progress):
+    """(running sums of Eq. 2, the prompts they hold) that a stopped run saved with the same settings
+    (progress: (path, settings, prompts per chunk)), else (None, 0)."""
+    if progress is None or cache_status(progress[0], progress[1]) != 'ok':
+        return None, 0
+    t_w = np.array(load_array(progress[0], progress[1], 'nouns_embed.py'))
+    done = read_sidecar(progress[0])['settings']['prompts_done']
+    print(f"resuming Eq. 2 after {done} prompts (saved by a stopped run in {progress[0]})")
+    return t_w, done
+
+
 @torch.no_grad()
 def embed_words(words, model, tokenizer, batch_size=128, device='cpu', prompts=PROMPTS,
-                precision='fp32', keep_underscores=False, raw_mean=False):
+                precision='fp32', keep_underscores=False, raw_mean=False, progress=None):
     """Eq. 2: t_w (len(words) x D float32, unit rows), the L2-normalised mean of the
     L2-normalised CLIP features of the word's prompts (as in CLIP's prompt-engineering
     notebook); raw_mean: the mean of the raw prompt features, then normalised (the authors'
     code). Prompts are encoded once per distinct token sequence, in length-sorted batches
-    cut after their longest end-of-text token (models.encode_text_cut), then put back in order."""
-    dev = torch.device(device)
-    if precision == 'fp32':
-        autocast = nullcontext()
-    elif precision in ('fp16', 'bf16'):
-        if dev.type == 'cpu' and precision == 'fp16':
-            raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
-        autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
-    else:
-        check_choice('precision', precision, ('fp32', 'fp16', 'bf16'))
+    cut after their longest end-of-text token (models.encode_text_cut), then put back in order.
+    progress (path, settings, prompts per chunk): the running sums are saved after each chunk,
+    and a run stopped part-way goes on from them, to the same bytes as a run never stopped."""
+    dev, autocast = torch.device(device), _autocast(device, precision)
     n_p = len(prompts)
     toks = _prompt_tokens([w if keep_underscores else w.replace('_', ' ') for w in words], prompts, tokenizer)
     uniq = {}
@@ -252,9 +270,9 @@ def embed_words(words, model, tokenizer, batch_size=128, device='cpu', prompts=P
     rank[order] = np.arange(len(order))
     occ = np.argsort(rank[uid], kind='stable')              # every (word, prompt) entry, in processing order
     occ_rank, occ_word = rank[uid[occ]], occ // n_p
-    t_w = None
-    starts = range(0, len(order), batch_size)
-    lo = 0
+    t_w, first = _saved_sums(progress)
+    starts = range(first, len(order), batch_size)
+    lo = np.searchsorted(occ_rank, first, side='left')
     for s in tqdm(starts, desc=f'Eq. 2: {len(words)} words, {len(lengths)} prompts', unit='batch', mininterval=2):
         idx = order[s:s + batch_size]
         pos = np.arange(lengths[idx].max())
@@ -267,6 +285,8 @@ def embed_words(words, model, tokenizer, batch_size=128, device='cpu', prompts=P
         hi = np.searchsorted(occ_rank, s + len(idx), side='left')
         np.add.at(t_w, occ_word[lo:hi], f[occ_rank[lo:hi] - s])  # sequential, so equal prompts give equal sums
         lo = hi
+        if progress and (s + len(idx)) // progress[2] > s // progress[2] and s + len(idx) < len(order):
+            save_array(progress[0], t_w, dict(progress[1], prompts_done=int(s + len(idx))), 'nouns_embed.py')
     return t_w / np.linalg.norm(t_w, axis=1, keepdims=True).clip(min=1e-12)
 
 
@@ -462,10 +482,14 @@ def embed_step(words, source, vtag, device, batch, precision):
                     eq2_mean='raw' if RELEASED else 'normalised', dedup='2-NN deletion' if RELEASED else 'exact')
     vdir = vocab_dir(CACHE_DIR, VOCAB, CLIP_MODEL, CLIP_PRETRAINED, RELEASED)
 
+    progress = (os.path.join(vdir, '.progress', 'eq2_sums.npy'), dict(settings, batch_size=batch), CHUNK_PROMPTS)
+    if FORCE:
+        shutil.rmtree(os.path.dirname(progress[0]), ignore_errors=True)
+
     def build():
         model, _, tokenizer = load_clip(CLIP_MODEL, CLIP_PRETRAINED, device)
         t0 = time.time()
-        t_all = embed_words(words, model, tokenizer, batch, device, PROMPTS, precision, RELEASED, RELEASED)
+        t_all = embed_words(words, model, tokenizer, batch, device, PROMPTS, precision, RELEASED, RELEASED, progress)
         keep = delete_2nn(t_all) if RELEASED else drop_duplicates(t_all)
         dropped = np.setdiff1d(np.arange(len(words)), keep)
         if len(dropped) and RELEASED:
@@ -478,7 +502,9 @@ def embed_step(words, source, vtag, device, batch, precision):
         return t_all[keep], dict(seconds=time.time() - t0, hardware=hardware(device), vocab_source=source,
                                  duplicates=len(dropped))
     t, meta = cached(os.path.join(vdir, 'noun_feats.npy'), settings, build, 'nouns_embed.py', FORCE, ['noun_words.txt'])
+    shutil.rmtree(os.path.dirname(progress[0]), ignore_errors=True)  # what it saved is in noun_feats.npy now
     return t, read_word_lines(os.path.join(vdir, 'noun_words.txt')), meta
+
 
 
 def cluster_step(t, feats_meta, iters, restarts, tol, init, device):
@@ -601,4 +627,4 @@ if __name__ == '__main__':
     try:
         main()
     except (CacheError, WeightsUnavailable, OSError, ValueError) as e:
-        raise SystemExit(user_error(e))
+        raise SystemExit(user_error(e, dict(cache_dir=CACHE_DIR)))

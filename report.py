@@ -24,6 +24,7 @@ import numpy as np
 import cache
 import eval_hash
 import external
+import figures
 import provenance
 from cache import save_json, save_text
 from models import pretrained_tag
@@ -291,7 +292,7 @@ def figure_curves(out_dir, runs, store):
             continue
         pngs[d] = (f'figure3_{_safe(d)}.png', f'figure4_{_safe(d)}.png')
         for png, kind, title in zip(pngs[d], ('pr', 'pn'), ('precision-recall', 'precision@N')):
-            eval_hash.plot_curves({label: c[kind] for label, c in curves}, os.path.join(out_dir, png), kind,
+            figures.plot_curves({label: c[kind] for label, c in curves}, os.path.join(out_dir, png), kind,
                                   f'{d}: {title}')
         lines.append(f'- {d}: ' + ', '.join(f"{label} (MAP {c['map']:.3f})" for label, c in curves))
     return lines, pngs
@@ -331,7 +332,7 @@ def plot_figure5(panels, path, bits):
 
 def figure_examples(out_dir, runs, bits, n):
     """Figures 6 and 7 for the first `n` queries of one run per dataset (`runs`: {dataset: result or why
-    there is none}), drawn by eval_hash.draw_examples and copied beside the report. Returns ({dataset:
+    there is none}), drawn by figures.draw_examples and copied beside the report. Returns ({dataset:
     [Figure 6 PNGs]}, {dataset: [Figure 7 PNGs]}, {dataset: why there is no picture})."""
     six, seven, why = {}, {}, {}
     for d, r in runs.items():
@@ -342,7 +343,9 @@ def figure_examples(out_dir, runs, bits, n):
         out = io.StringIO()
         try:
             with np.load(os.path.join(r['run_dir'], 'codes.npz')) as z, redirect_stdout(out):
-                drawn = eval_hash.draw_examples(run, bits, {k: z[k] for k in z.files}, n)
+                z = {k: z[k] for k in z.files}
+                drawn = figures.draw_examples(run, bits, z, eval_hash.rank_topk(z, min(10, len(z['retrieval_index'])),
+                                                                                n)[0])
         except (OSError, ValueError, KeyError, SystemExit) as e:
             drawn, out = [], io.StringIO(f'no Figure 6-7 pictures: {str(e)[:200]}')
         said = [l for l in out.getvalue().splitlines() if l.startswith('no Figure')]

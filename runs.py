@@ -12,9 +12,10 @@ import os
 import re
 import shutil
 
-from cache import atomic_write, save_json
+from cache import atomic_write, hold, read_json, save_json
 
-NOT_RESULT = frozenset({'DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS'})  # settings that do not change a result
+NOT_RESULT = frozenset({'DEVICE', 'RESULTS', 'RUN_DIR', 'FORCE', 'THREADS',  # settings that do not change a result
+                        'CACHE_DIR'})  # where the inputs lie: what they hold is the run key's fingerprints
 
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,8 @@ def run_key(cfg, inputs):
 
 def key_differences(a, b):
     """What differs between two run keys (run_key): ([(NAME, a's value, b's value)], [input name])."""
-    settings = [(k, a['config'].get(k), b['config'].get(k)) for k in sorted(set(a['config']) | set(b['config']))
+    keys = sorted((set(a['config']) | set(b['config'])) - NOT_RESULT)  # an older key may hold CACHE_DIR
+    settings = [(k, a['config'].get(k), b['config'].get(k)) for k in keys
                 if json.dumps(a['config'].get(k), default=str) != json.dumps(b['config'].get(k), default=str)]
     inputs = [k for k in sorted(set(a['inputs']) | set(b['inputs'])) if a['inputs'].get(k) != b['inputs'].get(k)]
     return settings, inputs
@@ -59,7 +61,6 @@ def run_name(cfg, sha):
 
 # -----------------------------------------------------------------------------
 # a run folder: held by one train.py, never two runs in it
-_HELD = []  # the run folders' locks this process holds
 _RUN_FILES = re.compile(r'(\d+bits|run\.json|metrics\.json|pr_curve\.png|p_at_n\.png|top10_query\d+\.png|'
                         r'nouns_query\d+\.png)')
 
@@ -68,17 +69,12 @@ def claim_run_dir(run_dir, sha, key, force=False):
     """Hold `run_dir` for this run until the process ends (a lock: a second train.py into it stops).
     A folder that holds a run made from other settings or inputs is refused with what differs, or with
     `force` emptied of that run first, so a folder never mixes two runs."""
-    import fcntl
-    os.makedirs(run_dir, exist_ok=True)
-    lock = open(os.path.join(run_dir, '.lock'), 'w')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"error: another train.py is writing {run_dir}: wait for it, or give another --run_dir")
+    hold(run_dir, f"another train.py is writing {run_dir}: wait for it, or give another --run_dir")
     path = os.path.join(run_dir, 'run.json')
-    old = json.load(open(path)) if os.path.exists(path) else None
+    old = read_json(path) if os.path.exists(path) else None
     ours = [f for f in os.listdir(run_dir) if _RUN_FILES.fullmatch(f)]
-    if (old or ours) and (old or {}).get('sha256') != sha:
+    old_sha = old and run_key(old['key']['config'], old['key']['inputs'])[0]  # keyed anew: an older key held CACHE_DIR
+    if (old or ours) and old_sha != sha:
         if old is None:
             why = 'an older train.py (it has no run.json)'
         else:
@@ -93,13 +89,17 @@ def claim_run_dir(run_dir, sha, key, force=False):
             p = os.path.join(run_dir, f)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     save_json(path, dict(sha256=sha, key=key))
-    _HELD.append(lock)  # released when the process ends
 
 
 def bits_dirs(run):
     """{code length: its <run>/<L>bits folder} of a training run."""
     return {int(m.group(1)): d for d in glob.glob(os.path.join(run, '*bits'))
             if (m := re.fullmatch(r'(\d+)bits', os.path.basename(d)))}
+
+
+def code_lengths(run):
+    """The code lengths of a run folder whose codes are there (<L>bits/codes.npz), sorted."""
+    return sorted(b for b, d in bits_dirs(run).items() if os.path.isfile(os.path.join(d, 'codes.npz')))
 
 
 def run_dataset(run, bits):
@@ -156,12 +156,12 @@ def read_results(path):
 def write_result(path, result):
     """Put `result` into the JSON-lines file `path` as one whole line: the file is rewritten into a
     temporary file and renamed, so a full disk or a kill leaves the old file; a partial line an older
-    writer left is dropped (and said); a line of the same run (same settings but for where it was
-    written, same code length) is replaced, not repeated."""
+    writer left is dropped (and said); a line of the same run (same run_key: settings and inputs, the
+    cache's path aside; same code length) is replaced, not repeated."""
     import fcntl
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     key = lambda r: digest([r.get('dataset'), r.get('bits'), r.get('method', 'duheg'),
-                            result_settings(r.get('config') or {})])
+                            run_key(r.get('config') or {}, r.get('inputs') or {})[0]])
     with open(path + '.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time
         lines = read_results(path)

@@ -224,37 +224,42 @@ def encode_images(imgs, cfg, device):
 
 
 def encode_files(paths, cfg, hv, device):
-    """(codes of the readable images, [(path, why)] of the unreadable ones)."""
+    """(codes of the readable images, [(path, why)] of the unreadable ones, how many of `paths` were
+    handled: all, or after Ctrl-C those before the batch it interrupted, whose codes are kept)."""
     encode, preprocess = image_encoder(cfg, device)
     from PIL import Image
-    codes, bad, batch, feats = [], [], [], []
+    bad, batch, feats, done = [], [], [], 0
 
-    def flush():
+    def flush(upto):
+        nonlocal done
         if batch:
             feats.append(encode(torch.stack(batch).to(device)).float().cpu().numpy())
             batch.clear()
-    for p in tqdm(paths, desc='encoding images', unit='image', disable=len(paths) < 20):
-        try:
-            with Image.open(p) as im:
-                batch.append(preprocess(dataset.to_rgb(im)))
-        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
-            bad.append((p, f'{type(e).__name__}: {str(e)[:120]}'))
-            continue
-        if len(batch) == BATCH_SIZE:
-            flush()
-    flush()
+        done = upto
+    try:
+        for i, p in enumerate(tqdm(paths, desc='encoding images', unit='image', disable=len(paths) < 20)):
+            try:
+                with Image.open(p) as im:
+                    batch.append(preprocess(dataset.to_rgb(im)))
+            except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
+                bad.append((i, p, f'{type(e).__name__}: {str(e)[:120]}'))
+                continue
+            if len(batch) == BATCH_SIZE:
+                flush(i + 1)
+        flush(len(paths))
+    except KeyboardInterrupt:  # the batches encoded so far are kept
+        pass
     x = np.concatenate(feats) if feats else np.zeros((0, hv.net[0].in_features), np.float32)
-    codes = hash_features(x, hv, cfg) if len(x) else np.zeros((0, (hv.net[-1].out_features + 7) // 8), np.uint8)
-    return codes, bad
+    codes = hash_features(x, hv, cfg) if len(x) else np.zeros((0, codes_width(hv)), np.uint8)
+    return codes, [(p, why) for i, p, why in bad if i < done], done
 
 
 def dataset_entries(name, cfg, hv):
     """Index entries and codes of a dataset's retrieval set, from the run's cached features."""
     if name != cfg['DATASET']:
         raise DataError(f"--images=dataset:{name}, but the run was trained on {cfg['DATASET']}")
-    fdir = cache.feature_dir(cfg['CACHE_DIR'], name, cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'],
-                             cfg.get('VIEW_RECIPE') or 'simclr')
-    feats = cache.load_array(os.path.join(fdir, 'images.npy'), producer='dataset_extract.py', mmap=True)
+    feats = cache.load_features(cfg['CACHE_DIR'], name, cfg['BACKBONE'], cfg['BACKBONE_PRETRAINED'],
+                                cfg.get('VIEW_RECIPE') or 'simclr', mmap=True)
     split = cache.split_paths(cfg['CACHE_DIR'], name, cache.split_tag(cfg['SPLIT_SEED'], cfg.get('SPLIT_DIR')))
     retrieval = cache.load_array(split['retrieval'], producer='dataset_extract.py')
     names = cache.image_names(cfg['CACHE_DIR'], cfg['DATASET'], len(feats))
@@ -269,11 +274,10 @@ def read_index(index):
     meta_path, codes_path = os.path.join(index, 'index.json'), os.path.join(index, 'codes.npy')
     if not os.path.exists(meta_path):
         return None, None
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = cache.read_json(meta_path, 'index again with --run and --images (the index is built anew)')
     if not os.path.isfile(codes_path) or sha256_file(codes_path) != meta.get('codes_sha256'):
         raise CacheError(f"{codes_path} is missing or does not match {meta_path} (a killed write?): index again "
-                         f"with --run and --images into an empty --index")
+                         f"with --run and --images (the index is built anew)")
     codes = np.load(codes_path, allow_pickle=False)
     if codes.shape != (len(meta['images']), meta['bits'] // 8 + (meta['bits'] % 8 > 0)):
         raise CacheError(f"{codes_path} has shape {codes.shape}, {meta_path} lists {len(meta['images'])} images")
@@ -290,48 +294,67 @@ def write_index(index, meta, codes):
 
 def update_index(index, spec, run, bits, device):
     """Build or update the index of `spec` with the run's codes: new and changed images are encoded,
-    vanished ones dropped, unreadable ones listed and skipped. Returns (meta, codes)."""
+    vanished ones dropped, unreadable ones listed and skipped; a damaged index is built anew. Stopped
+    by Ctrl-C, it keeps the images encoded so far, and the same command resumes. Returns (meta, codes)."""
     cfg, hv, he, run_sha = load_run(run, bits)
     ident = run_identity(run, bits, run_sha, cfg)
-    meta, codes = read_index(index)
+    try:
+        meta, codes = read_index(index)
+    except CacheError as e:
+        print(f"note: {str(e).split(': index again')[0]}: building the index anew")
+        meta, codes = None, None
     if meta is not None and meta['identity'] != ident:
         diff = ', '.join(f"{k}: {meta['identity'].get(k)} -> {v}" for k, v in ident.items()
                          if meta['identity'].get(k) != v)
         raise DataError(f"the index {index} holds codes of another run or code length ({diff}); use another --index "
                         f"or delete {index}")
     t0 = time.time()
+    stopped = ''
     if spec.startswith('dataset:'):
         entries, new_codes = dataset_entries(spec.split(':', 1)[1], cfg, hv)
         skipped = []
     else:
-        files = list_images(spec)
-        old = {(e['name'], tuple(e.get('stat', ()))): i for i, e in enumerate(meta['images'])} if meta else {}
-        keys = [(n, tuple(stat_key(p))) for n, p in files]
-        todo = [f for f, k in zip(files, keys) if k not in old]
-        fresh, bad = encode_files([p for _, p in todo], cfg, hv, device)
-        bad_paths = {p for p, _ in bad}
-        fresh_rows = iter(range(len(fresh)))
-        new_of = {n: next(fresh_rows) for n, p in todo if p not in bad_paths}
-        entries, rows = [], []
-        for (n, p), k in zip(files, keys):
-            if k in old:
-                entries.append(dict(meta['images'][old[k]]))
-                rows.append(codes[old[k]])
-            elif n in new_of:
-                entries.append(dict(name=n, path=os.path.abspath(p), stat=list(k[1])))
-                rows.append(fresh[new_of[n]])
-        new_codes = (np.array(rows, np.uint8).reshape(len(rows), -1) if rows
-                     else np.zeros((0, (bits + 7) // 8), np.uint8))
-        skipped = [dict(path=p, why=w) for p, w in bad]
-        kept = len(files) - len(todo)
-        print(f"index {index}: {len(todo) - len(bad)} images encoded, {kept} kept from before, "
-              f"{(len(meta['images']) if meta else 0) - kept} dropped (vanished or changed), {len(bad)} unreadable "
-              f"skipped"
-              + (f" (listed in {index}/index.json, e.g. {bad[0][0]}: {bad[0][1]})" if bad else ''))
+        entries, new_codes, skipped, stopped = index_files(index, list_images(spec), meta, codes, cfg, hv, device)
     meta = dict(identity=ident, bits=bits, images=entries, skipped=skipped, source=spec, dataset=cfg['DATASET'],
                 dataset_cache=os.path.abspath(cfg['CACHE_DIR']), seconds=round(time.time() - t0, 2))
     write_index(index, meta, new_codes)
+    if stopped:
+        raise SystemExit(f"error: {stopped}")
     return meta, new_codes
+
+
+def index_files(index, files, meta, codes, cfg, hv, device):
+    """(entries, codes, skipped, '' or why it stopped) of the image files [(name, path)]: those of the old
+    index (meta, codes) with the same name, size and time kept, the others encoded."""
+    old = {(e['name'], tuple(e.get('stat', ()))): i for i, e in enumerate(meta['images'])} if meta else {}
+    keys = [(n, tuple(stat_key(p))) for n, p in files]
+    todo = [f for f, k in zip(files, keys) if k not in old]
+    fresh, bad, done = encode_files([p for _, p in todo], cfg, hv, device)
+    bad_paths = {p for p, _ in bad}
+    fresh_rows = iter(range(len(fresh)))
+    new_of = {n: next(fresh_rows) for n, p in todo[:done] if p not in bad_paths}
+    entries, rows = [], []
+    for (n, p), k in zip(files, keys):
+        if k in old:
+            entries.append(dict(meta['images'][old[k]]))
+            rows.append(codes[old[k]])
+        elif n in new_of:
+            entries.append(dict(name=n, path=os.path.abspath(p), stat=list(k[1])))
+            rows.append(fresh[new_of[n]])
+    new_codes = np.array(rows, np.uint8).reshape(len(rows), -1) if rows else np.zeros((0, codes_width(hv)), np.uint8)
+    kept = len(files) - len(todo)
+    print(f"index {index}: {done - len(bad)} images encoded, {kept} kept from before, "
+          f"{(len(meta['images']) if meta else 0) - kept} dropped (vanished or changed), {len(bad)} unreadable skipped"
+          + (f" (listed in {index}/index.json, e.g. {cache.shown(bad[0][0])}: {bad[0][1]})" if bad else ''))
+    stopped = '' if done == len(todo) else (
+        f"interrupted (Ctrl-C) after {done} of the {len(todo)} images to encode: the index {index} keeps them; "
+        f"run the same command again to encode the other {len(todo) - done}")
+    return entries, new_codes, [dict(path=p, why=w) for p, w in bad], stopped
+
+
+def codes_width(hv):
+    """Bytes of one packed code of the head hv."""
+    return (hv.net[-1].out_features + 7) // 8
 
 
 # -----------------------------------------------------------------------------
@@ -379,7 +402,12 @@ def thumbnail(entry, size, meta=None):
         img = entry_image(entry, meta or {})
         scale = size / max(img.size)  # down, or up for small images (CIFAR-10's 32 x 32)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-    except Exception:  # noqa: BLE001 - a picture that cannot be shown is drawn grey
+    except Exception as e:  # noqa: BLE001 - a picture that cannot be shown is drawn grey, and said once
+        why = f"{cache.shown(entry.get('path') or entry.get('name', '?'))} (" + (
+            'it does not exist)' if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {str(e)[:120]})")
+        once('grey', lambda: print(f"note: cannot draw {why}: drawn grey, as is any other image that cannot be read; "
+                                   f"if the indexed images moved, index their new folder with --run and --images",
+                                   flush=True))
         img = Image.new('RGB', (size, size), (128, 128, 128))
     tile = Image.new('RGB', (size, size), (255, 255, 255))
     tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
@@ -425,7 +453,9 @@ def query_codes(meta, codes, device):
             raise DataError(f"the run {ident['run']} changed since the index was made (its heads.pt differs): query "
                             f"codes would not match the index's; index again with --run and --images")
         if QUERY:
-            q, bad = encode_files([os.path.expanduser(p) for p in QUERY], cfg, hv, device)
+            q, bad, done = encode_files([os.path.expanduser(p) for p in QUERY], cfg, hv, device)
+            if done < len(QUERY):
+                raise KeyboardInterrupt
             if bad:
                 raise DataError(f"cannot read the query image {bad[0][0]} ({bad[0][1]})")
             out += [(dict(image=os.path.abspath(os.path.expanduser(p))), c) for p, c in zip(QUERY, q)]
@@ -633,10 +663,10 @@ class SearchPage:
                 frame = ' right' if (labels[e['row']] @ labels[q_row]) > 0 else ' wrong'
             tiles.append(f'<div class="hit{frame}"><a href="/search?item={h["row"]}&k={len(hits)}" title="more like '
                          f'this"><img loading="lazy" src="/thumb/{h["row"]}" width="{THUMB}" height="{THUMB}"><br>'
-                         f'<span class="name">{html.escape(h["name"])}</span></a><br>d=<span class="distance">'
-                         f'{h["distance"]}</span> <a class="full" href="/image/{h["row"]}" target="_blank">'
-                         f'full image</a></div>')
-        rows = ''.join(f'<tr><td class="noun">{html.escape(w.replace("_", " "))}</td>'
+                         f'<span class="name">{html.escape(cache.shown(h["name"]))}</span></a><br>d=<span '
+                         f'class="distance">{h["distance"]}</span> <a class="full" href="/image/{h["row"]}" '
+                         f'target="_blank">full image</a></div>')
+        rows = ''.join(f'<tr><td class="noun">{html.escape(cache.shown(w).replace("_", " "))}</td>'
                        f'<td class="weight">{s:.3f}</td></tr>' for w, s in nouns)
         nouns_html = (f'<div><b>{nouns_what}</b><table class="nouns">{rows}</table></div>' if nouns else '')
         shown = (f'<img id="preview" src="{preview}" alt="the query">' if preview else '')
@@ -700,7 +730,8 @@ def code_text(code, bits):
 
 
 def query_name(query, meta):
-    return query.get('words') or query.get('name') or os.path.basename(query.get('image', '')) or 'image'
+    name = query.get('words') or query.get('name') or os.path.basename(query.get('image', ''))
+    return cache.shown(name or 'image')
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -879,7 +910,7 @@ def main():
         for j, r in enumerate(results):
             r['sheet'] = contact_sheet(r['query'], r['hits'], meta, os.path.join(out, f'query{j}.png'))
             for h in r['hits']:
-                print(f"hit query={j} rank={h['rank']} distance={h['distance']} name={h['name']}")
+                print(f"hit query={j} rank={h['rank']} distance={h['distance']} name={cache.shown(h['name'])}")
         save_json(os.path.join(out, 'results.json'), dict(index=os.path.abspath(INDEX), search=SEARCH, topk=TOPK,
                                                           results=results))
         print(f"wrote {out}/results.json and {len(results)} contact sheet(s) (query0.png, ...)")
@@ -891,4 +922,6 @@ if __name__ == '__main__':
     try:
         main()
     except (DataError, CacheError, models.WeightsUnavailable, OSError, ValueError) as e:
-        raise SystemExit(cache.user_error(e))
+        raise SystemExit(cache.user_error(e, dict(index=INDEX, out=OUT)))
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted (Ctrl-C): run the same command again")

@@ -180,14 +180,13 @@ def load_features():
     tag = split_tag(SPLIT_SEED, SPLIT_DIR)
     labels, query, retrieval, train = cache.load_split(CACHE_DIR, DATASET, tag)
     fdir = os.path.dirname(paths['features'])
-    feats = load_array(paths['features'], dict(build=models.backbone_build(BACKBONE, BACKBONE_PRETRAINED)),
-                       producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE}')
+    feats = cache.load_features(CACHE_DIR, DATASET, BACKBONE, BACKBONE_PRETRAINED, VIEW_RECIPE)
     if len(feats) != len(labels):
         raise CacheError(f"{paths['features']} has {len(feats)} rows but {paths['labels']} {len(labels)}: the two "
                          f"come from different datasets; rerun dataset_extract.py --force")
     aug = None
     if 'views' in paths:  # IMGAUG (EXTERNAL none) requires AUG, checked in main
-        aug = load_array(paths['views'],
+        aug = load_array(paths['views'], cache.extraction_of(paths['features']), whose=paths['features'],
                          producer=f'dataset_extract.py --dataset={DATASET} --backbone={BACKBONE} (AUG_VIEWS >= 1)')
         if aug.shape[1] < 1 or aug.shape[0] != len(train):
             raise CacheError(f"{paths['views']} has shape {aug.shape}, expected ({len(train)}, views, F)")
@@ -198,9 +197,8 @@ def load_features():
                              f"{', or train with --aug=false' if METHOD == 'duheg' and EXTERNAL != 'none' else ''}")
     clip = None  # the training images in CLIP's space, for the external feature
     if 'clip' in paths:
-        clip = feats if paths['clip'] == paths['features'] else load_array(
-            paths['clip'], dict(build=models.clip_build(CLIP_MODEL, CLIP_PRETRAINED)),
-            producer=f'dataset_extract.py --backbone={BACKBONE} --clip_model={CLIP_MODEL}')
+        clip = feats if paths['clip'] == paths['features'] else \
+            cache.load_features(CACHE_DIR, DATASET, CLIP_MODEL, CLIP_PRETRAINED, VIEW_RECIPE)
     bad = cache.read_sidecar(paths['features'])['settings'].get('bad', [])
     if bad:  # images dataset_extract.py --bad_images=skip could not read
         query, retrieval, train_keep = (np.setdiff1d(p, bad) for p in (query, retrieval, train))
@@ -399,8 +397,9 @@ def missing_inputs(paths):
             flags += f" --clip_model={CLIP_MODEL} --clip_pretrained={CLIP_PRETRAINED}"
         have = (f"; {d} holds the features of {', '.join(held)} (pass train.py the --backbone and "
                 f"--backbone_pretrained, --clip_model and --clip_pretrained they were extracted with)") if held else ''
+        views = ' (its augmented views: --aug_views=2 or more; or train with --aug=false)' if name == 'views' else ''
         return (f"{path} does not exist: run dataset_extract.py first (step 1): python dataset_extract.py {flags}"
-                f"{' --released' if RELEASED else ''}{have}")
+                f"{' --released' if RELEASED else ''}{views}{have}")
     return None
 
 
@@ -544,6 +543,10 @@ def main():
     torch.use_deterministic_algorithms(device == 'cpu')
 
     feats, aug, clip_train, labels, query, retrieval, train = load_features()
+    classes = os.path.join(cache.dataset_dir(CACHE_DIR, DATASET), 'classes.txt')
+    warning = dataset.one_label_warning(labels, external.read_word_lines(classes) if os.path.isfile(classes) else None)
+    if warning:
+        print(warning)
     print(f"{DATASET}: {len(query)} query, {len(retrieval)} retrieval, {len(train)} train images; features "
           f"{feats.shape[1]}-d; method {METHOD}"
           f"{' (supervised: reads the training labels)' if METHOD in SUPERVISED else ''}")
@@ -577,4 +580,4 @@ if __name__ == '__main__':
     try:
         main()
     except (DataError, CacheError, ValueError, models.WeightsUnavailable, OSError) as e:
-        raise SystemExit(cache.user_error(e))
+        raise SystemExit(cache.user_error(e, dict(results=RESULTS, run_dir=RUN_DIR, cache_dir=CACHE_DIR)))

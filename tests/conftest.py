@@ -71,23 +71,60 @@ def run_script(script, *args, check=True, env=None):
     return proc
 
 
+def one_error_line(proc):
+    """The one line `error: ...` a script ended with: it failed with exit status 1, no traceback, and
+    nothing else on stderr but warnings and progress bars."""
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith('WARNING')
+             and 'Warning' not in l and 'warn(' not in l and '%|' not in l]
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), lines
+    return lines[0]
+
+
+def fake_run(path, dataset_name, bits=(16,), seed=0):
+    """A run folder as train.py leaves it, with random codes of 10 queries and 50 retrieval items in 4
+    classes (codes.npz and result.json per code length)."""
+    import json
+    rng = np.random.default_rng(seed)
+    for b in bits:
+        d = path / f'{b}bits'
+        d.mkdir(parents=True)
+        y = np.eye(4, dtype=np.int8)[rng.integers(0, 4, 60)]
+        np.savez(d / 'codes.npz', query_h=rng.normal(size=(10, b)), retrieval_h=rng.normal(size=(50, b)),
+                 query_labels=y[:10], retrieval_labels=y[10:], topk=50)
+        (d / 'result.json').write_text(json.dumps(dict(dataset=dataset_name, bits=b)))
+
+
 VIEW_KEEP = 0.8  # correlation of a view's nuisance with the item's: augmentations remove only part of it
 CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def feature_settings():
+    """What dataset_extract.py records of the features of the 'folder' dataset by tiny-test/random, and what
+    their readers check (cache.features_settings); their augmented views record the same."""
+    return dict(cache.backbone_settings('tiny-test', 'random'), dataset='folder')
+
+
+def noun_settings(selection=False):
+    """What nouns_embed.py records of a tiny-test/random WordNet noun cache (or its METHOD_SET selection),
+    and what its readers check (external.vocabulary_settings)."""
+    import models
+    nb = dict(clip_build=models.clip_build('tiny-test', 'random'), clip_model='tiny-test', clip_pretrained='random',
+              vocab='wordnet', released=False)
+    return dict(nb, n_k=METHOD_SET['n_k'], t1=METHOD_SET['t1'], t1_reading='distance') if selection else nb
 
 
 def _write_features(cache_dir, x, y, n_classes):
     """The files dataset_extract.py leaves for the 'folder' dataset with backbone tiny-test/random: labels of
     the classes y, the split (10 query and 30 train a class), features x, class names. (labels, split, folder)."""
     import dataset
-    import models
     labels = np.eye(n_classes, dtype=np.int8)[y]
     d = os.path.join(cache_dir, 'folder')
     cache.save_array(os.path.join(d, 'labels.npy'), labels, {}, 'test')
     split = dataset.make_split(labels, dict(query_per_class=10, train_per_class=30), 0)
     for name, idx in zip(('query', 'retrieval', 'train'), split):
         cache.save_array(os.path.join(d, 'split_s0', name + '.npy'), idx, {}, 'test')
-    build = models.backbone_build('tiny-test', 'random')  # as dataset_extract.py records it
-    cache.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, dict(build=build), 'test')
+    cache.save_array(os.path.join(d, 'tiny-test-random', 'images.npy'), x, feature_settings(), 'test')
     cache.save_text(os.path.join(d, 'classes.txt'), CLASS_NAMES[:n_classes])
     return labels, split, d
 
@@ -112,8 +149,8 @@ def write_feature_set(cache_dir, n_classes=8, per_class=60, dim=64, nuisance=1.0
         fresh = nuisance * rng.normal(0, 1, v[:, :, 16:].shape) * np.linspace(1.5, 0.5, dim - 16)
         v[:, :, 16:] = VIEW_KEEP * v[:, :, 16:] + np.sqrt(1 - VIEW_KEEP ** 2) * fresh
         v += rng.normal(0, 0.3, v.shape)
-        cache.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {},
-                           'test')
+        cache.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16),
+                         feature_settings(), 'test')
     return labels, split
 
 
@@ -133,7 +170,6 @@ def write_method_set(cache_dir, n_classes=8, per_class=60, dim=64, nuisance=25.0
     With every noun (EK), a crowd outweighs the class's few nouns in Eq. 5-6's softmax and merges
     two classes; the selection (EFC) keeps one noun of each crowd (Eq. 4) and the class nouns (Eq. 3).
     Returns (labels, split, vocabulary, selected rows)."""
-    import models
     import nouns_embed
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(n_classes), per_class)
@@ -147,20 +183,20 @@ def write_method_set(cache_dir, n_classes=8, per_class=60, dim=64, nuisance=25.0
     fresh = nuisance * rng.normal(0, 1, v[:, :, nd].shape) / np.sqrt(nuisance_dims)
     v[:, :, nd] = keep * v[:, :, nd] + np.sqrt(1 - keep ** 2) * fresh
     v += 0.1 * rng.normal(0, 1, v.shape)
-    cache.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16), {}, 'test')
+    cache.save_array(os.path.join(d, 'tiny-test-random', 'train_aug_split_s0.npy'), v.astype(np.float16),
+                     feature_settings(), 'test')
     eye = np.eye(dim)
     groups = [eye[k] + 0.02 * rng.normal(0, 1, (synonyms, dim)) for k in range(n_classes)]
     groups += [(eye[k] + eye[k + 1]) / np.sqrt(2) + 0.02 * rng.normal(0, 1, (crowd, dim))
                for k in range(0, n_classes, 2)]
     t = np.concatenate(groups).astype(np.float32)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
-    nb = dict(clip_build=models.clip_build('tiny-test', 'random'))  # what train.py checks of a noun cache
     cache.save_array(os.path.join(cache.vocab_dir(cache_dir, 'wordnet', 'tiny-test', 'random'), 'noun_feats.npy'),
-                       t, nb, 'test')
+                     t, noun_settings(), 'test')
     rep, cen = nouns_embed.select_vocabulary(t, METHOD_SET['n_k'], METHOD_SET['t1'], 40, 1, 0, verbose=False)
     com = np.union1d(rep, cen)
     sdir = cache.selection_dir(cache_dir, 'wordnet', 'tiny-test', 'random', METHOD_SET['n_k'], METHOD_SET['t1'])
-    cache.save_array(os.path.join(sdir, 'selected_feats.npy'), t[com], nb, 'test')
+    cache.save_array(os.path.join(sdir, 'selected_feats.npy'), t[com], noun_settings(selection=True), 'test')
     return labels, split, t, com
 
 

@@ -11,19 +11,11 @@ import pytest
 import cache
 import dataset
 import runs
-from conftest import run_script, write_feature_set
+from conftest import fake_run as _fake_run, one_error_line as _one_error_line, run_script, write_feature_set
 
 TINY = ['--clip_model=tiny-test', '--clip_pretrained=random']
 TRAIN = ['--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', *TINY, '--bits=8', '--epochs=1',
          '--warmup=0', '--batch_size=64']
-
-
-def _one_error_line(proc):
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith('WARNING')
-             and 'Warning' not in l and 'warn(' not in l and '%|' not in l]
-    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), lines
-    return lines[0]
 
 
 # -----------------------------------------------------------------------------
@@ -86,22 +78,25 @@ def test_extraction_caches_follow_images_labels_and_split_files(tmp_path):
     (data / 'list.txt').write_text(''.join(f'im {i}.png {" ".join(map(str, lab[i]))}\n' for i in range(12)))
     split = tmp_path / 'split'
     split.mkdir()
-    (split / 'query.txt').write_text(''.join(f'im {i}.png {" ".join(map(str, lab[i]))}\n' for i in (0, 1)))
-    (split / 'retrieval.txt').write_text(''.join(f'im {i}.png {" ".join(map(str, lab[i]))}\n' for i in range(2, 12)))
-    (split / 'train.txt').write_text(''.join(f'im {i}.png {" ".join(map(str, lab[i]))}\n' for i in (2, 3, 4, 5)))
+
+    def write_split(train):  # the split lists give the labels of the list file (#33: they must agree)
+        for name, part in (('query', (0, 1)), ('retrieval', range(2, 12)), ('train', train)):
+            (split / f'{name}.txt').write_text(''.join(f'im {i}.png {" ".join(map(str, lab[i]))}\n' for i in part))
+    write_split((2, 3, 4, 5))
     base = ['--dataset=mscoco', f'--data_path={data}', '--backbone=tiny-test', '--backbone_pretrained=random',
             '--num_workers=0', '--aug_views=2', f'--cache_dir={cache}', f'--split_dir={split}']
     run_script('dataset_extract.py', *base)
     assert 'reusing' in run_script('dataset_extract.py', *base).stdout
     lab[4] = [0, 0, 1]  # an edited label, same paths
     (data / 'list.txt').write_text(''.join(f'im {i}.png {" ".join(map(str, lab[i]))}\n' for i in range(12)))
+    write_split((2, 3, 4, 5))
     line = _one_error_line(run_script('dataset_extract.py', *base, check=False))
     assert 'stale cache' in line and 'images_sha' in line and '--force' in line
     run_script('dataset_extract.py', *base, '--force')
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / 'im 7.png')  # another picture
     assert 'images_sha' in _one_error_line(run_script('dataset_extract.py', *base, check=False))
     run_script('dataset_extract.py', *base, '--force')
-    (split / 'train.txt').write_text(''.join(f'im {i}.png {" ".join(map(str, lab[i]))}\n' for i in (2, 3, 4, 6)))
+    write_split((2, 3, 4, 6))
     assert 'split_files' in _one_error_line(run_script('dataset_extract.py', *base, check=False))
     run_script('dataset_extract.py', *base, '--force')
     feats = os.path.join(cache, 'mscoco', 'tiny-test-random', 'images.npy')
@@ -185,8 +180,9 @@ def test_full_disk_keeps_the_results_file_and_says_so(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         runs.write_result(str(results), dict(dataset='folder', bits=16, map=0.7, config={}))
     assert results.read_bytes() == before and not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]
-    msg = cache.user_error(e.value)
+    msg = cache.user_error(e.value, dict(results=str(results), cache_dir=str(tmp_path)))
     assert msg.startswith('error: no space left on the device while writing') and str(results) in msg
+    assert 'choose another --results' in msg
 
 
 # -----------------------------------------------------------------------------
@@ -248,8 +244,12 @@ def test_empty_class_folder_and_corrupt_codes(tmp_path):
 
 
 def test_read_only_and_full_disk_messages_name_the_file():
-    assert cache.user_error(PermissionError(errno.EROFS, 'Read-only file system', '/data/cache/x.npy')) == \
+    assert cache.user_error(PermissionError(errno.EROFS, 'Read-only file system', '/data/cache/x.npy'),
+                            dict(cache_dir='/data/cache', results='/data/cache/r.jsonl')) == \
         'error: cannot write /data/cache/x.npy (Read-only file system): choose a writable --cache_dir'
+    assert cache.user_error(PermissionError(errno.EACCES, 'Permission denied', '/data/cache/r.jsonl'),
+                            dict(cache_dir='/data/cache', results='/data/cache/r.jsonl')) == \
+        'error: cannot write /data/cache/r.jsonl (Permission denied): choose a writable --results'
     assert '/c/y.npy' in cache.user_error(OSError(errno.ENOSPC, 'No space left on device', '/c/y.npy'))
 
 
@@ -275,17 +275,6 @@ def test_fp16_on_a_cpu_is_refused_before_anything_is_deleted(tmp_path):
 
 # -----------------------------------------------------------------------------
 # 6. eval_hash.py --runs
-def _fake_run(path, dataset_name, bits=(16,), seed=0):
-    rng = np.random.default_rng(seed)
-    for b in bits:
-        d = path / f'{b}bits'
-        d.mkdir(parents=True)
-        y = np.eye(4, dtype=np.int8)[rng.integers(0, 4, 60)]
-        np.savez(d / 'codes.npz', query_h=rng.normal(size=(10, b)), retrieval_h=rng.normal(size=(50, b)),
-                 query_labels=y[:10], retrieval_labels=y[10:], topk=50)
-        (d / 'result.json').write_text(json.dumps(dict(dataset=dataset_name, bits=b)))
-
-
 def test_eval_runs_keyed_by_path_and_checked(tmp_path):
     _fake_run(tmp_path / 'a' / 'run', 'folder', seed=0)
     _fake_run(tmp_path / 'b' / 'run', 'folder', seed=1)

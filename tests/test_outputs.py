@@ -37,8 +37,8 @@ def test_a_run_folder_is_refused_to_other_inputs_then_replaced_whole(tmp_path):
     train(a, '--bits=16,32', *common)
     first = json.load(open(run / 'run.json'))
     assert error(train(b, '--bits=16', *common, check=False)) == (
-        f"error: {run} holds a run made from other settings or inputs (--cache_dir={a} (now {b}), other "
-        f"features): give another --run_dir, or --force to replace that run whole")
+        f"error: {run} holds a run made from other settings or inputs (other features): give another --run_dir, "
+        f"or --force to replace that run whole")  # what the caches hold differs, not where they lie
     assert json.load(open(run / 'run.json')) == first  # refused: nothing touched
     shutil.copytree(run / '32bits', tmp_path / 'old32')
     out = train(b, '--bits=16', *common, '--force').stdout
@@ -52,7 +52,7 @@ def test_a_run_folder_is_refused_to_other_inputs_then_replaced_whole(tmp_path):
     shutil.copytree(tmp_path / 'old32', run / '32bits')
     proc = run_script('eval_hash.py', f'--run={run}', '--examples=0', check=False)
     assert error(proc) == (f"error: {run} mixes runs made from different settings or inputs (16 bits and 32 bits: "
-                           f"cache_dir {b} / {a}, other features); train each into its own --run_dir")
+                           f"other features); train each into its own --run_dir")
 
 
 def test_a_second_train_py_into_the_same_folder_stops(tmp_path):
@@ -210,7 +210,7 @@ def test_file_system_errors_name_the_file_and_what_to_do(tmp_path, monkeypatch):
     # a writer that fails without an errno on a full disk (numpy's may): said to be a full disk
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(100, 100, 0))
     chunk = str(tmp_path / '.chunks' / 'images' / '00006.npy')
-    assert cache.user_error(OSError(None, None, chunk)) == (
+    assert cache.user_error(OSError(None, None, chunk), dict(cache_dir=str(tmp_path))) == (
         f"error: no space left on the device while writing {chunk} (the disk is full): free some space (or choose "
         f"another --cache_dir) and run the same command again; nothing half-written is kept, and an extraction "
         f"resumes where it stopped")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import cache
-from conftest import ROOT, needs_wordnet, run_script, saved_map, write_feature_set
+from conftest import ROOT, feature_settings, needs_wordnet, run_script, saved_map, write_feature_set
 
 pytestmark = needs_wordnet  # nouns_embed.py reads WordNet 3.0
 _MAP = r'(map@1000=[\d.]+ \(K cut to the 300 retrieval items\))'  # one MAP name in train.py and eval_hash.py
@@ -190,9 +190,7 @@ def test_train_names_missing_and_mismatched_caches(tmp_path):
     assert proc.returncode != 0 and 'labels.npy does not exist: run dataset_extract.py' in proc.stderr
     write_feature_set(str(tmp_path))
     path = os.path.join(tmp_path, 'folder', 'tiny-test-random', 'images.npy')
-    import models
-    cache.save_array(path, np.zeros((5, 64), np.float32), dict(build=models.backbone_build('tiny-test', 'random')),
-                       'test')  # rows do not match the labels
+    cache.save_array(path, np.zeros((5, 64), np.float32), feature_settings(), 'test')  # rows do not match the labels
     proc = run_script('train.py', '--dataset=folder', f'--cache_dir={tmp_path}', '--backbone=tiny-test',
                       '--backbone_pretrained=random', '--method=lsh', '--bits=8', check=False)
     assert proc.returncode != 0 and 'has 5 rows but' in proc.stderr, proc.stderr[-800:]

@@ -216,8 +216,10 @@ def test_skip_only_a_matching_results_line(settings):
     assert line['config']['BATCH_SIZE'] == 64 and line['config']['TAU2'] == 0.8 and line['config']['T2'] == 0.99
     noise = dict(line, config=dict(line['config'], T2=0.99 + 1e-13))
     assert reproduce.matches(noise, cell.cfg, defaults)
+    # another cache path matches (a copied cache): what it holds is checked by changed_inputs
+    assert reproduce.matches(dict(line, config=dict(line['config'], CACHE_DIR='/other/cache')), cell.cfg, defaults)
     for key, value in dict(EPOCHS=59, T2=0.98, SEED=1, SIM=False, AUG=False, EXTERNAL='ek', BACKBONE='vgg16',
-                           CACHE_DIR='/other/cache', BATCH_SIZE=512, WARMUP=10, LR_MAX=2e-4, TAU2=0.2,
+                           BATCH_SIZE=512, WARMUP=10, LR_MAX=2e-4, TAU2=0.2,
                            VOCAB='imagenet', T1=0.8, CLIP_PRETRAINED='random', SPLIT_SEED=1).items():
         assert not reproduce.matches(dict(line, config=dict(line['config'], **{key: value})), cell.cfg, defaults), key
     assert not reproduce.matches(dict(line, bits=16), cell.cfg, defaults)

@@ -89,7 +89,7 @@ def test_word_query_retrieves_its_class(tmp_path):
     import cache as cache_files
     import models
     import nouns_embed
-    from conftest import CLASS_NAMES
+    from conftest import CLASS_NAMES, feature_settings
     cache = str(tmp_path / 'cache')
     labels, (query, retrieval, train) = write_feature_set(cache, dim=32)
     model, _, tok = models.load_clip('tiny-test', 'random')
@@ -98,9 +98,8 @@ def test_word_query_retrieves_its_class(tmp_path):
     gap = min(np.linalg.norm(text[i] - text[j]) for i in range(8) for j in range(i))
     rng = np.random.default_rng(0)
     x = text[labels.argmax(1)] + 0.3 * gap * rng.normal(0, 1, (len(labels), 32)) / np.sqrt(32)
-    build = models.backbone_build('tiny-test', 'random')
     cache_files.save_array(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'), x.astype(np.float32),
-                           dict(build=build), 'test')
+                           feature_settings(), 'test')
     run_script('train.py', '--dataset=folder', *MODEL, '--external=imgk', '--aug=false', '--bits=32', '--epochs=30',
                '--warmup=3', '--batch_size=120', f'--cache_dir={cache}', f'--run_dir={tmp_path}/run',
                f'--results={tmp_path}/r.jsonl')
