@@ -89,7 +89,7 @@ MUTANTS = {
     'competitor-lr': ("a competitor's learning rate of each step never set (its optimiser's first rate throughout)",
                       'train.py', '                g.update(lr=lr)\n', '                pass\n',
                       ['tests/test_competitors.py::test_competitor_loop_feeds_each_module_what_its_interface_says']),
-    'search-words': ("search.text_features encodes 'x' whatever words are typed", 'search.py',
+    'search-words': ("search_index.text_features encodes 'x' whatever words are typed", 'search_index.py',
                      'return nouns_embed.embed_words(list(words), model, tok,',
                      "return nouns_embed.embed_words(['x'] * len(words), model, tok,",
                      ['tests/test_search.py::test_word_query_retrieves_its_class']),

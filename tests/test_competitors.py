@@ -15,9 +15,10 @@ import baselines
 import eval_hash
 import reproduce
 import runs
-import search
+import search_index
 import train
 from conftest import run_script, write_feature_set
+from dataset import DataError
 
 MODEL = ['--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', '--clip_model=tiny-test',
          '--clip_pretrained=random', '--bits=16', '--threads=1']
@@ -74,16 +75,16 @@ def test_saved_heads_give_the_saved_codes(competitor_runs):
     x = np.load(os.path.join(cache, 'folder', 'tiny-test-random', 'images.npy'))
     for method in ('hhch', 'cghash'):
         z = np.load(os.path.join(out[method][2], '16bits', 'codes.npz'))
-        cfg, hv, he, _ = search.load_run(out[method][2], 16)
+        cfg, hv, he, _ = search_index.load_run(out[method][2], 16)
         assert he is None and type(hv).__module__ == f'methods.{method}'
-        np.testing.assert_array_equal(search.hash_features(x[retrieval], hv, cfg), eval_hash.pack(z['retrieval_h']))
+        np.testing.assert_array_equal(search_index.hash_features(x[retrieval], hv, cfg), eval_hash.pack(z['retrieval_h']))
     z = np.load(os.path.join(out['mecoq'][2], '16bits', 'codes.npz'))
     assert z['retrieval_codes'].dtype == np.uint8 and z['codebooks'].shape == (2, 256, 16) and str(z['aqd']) == 'ip'
     aqd = eval_hash.map_aqd(z['query_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],
                             z['retrieval_labels'], 1000, 'ip')
     assert aqd == pytest.approx(out['mecoq'][0], abs=1e-4)
-    with pytest.raises(search.DataError, match='product-quantized codes'):  # search.py indexes binary codes only
-        search.load_run(out['mecoq'][2], 16)
+    with pytest.raises(DataError, match='product-quantized codes'):  # search.py indexes binary codes only
+        search_index.load_run(out['mecoq'][2], 16)
 
 
 def test_reproduce_trains_a_competitor_cell_once(competitor_runs, tmp_path):

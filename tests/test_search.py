@@ -111,9 +111,9 @@ def test_word_query_retrieves_its_class(tmp_path):
     y = labels[retrieval].argmax(1)
     precision = np.mean([np.mean(y[[h['row'] for h in r['hits']]] == c) for c, r in enumerate(res[:8])])
     assert precision > 0.6, precision  # chance: 0.125
-    import search as s
+    import search_index
     cfg = dict(CLIP_MODEL='tiny-test', CLIP_PRETRAINED='random', RELEASED=False)
-    np.testing.assert_allclose(s.text_features(names, cfg, 'cpu'), text, atol=1e-6)  # the words' own Eq. 2 features
+    np.testing.assert_allclose(search_index.text_features(names, cfg, 'cpu'), text, atol=1e-6)  # the words' own Eq. 2 features
     hits = [tuple(h['row'] for h in r['hits']) for r in res]
     assert hits[8] == hits[0]  # the same words, the same code and hits
     assert len(set(hits[:8])) == 8  # different words, different hits
@@ -124,7 +124,8 @@ def test_approximate_search_finds_the_exact_hits(run, image_folder, tmp_path):
     index = str(tmp_path / 'index')
     search(f'--run={rundir}', '--bits=64', f'--images={image_folder}', f'--index={index}')
     import search as s
-    meta, codes = s.read_index(index)
+    import search_index
+    meta, codes = search_index.read_index(index)
     q = codes[::7]
     d_exact, _ = s.search(codes, q, 10, 'exact')
     for kind in ('ivf', 'hnsw'):
