@@ -658,13 +658,13 @@ def resample_groups(shapes, order, n_views, out_hw, budget=RESAMPLE_ELEMS):
     larger). The views are the same in any grouping: the budget bounds memory, nothing else."""
     out_h, out_w = out_hw
 
-    def elems(g, n, H, W):
-        return max(g * 3 * H * W, g * n * out_w * max(W, 3 * H), g * n * out_h * max(H, 3 * out_w))
+    def elems(g, n, H, W):  # per view: the weights and a pass's result, in either pass order
+        return max(g * 3 * H * W, g * n * max(out_w * max(W, 3 * H), out_h * max(H, 3 * W)))
     groups, j = [], 0
     while j < len(order):
         H, W = shapes[order[j]]
         if elems(1, n_views, H, W) > budget:
-            run = max(1, budget // max(out_w * max(W, 3 * H), out_h * max(H, 3 * out_w)))
+            run = max(1, budget // max(out_w * max(W, 3 * H), out_h * max(H, 3 * W)))
             groups += [([order[j]], (v, min(v + run, n_views)), H, W) for v in range(0, n_views, run)]
             j += 1
             continue

@@ -13,8 +13,8 @@ the device.
     python benchmarks/bench_extract.py --device=cuda --n_images=1000 --views=16 --full_views=120   # a GPU
     python benchmarks/bench_extract.py --backbone=tiny-test --n_images=64   # the data path alone
     python benchmarks/bench_extract.py --image_dir=/data/photos   # your own photos (<dir>/<class>/<img>)
-    python benchmarks/bench_extract.py --peak --views_on=device --backbone=tiny-test --n_images=1000 \
-        --full_views=120 --full_images=64       # peak memory of the device's code path (run once per process)
+    python benchmarks/bench_extract.py --peak --views_on=device --backbone=tiny-test --view_size=224 \
+        --n_images=1000 --full_views=120 --full_images=32   # peak memory of the device's code path
 
 Random weights cost what trained ones do. The images are generated JPEGs of a photo's size (500 x
 375, every third one portrait) in a temporary folder, removed at the end. Each round runs every
@@ -68,6 +68,8 @@ CHUNK_BATCHES = dataset_extract.CHUNK_BATCHES  # forwards per saved chunk
 VIEWS_ON = dataset_extract.VIEWS_ON  # where the tensor path makes the views: auto | device | workers
 PIL = True                # also run the PIL path's passes (the reference; slow on a GPU machine's CPU)
 PEAK = False              # measure the peak memory of the plain pass over N_IMAGES and the FULL_VIEWS pass instead
+VIEW_SIZE = 0             # > 0: views of this size (open_clip's plain view, our augmented views), pooled to the model's
+                          # own size before its forward: the view path's cost at 224 with tiny-test's forward
 # measurement
 ROUNDS = 2                # interleaved rounds (each: bare and every pipeline pass once)
 THREADS = 0               # torch threads of the main process; 0 leaves torch's default
@@ -267,6 +269,15 @@ def table(n, passes, secs, fwd, startup):
     return vps, steady
 
 
+def at_size(encode, preprocess, size):
+    """(encode, preprocess) making views of `size` and pooling them to the model's own before its forward."""
+    from open_clip.transform import image_transform
+    from models import preprocess_params
+    own, mean, std, _ = preprocess_params(preprocess)
+    return (lambda x: encode(torch.nn.functional.adaptive_avg_pool2d(x, own)),
+            image_transform(size, is_train=False, mean=mean, std=std))
+
+
 def peak_gb(device):
     return torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith('cuda') else float('nan')
 
@@ -285,7 +296,7 @@ def peak(images, idx, preprocess, augment, encode, device, tmp):
     t = time.perf_counter()
     if FULL_VIEWS:
         pipeline(images, np.resize(idx, FULL_IMAGES), augment, FULL_VIEWS, 'tensor', encode, device, tmp, 'peak_aug')
-    print(f'bench_extract_peak images={len(idx)} size={IMAGE_W}x{IMAGE_H} views_on={dataset_extract.views_on(device)} '
+    print(f'bench_extract_peak images={len(idx)} size={IMAGE_W}x{IMAGE_H} view_size={VIEW_SIZE} views_on={dataset_extract.views_on(device)} '
           f'device={device} workers={NUM_WORKERS} full_views={FULL_VIEWS} full_images={FULL_IMAGES} '
           f'views_per_call={dataset_extract.VIEWS_PER_CALL} load_mb={dataset_extract.LOAD_MB} '
           f'resample_mb={dataset_extract.RESAMPLE_MB} base_mb={base:.0f} plain_peak_mb={plain_mb:.0f} '
@@ -301,6 +312,8 @@ def main():
         idx = np.arange(min(N_IMAGES, len(images)))
         n = len(idx)
         encode, preprocess, dim = load_backbone(BACKBONE, PRETRAINED, device)
+        if VIEW_SIZE:
+            encode, preprocess = at_size(encode, preprocess, VIEW_SIZE)
         augment = augment_transform(preprocess)
         print(f'data: {n} images, {what}')
         print(f'model: {BACKBONE} ({PRETRAINED} weights), {dim}-d, device {device}, {dataset_extract.PRECISION}, '

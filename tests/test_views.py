@@ -364,7 +364,7 @@ def test_resampling_groups_keep_their_memory_bound():
         seen = {}
         for pos, (va, ve), H, W in groups:
             n = ve - va
-            of_views = n * 224 * max(W, 3 * H, H, 3 * 224)
+            of_views = n * 224 * max(W, 3 * H, H, 3 * W)  # either pass order
             assert len(pos) * max(3 * H * W, of_views) <= budget or (len(pos) == 1 and of_views <= budget)
             for b in pos:
                 seen[b] = seen.get(b, 0) + n
