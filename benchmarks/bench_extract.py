@@ -296,7 +296,8 @@ def peak(images, idx, preprocess, augment, encode, device, tmp):
     t = time.perf_counter()
     if FULL_VIEWS:
         pipeline(images, np.resize(idx, FULL_IMAGES), augment, FULL_VIEWS, 'tensor', encode, device, tmp, 'peak_aug')
-    print(f'bench_extract_peak images={len(idx)} size={IMAGE_W}x{IMAGE_H} view_size={VIEW_SIZE} views_on={dataset_extract.views_on(device)} '
+    print(f'bench_extract_peak images={len(idx)} size={IMAGE_W}x{IMAGE_H} view_size={VIEW_SIZE} '
+          f'views_on={dataset_extract.views_on(device)} '
           f'device={device} workers={NUM_WORKERS} full_views={FULL_VIEWS} full_images={FULL_IMAGES} '
           f'views_per_call={dataset_extract.VIEWS_PER_CALL} load_mb={dataset_extract.LOAD_MB} '
           f'resample_mb={dataset_extract.RESAMPLE_MB} base_mb={base:.0f} plain_peak_mb={plain_mb:.0f} '
