@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_hash as E  # noqa: E402
+import figures  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -375,20 +376,20 @@ def test_plots(tmp_path):
     curves = {'16 bits': dict(n=[1, 100, 200], precision=[0.9, 0.8, 0.7], recall=[0.01, 0.2, 0.4]),
               '64 bits': dict(n=[1, 100, 200], precision=[0.95, 0.9, 0.8], recall=[0.02, 0.3, 0.5])}
     for kind in ('pr', 'pn'):
-        img = _png(E.plot_curves(curves, str(tmp_path / f'{kind}.png'), kind=kind, title='t'))
+        img = _png(figures.plot_curves(curves, str(tmp_path / f'{kind}.png'), kind=kind, title='t'))
         assert img.shape[:2] == (450, 600)
     imgs = [rng.integers(0, 255, (32, 40, 3), dtype=np.uint8) for _ in range(11)]
-    img = _png(E.plot_top10(imgs[0], imgs[1:], [True] * 5 + [False] * 5, str(tmp_path / 'top10.png')))
+    img = _png(figures.plot_top10(imgs[0], imgs[1:], [True] * 5 + [False] * 5, str(tmp_path / 'top10.png')))
     assert img.shape[:2] == (180, 1540)
     rgb = img[..., :3]
     green = (rgb[..., 0] < 0.05) & (np.abs(rgb[..., 1] - 170 / 255) < 0.05) & (rgb[..., 2] < 0.05)
     red = (np.abs(rgb[..., 0] - 220 / 255) < 0.05) & (rgb[..., 1] < 0.05) & (rgb[..., 2] < 0.05)
     assert green.sum() > 100 and red.sum() > 100  # right and wrong retrievals are framed
     words = ['cat', 'tabby_cat', 'kitten', 'fur', 'whisker']
-    img = _png(E.plot_top_nouns(imgs[0], words, [0.4, 0.2, 0.1, 0.05, 0.01], str(tmp_path / 'n.png'),
+    img = _png(figures.plot_top_nouns(imgs[0], words, [0.4, 0.2, 0.1, 0.05, 0.01], str(tmp_path / 'n.png'),
                                 ['round_shape', 'ovoid', 'hair', 'cat', 'ball'], [0.3, 0.2, 0.1, 0.1, 0.05]))
     assert img.shape[:2] == (300, 1000)
-    img = _png(E.plot_top_nouns(imgs[0], words, [0.4, 0.2, 0.1, 0.05, 0.01], str(tmp_path / 'n1.png')))
+    img = _png(figures.plot_top_nouns(imgs[0], words, [0.4, 0.2, 0.1, 0.05, 0.01], str(tmp_path / 'n1.png')))
     assert img.shape[:2] == (300, 650)
 
 
