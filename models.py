@@ -151,13 +151,13 @@ def clip_quick_gelu(name, pretrained):
     folder, the model hub's open_clip_config.json beside it when there is one, else True for
     OpenAI's TorchScript archives and for ViT-B-16 / ViT-B-32 state dicts (OpenAI's weights,
     the paper's); a '-quickgelu' model name always; random weights keep the model's default."""
-    import open_clip
     if name.endswith('-quickgelu'):
         return True
     tag = pretrained_tag(pretrained)
     if tag == 'random':
         return False
     if not tag.startswith('file-'):
+        import open_clip  # here only: importing it costs 1.4 s of every train.py run
         return bool(open_clip.get_pretrained_cfg(name, pretrained).get('quick_gelu', False))
     path = weights_file(pretrained)
     cfg = os.path.join(os.path.dirname(path), 'open_clip_config.json')

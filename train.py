@@ -9,6 +9,7 @@ line per run to RESULTS. --method trains another method on the same protocol ins
 """
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -525,6 +526,16 @@ def save_run(out, result, nets, h_q, h_r, labels, query, retrieval, pq):
     cache.save_json(os.path.join(out, 'result.json'), result)
 
 
+def deterministic(mode):
+    """torch.use_deterministic_algorithms(mode) without the import of torch._inductor it makes for compiled code
+    (2.3 s of every run on torch 2.14, measured): nothing here is compiled. Falls back to torch's own call."""
+    flag = getattr(torch._C, '_set_deterministic_algorithms', None)
+    if flag is None or 'torch._inductor.config' in sys.modules:
+        torch.use_deterministic_algorithms(mode)
+    else:
+        flag(mode)
+
+
 def main():
     global RUN_DIR
     cfg = configure(globals())
@@ -540,7 +551,7 @@ def main():
     device = resolve_device(DEVICE)
     if THREADS:
         torch.set_num_threads(THREADS)
-    torch.use_deterministic_algorithms(device == 'cpu')
+    deterministic(device == 'cpu')
 
     feats, aug, clip_train, labels, query, retrieval, train = load_features()
     classes = os.path.join(cache.dataset_dir(CACHE_DIR, DATASET), 'classes.txt')

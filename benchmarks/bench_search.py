@@ -86,7 +86,7 @@ def main():
         print(f"{kind}: build {t_build:.1f} s, {NUM_QUERY / t_search:,.0f} queries/s, "
               f"{best['ours'] / t_search:.1f}x the exact search, recall@{TOPK} {recall:.4f} (tie-aware), index "
               f"{size:.1f} MiB; one query at a time {approx[kind]['one_ms']:.2f} ms")
-        del index
+        index = None  # freed before the next index is built
     print(f"bench_search codes={NUM_CODES} bits={BITS} queries={NUM_QUERY} ours_qps={NUM_QUERY / best['ours']:.0f} "
           f"faiss_flat_qps={NUM_QUERY / best['faiss_flat']:.0f} exact_one_ms={exact_ms:.1f} "
           f"ivf_one_ms={approx['ivf']['one_ms']:.2f} "

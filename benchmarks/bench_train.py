@@ -53,7 +53,7 @@ TAU2 = 0.8                 # Eq. 9 temperature (the authors' NUS-WIDE value)
 T2 = train.T2_BEST['nuswide']  # Eq. 8 threshold
 # system
 DEVICE = 'cpu'             # cpu | cuda | auto
-DETERMINISTIC = True       # torch.use_deterministic_algorithms on the CPU, as train.py sets it
+DETERMINISTIC = True       # deterministic algorithms on the CPU, as train.py sets them
 THREADS = (0, 1)           # torch thread counts timed side by side; 0 = torch's default (the headline figures)
 ROUNDS = 3                 # TIMED_EPOCHS are split over this many calls of train_heads, interleaved over the
                            # code lengths and thread counts in an order that flips every round
@@ -79,7 +79,7 @@ def main():
     if not THREADS or ROUNDS < 1:
         raise SystemExit('error: --threads needs at least one count (0: torch default) and --rounds >= 1')
     device = resolve_device(DEVICE)
-    torch.use_deterministic_algorithms(DETERMINISTIC and device == 'cpu')
+    train.deterministic(DETERMINISTIC and device == 'cpu')
     default_threads = torch.get_num_threads()
     counts = list(dict.fromkeys(t or default_threads for t in THREADS))  # the first is the headline
     full = TIMED_EPOCHS in (0, EPOCHS)

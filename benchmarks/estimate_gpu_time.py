@@ -167,7 +167,7 @@ def main():
                      f"processes={e['processes']} cells={e['cells']} feature_sets={e['features']} "
                      f"extract_s={e['extract_s']:.1f} nouns_s={e['nouns_s']:.1f} train_s={e['train_s']:.1f} "
                      f"hours={e['total_s'] / 3600:.3f}")
-    print(f"\nTable 4: nouns_embed.py alone (ESTIMATE, the same machine) and the paper's seconds (hardware not named):")
+    print("\nTable 4: nouns_embed.py alone (ESTIMATE, the same machine) and the paper's seconds (hardware not named):")
     for name, words in numbers('PAPER_VOCABS').items():
         paper_s = paper.PAPER_TABLE4[name.replace('imagenet21k', 'imagenet')][1]
         print(f"  {name}: {words:,.0f} words, about {report.nouns_s(rates(), words):.0f} s (paper {paper_s} s)")

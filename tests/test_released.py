@@ -350,10 +350,10 @@ def test_released_end_to_end(image_folder, tmp_path):
                                                        'similarity'), 'selection.json')))
     assert sel['kmeans']['iters'] == 300 and sel['kmeans']['restarts'] == 10
     assert sel['config']['KMEANS_INIT'] == 'random' and sel['config']['KMEANS_TOL'] == 0.0
-    out = run_script('train.py', '--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', *TINY,
-                     '--vocab=imagenet', '--n_k=40', f'--cache_dir={cache}', '--released', '--bits=16',
-                     '--epochs=8', '--warmup=2', '--batch_size=64', f'--results={tmp_path}/results.jsonl',
-                     f'--run_dir={tmp_path}/run')
+    run_script('train.py', '--dataset=folder', '--backbone=tiny-test', '--backbone_pretrained=random', *TINY,
+               '--vocab=imagenet', '--n_k=40', f'--cache_dir={cache}', '--released', '--bits=16',
+               '--epochs=8', '--warmup=2', '--batch_size=64', f'--results={tmp_path}/results.jsonl',
+               f'--run_dir={tmp_path}/run')
     line = [json.loads(l) for l in open(tmp_path / 'results.jsonl')][0]
     cfg = line['config']
     assert cfg['RELEASED'] and cfg['T1_READING'] == 'similarity' and cfg['VIEW_RECIPE'] == 'released'
