@@ -26,6 +26,27 @@ needs_wordnet = pytest.mark.skipif(not _wordnet_available(), reason='no WordNet:
                                    '/usr/share/wordnet is absent (apt-get install wordnet-base)')
 
 
+def _numba_available():
+    try:
+        import numba  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_numba = pytest.mark.skipif(not _numba_available(), reason='no numba (pip install numba): the compiled ranking '
+                                 'kernels of hamming.py are not tested')
+
+
+@pytest.fixture(params=['numpy', pytest.param('numba', marks=needs_numba)])
+def kernel(request, monkeypatch):
+    """eval_hash's ranking code, each way: a test that takes this fixture runs on the numpy path and on the compiled
+    one (KERNEL='numba' whatever the size), and both must give the same results to the bit."""
+    import eval_hash
+    monkeypatch.setattr(eval_hash, 'KERNEL', request.param)
+    return request.param
+
+
 def make_image_folder(root, n_classes=10, per_class=40, size=32, seed=0):
     """DATA_PATH/<class>/<i>.png: the 'demo' dataset's generated images (dataset.demo_images) as files,
     so classes are told apart by a random-weight encoder too."""
