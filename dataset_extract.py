@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -64,18 +65,26 @@ CACHE_DIR = nouns_embed.CACHE_DIR  # where the three steps hand each other files
 DEVICE = 'auto'            # auto | cpu | cuda | cuda:1 ...
 PRECISION = None           # fp32 | bf16 | fp16 (autocast; fp16 on a GPU only); None: fp16 on a GPU (as OpenAI's
                            # clip.load runs CLIP on CUDA), fp32 on the CPU
-VIEW_PATH = 'tensor'       # tensor: each image decoded once, its views made batched on DEVICE; pil: torchvision's PIL
-                           # pipeline per view in the workers (the reference; same random draws, within 1-16/255)
-BATCH_SIZE = 128           # images per forward pass
+VIEW_PATH = 'tensor'       # tensor: each image decoded once, its views made batched (VIEWS_ON); pil: torchvision's PIL
+                           # pipeline per view in the workers (the reference; the same views but for the blur's level)
+VIEWS_ON = 'auto'          # tensor path: device (batched on DEVICE), workers (in the loader's workers, Pillow's own
+                           # resize), auto: the device on a GPU, the workers on a CPU; both make the very same views
+BATCH_SIZE = 128           # views per forward pass
 NUM_WORKERS = -1           # data-loading processes; -1: one per usable CPU core
-CHUNK_BATCHES = 8          # batches per saved chunk (the unit of resuming and of sharding across ranks)
+CHUNK_BATCHES = 8          # about this many forwards per saved chunk (the unit of resuming and of sharding ranks)
+VIEWS_PER_CALL = 1024      # views made per call on the device (the working memory: about 1 MB a 224 x 224 view)
+LOAD_MB = 64               # decoded pixels in one loader batch, at most (one larger image comes alone); in flight:
+                           # NUM_WORKERS x 2 batches, plus their pinned copies
+RESAMPLE_MB = 256          # the largest tensor of one resampling group on the device; a group holds about 5 of them
 BAD_IMAGES = 'stop'        # stop | skip: an unreadable image stops the run, or is listed in bad_images.txt and dropped
                            # later
 FORCE = False              # rebuild caches even when they exist
 _RANGES = dict(SPLIT_SEED='[0, inf)', QUERY='[1, inf)', TRAIN='[1, inf)', AUG_VIEWS='[0, inf)', AUG_SEED='[0, inf)',
-               BATCH_SIZE='[1, inf)', NUM_WORKERS='[-1, inf)', CHUNK_BATCHES='[1, inf)')  # checked before any work
-_VERSION = 3               # bump when the features this script writes change meaning (2: augmented views in fp16;
-                           # 3: one random stream per (seed, image, view), views made on the device)
+               BATCH_SIZE='[1, inf)', NUM_WORKERS='[-1, inf)', CHUNK_BATCHES='[1, inf)', VIEWS_PER_CALL='[1, inf)',
+               LOAD_MB='[1, inf)', RESAMPLE_MB='[1, inf)')  # checked before any work
+_VERSION = 4               # bump when the features this script writes change meaning (2: augmented views in fp16;
+                           # 3: one random stream per (seed, image, view), views made on the device; 4: Pillow's
+                           # exact resize on the device, the blur summed exactly: a view changes by a level)
 RELEASED_DEFAULTS = dict(  # each None setting above: (its default, the authors' released code's), by RELEASED
     AUG_VIEWS=(train.views_for(train.EPOCHS), 2), VIEW_RECIPE=train.RELEASED_DEFAULTS['VIEW_RECIPE'])
 
@@ -108,11 +117,54 @@ def num_workers(n):
     return len(os.sched_getaffinity(0)) if n < 0 else n
 
 
-def loader_for(data, batches, device):
-    """One DataLoader for a whole pass: its workers decode each image once (pinned memory for a GPU)."""
-    cuda = device.startswith('cuda')
-    return torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=NUM_WORKERS, pin_memory=cuda,
-                                       collate_fn=views.collate_decoded, prefetch_factor=4 if NUM_WORKERS else None)
+def views_on(device):
+    """Where the tensor path makes the views: VIEWS_ON, auto resolved by the device."""
+    return VIEWS_ON if VIEWS_ON != 'auto' else 'device' if device.startswith('cuda') else 'workers'
+
+
+def chunk_images(n_views):
+    """Images per chunk: about CHUNK_BATCHES forwards, rounded up so that a chunk's views fill whole
+    forwards of BATCH_SIZE (120 views, 128 a forward: 16 images, 15 forwards), where that is near."""
+    target = max(1, BATCH_SIZE * CHUNK_BATCHES // n_views)
+    unit = BATCH_SIZE // math.gcd(BATCH_SIZE, n_views)
+    return math.ceil(target / unit) * unit if unit * n_views <= 2 * BATCH_SIZE * CHUNK_BATCHES else target
+
+
+class ChunkBatches(torch.utils.data.IterableDataset):
+    """The loader's batches of a pass: worker w of W takes the chunks spans[w::W] (c, first, end) in turn,
+    and yields each chunk's images in order as (c, batch) (collate_decoded), a batch never two chunks'.
+    A batch holds at most max(1, VIEWS_PER_CALL // n_views) images and LOAD_MB of decoded pixels (an
+    image larger than that alone), so the memory in flight is NUM_WORKERS x 2 such batches."""
+
+    def __init__(self, data, spans):
+        self.data, self.spans = data, spans
+        self.images = max(1, VIEWS_PER_CALL // data.n_views)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        for c, a, e in self.spans[w::n]:
+            items, size = [], 0
+            for k in range(a, e):
+                item = self.data[k]
+                if items and (len(items) == self.images or size + item[0].nbytes > LOAD_MB << 20):
+                    yield c, views.collate_decoded(items)
+                    items, size = [], 0
+                items.append(item)
+                size += item[0].nbytes
+            yield c, views.collate_decoded(items)
+
+
+def _as_is(batch):
+    return batch
+
+
+def loader_for(data, spans, device):
+    """One DataLoader for a whole pass (ChunkBatches): its workers decode each image once (pinned memory
+    for a GPU), two batches ahead each."""
+    return torch.utils.data.DataLoader(ChunkBatches(data, spans), batch_size=None, num_workers=NUM_WORKERS,
+                                       pin_memory=device.startswith('cuda'), collate_fn=_as_is,
+                                       prefetch_factor=2 if NUM_WORKERS else None)
 
 
 def encode_views(name, images, indices, transform, n_views, encode, out_path, settings, rank, world, device,
@@ -125,13 +177,48 @@ def encode_views(name, images, indices, transform, n_views, encode, out_path, se
            'dataset_extract.py', FORCE, load=False)
 
 
+def forward(chunk, encode, steps, device, last):
+    """The forwards of a chunk's views made so far (chunk['pending']): every whole BATCH_SIZE of them, and
+    the rest when `last`; their features appended to chunk['feats']. Returns the views forwarded. The
+    slices depend on the chunk alone, so its features do not depend on what else is in flight."""
+    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[PRECISION]
+    pending, done = chunk['pending'], 0
+    while pending and (last or sum(len(p) for p in pending) >= BATCH_SIZE):
+        v = torch.cat(pending) if len(pending) > 1 else pending[0]
+        pending[:] = [v[BATCH_SIZE:]] if len(v) > BATCH_SIZE else []
+        x = views.normalize(v[:BATCH_SIZE], steps)
+        with torch.autocast(device.split(':')[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+            chunk['feats'].append(encode(x).float())
+        done += len(x)
+    return done
+
+
+def save_chunk(saver, path, chunk, n_views, plain, settings):
+    """Hand a finished chunk's features to the saving thread: copied to the host without waiting (an event
+    marks the copy's end), written there (save_array: atomic, with its sidecar) while the GPU goes on."""
+    f = torch.cat(chunk['feats'])
+    host = f.to('cpu', non_blocking=True)
+    done = torch.cuda.Event() if f.is_cuda else None
+    if done is not None:
+        done.record()
+
+    def write():
+        if done is not None:
+            done.synchronize()
+        a = host.numpy().reshape(-1, n_views, host.shape[-1])
+        save_array(path, a[:, 0] if plain else a.astype(np.float16), dict(settings, bad=chunk['bad']),
+                   'dataset_extract.py')
+    return saver.submit(write)
+
+
 @torch.no_grad()
 def extract_views(name, images, indices, transform, n_views, encode, out_path, settings, rank, world, device, seed):
-    """One pass: each image decoded once, its views made on `device` (VIEW_PATH 'tensor') or by PIL in
-    the workers ('pil'), BATCH_SIZE views per forward. Saved chunk by chunk (the unit of resuming,
-    each rank its share), then merged in order by rank 0 into `out_path` and its sidecar."""
-    per_chunk = max(1, BATCH_SIZE * CHUNK_BATCHES // n_views)  # images per chunk: about CHUNK_BATCHES forwards
-    per_load = max(1, BATCH_SIZE // n_views)                   # images per loader batch
+    """One pass: each image decoded once, its views made on `device` or in the workers (views_on) or by
+    PIL ('pil'), BATCH_SIZE views per forward. Saved chunk by chunk (the unit of resuming, each rank its
+    share) by a thread beside the GPU, then merged in order by rank 0 into `out_path` and its sidecar.
+    Between two forwards the host never waits for the device (nothing is read back before a chunk's
+    features are copied out asynchronously)."""
+    per_chunk = chunk_images(n_views)
     chunk_dir = os.path.join(os.path.dirname(out_path), '.chunks', os.path.basename(out_path)[:-4])
     chunk_settings = dict(settings, batch_size=BATCH_SIZE, chunk=per_chunk)
     if FORCE and rank == 0 and os.path.isdir(chunk_dir):
@@ -140,33 +227,29 @@ def extract_views(name, images, indices, transform, n_views, encode, out_path, s
     n_chunks = math.ceil(len(indices) / per_chunk)
     span = [(c * per_chunk, min((c + 1) * per_chunk, len(indices))) for c in range(n_chunks)]
     paths = [os.path.join(chunk_dir, f'{c:05d}.npy') for c in range(n_chunks)]
-    todo = [c for c in range(rank, n_chunks, world)  # this rank's chunks not saved by an earlier run
+    todo = [(c, *span[c]) for c in range(rank, n_chunks, world)  # this rank's chunks not saved by an earlier run
             if not reusable(paths[c], chunk_settings, False, 'dataset_extract.py')]
-    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[PRECISION]
-    # on a GPU the GPU makes the views; on the CPU the loader's workers make them beside the forward
     data = views.DecodedImages(images, indices, transform, n_views, seed, VIEW_PATH, BAD_IMAGES,
-                                 make_here=not device.startswith('cuda'))
-    batches = [list(range(a, min(a + per_load, span[c][1]))) for c in todo for a in range(*span[c], per_load)]
-    with tqdm(total=sum(span[c][1] - span[c][0] for c in todo) * n_views, desc=name, unit='view', unit_scale=True,
-              disable=(rank > 0 and world > 1) or not todo) as bar:
-        pending, feats, bad, c_i, seen = [], [], [], 0, 0
-        for x, draws, k, ok in (loader_for(data, batches, device) if todo else []):
-            pending.append(views.make_views(x, draws, data.steps, device))
-            bad += [int(indices[j]) for j, o in zip(k.tolist(), ok.tolist()) if not o]
-            seen += len(k)
-            c = todo[c_i]
-            done = seen == span[c][1] - span[c][0]
-            while pending and (done or sum(len(p) for p in pending) >= BATCH_SIZE):  # forwards of BATCH_SIZE views
-                v = torch.cat(pending)
-                pending = [v[BATCH_SIZE:]] if len(v) > BATCH_SIZE else []
-                with torch.autocast(device.split(':')[0], dtype=dtype or torch.float32, enabled=dtype is not None):
-                    feats.append(encode(v[:BATCH_SIZE]).float())
-                bar.update(min(len(v), BATCH_SIZE))
-            if done:  # a chunk's features in image order, views of an image together
-                f = torch.cat(feats).cpu().numpy().reshape(seen, n_views, -1)
-                f = f[:, 0] if seed is None else f.astype(np.float16)
-                save_array(paths[c], f, dict(chunk_settings, bad=bad), 'dataset_extract.py')
-                feats, bad, c_i, seen = [], [], c_i + 1, 0
+                               make_here=views_on(device) == 'workers')
+    views.prepare(data.steps, device, tables=VIEW_PATH == 'tensor' and not data.make_here)
+    budget = RESAMPLE_MB << 18  # elements of 4 bytes
+    with ThreadPoolExecutor(1) as saver, tqdm(total=sum(e - a for _, a, e in todo) * n_views, desc=name, unit='view',
+                                              unit_scale=True, disable=(rank > 0 and world > 1) or not todo) as bar:
+        chunks, saves = {}, []
+        for c, (x, draws, k, ok) in (loader_for(data, todo, device) if todo else []):
+            ch = chunks.setdefault(c, dict(pending=[], feats=[], bad=[], seen=0))
+            ch['pending'].append(views.make_pixels(x, draws, data.steps, device, budget))
+            ch['bad'] += [int(indices[j]) for j, o in zip(k.tolist(), ok.tolist()) if not o]
+            ch['seen'] += len(k)
+            last = ch['seen'] == span[c][1] - span[c][0]
+            bar.update(forward(ch, encode, data.steps, device, last))
+            if last:
+                saves.append(save_chunk(saver, paths[c], chunks.pop(c), n_views, seed is None, chunk_settings))
+            for f in [f for f in saves if f.done()]:  # a failed save stops the pass
+                saves.remove(f)
+                f.result()
+        for f in saves:
+            f.result()
     barrier(world)
     if rank == 0:
         metas = [read_sidecar(p) for p in paths]
@@ -193,6 +276,7 @@ def resolve_settings(device):
     if PRECISION == 'fp16' and not device.startswith('cuda'):
         raise SystemExit("error: --precision=fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     check_choice('view_path', VIEW_PATH, views.VIEW_PATHS)
+    check_choice('views_on', VIEWS_ON, ('auto',) + views.VIEWS_ON)
     check_choice('view_recipe', VIEW_RECIPE, views.VIEW_RECIPES)
 
 

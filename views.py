@@ -3,6 +3,7 @@
 a stream of its own, kornia's `generate_parameters`), and the operations that apply them, batched on
 the extraction device (`apply_transform`), to Pillow's arithmetic.
 """
+import math
 import os
 
 import numpy as np
@@ -72,14 +73,19 @@ def released_views(dataset, size=224):
 
 
 # -----------------------------------------------------------------------------
-# views made on the extraction device (dataset_extract.py's default, VIEW_PATH='tensor'): each
-# image is decoded once, in a DataLoader worker, and all of its views are made from it as batched
-# tensor operations on the device. A view's random choices are drawn by torchvision's own samplers
-# (RandomResizedCrop.get_params, ColorJitter.get_params, ...), in the order its pipeline draws
-# them, from a random stream of its own: the torchvision PIL pipeline run on the same stream makes
-# the same view (VIEW_PATH='pil', the reference the tests hold this path to). Each operation
-# reproduces PIL's arithmetic on the 0..255 grid (Pillow's Resample.c, Blend.c, Convert.c).
+# views made on the extraction device (dataset_extract.py's default, VIEW_PATH='tensor'): each image is
+# decoded once, in a DataLoader worker, and all of its views are made from it as batched tensor
+# operations on the device (VIEWS_ON='device'), or in the worker (VIEWS_ON='workers', a CPU's choice).
+# A view's random choices are torchvision's samplers' draws (RandomResizedCrop.get_params,
+# ColorJitter.get_params, ...) reproduced on a torch.Generator of the view's own stream, in its
+# pipeline's order: the torchvision PIL pipeline run on that stream makes the same view
+# (VIEW_PATH='pil', the reference the tests hold this path to). Each operation computes Pillow's own
+# result on the 0..255 grid (Resample.c, Blend.c, Convert.c) in integers, or in floating point whose
+# every partial sum is exact: a view is the same bits whatever batch, group, padding, order, device,
+# autocast or TF32 setting it is made under. Only the blur departs from torchvision's float32
+# convolution (its kernel is rounded to 2^-22ths, then summed exactly): by one level, on a few pixels.
 VIEW_PATHS = ('tensor', 'pil')
+VIEWS_ON = ('device', 'workers')
 
 
 def view_seed(seed, i, view):
@@ -147,47 +153,87 @@ def _resized_size(h, w, size, max_size):
     return [new_long, new_short] if w <= h else [new_short, new_long]
 
 
-VIEW_KEYS = ('box', 'size', 'window', 'flip', 'jitter', 'order', 'factors', 'gray', 'blur', 'sigma')
+VIEW_KEYS = ('box', 'size', 'window', 'flip', 'jitter', 'order', 'factors', 'gray', 'blur', 'sigma', 'kernel')
+BLUR_BITS = 22  # the blur's 1-d kernels are rounded to multiples of 2^-22: both passes then sum exactly in float64
+
+
+def _blur_sizes(steps):
+    """The blur step's kernel width and height (torchvision's kernel_size), (0, 0) without one."""
+    s = next((s for s in steps if s[0] == 'blur'), None)
+    return (s[2][0], s[2][1]) if s else (0, 0)
+
+
+def blur_kernel(size, sigma):
+    """torchvision's 1-d Gaussian kernel (_get_gaussian_kernel1d) in float64, summed in order, rounded to
+    multiples of 2^-BLUR_BITS (1.2e-7 at most from torchvision's float32 kernel)."""
+    half = (size - 1) * 0.5
+    pdf = [math.exp(-0.5 * ((t - half) / sigma) ** 2) for t in range(size)]
+    return np.round(np.array(pdf) / sum(pdf) * 2.0 ** BLUR_BITS) / 2.0 ** BLUR_BITS
+
+
+def _rrc_box(g, height, width, scale, ratio):
+    """RandomResizedCrop.get_params drawn from generator g: its arithmetic and draws, in its order."""
+    import torch
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,), generator=g).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=g).item()
+            return i, j, h, w
+    in_ratio = float(width) / float(height)  # fallback to the central crop
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def draw_view(steps, h, w, seed=None):
-    """The choices of one view of an h x w image, drawn by torchvision's samplers in its pipeline's
-    order on the stream torch.manual_seed(seed) (None: the plain view, which draws nothing):
-    box (top, left, height, width of the region resampled), size (what it is resampled to), window
-    (top, left of the part kept), flip, jitter (applied) with order (ColorJitter's fn_idx) and
-    factors (brightness, contrast, saturation, hue; NaN: not drawn, not applied), gray, blur (applied)
-    with sigma."""
+    """The choices of one view of an h x w image, drawn as torchvision's samplers draw them in its
+    pipeline's order, from the stream torch.Generator().manual_seed(seed) (None: the plain view, which
+    draws nothing); the global generator is neither read nor reseeded. box (top, left, height, width of
+    the region resampled), size (what it is resampled to), window (top, left of the part kept), flip,
+    jitter (applied) with order (ColorJitter's fn_idx) and factors (brightness, contrast, saturation,
+    hue; NaN: not drawn, not applied), gray, blur (applied) with sigma and kernel (its x then y 1-d
+    kernels, blur_kernel)."""
     import torch
-    from torchvision import transforms as T
+    kx, ky = _blur_sizes(steps)
     v = dict(box=[0, 0, h, w], size=[h, w], window=[0, 0], flip=0, jitter=0, order=[0, 1, 2, 3],
-             factors=[np.nan] * 4, gray=0, blur=0, sigma=1.0)
+             factors=[np.nan] * 4, gray=0, blur=0, sigma=1.0, kernel=np.zeros(kx + ky))
+    g = None if seed is None else torch.Generator().manual_seed(seed)
     cur = [h, w]
 
     def coin(p):  # RandomApply's coin: applied unless p < rand
-        return p is None or not p < torch.rand(1)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for s in steps:
-            if s[0] == 'resize':
-                v['size'] = cur = _resized_size(*cur, s[1], s[2])
-            elif s[0] == 'rrc':
-                v['box'] = list(T.RandomResizedCrop.get_params(torch.empty(()).expand(3, *cur), s[3], s[4]))
-                v['size'] = cur = [s[1], s[2]]
-            elif s[0] == 'crop':
-                v['window'] = [int(round((cur[0] - s[1]) / 2.0)), int(round((cur[1] - s[2]) / 2.0))]
-                if min(v['window']) < 0:
-                    raise ValueError(f"a {cur[0]} x {cur[1]} image is smaller than the {s[1]} x {s[2]} crop")
-                cur = [s[1], s[2]]
-            elif s[0] == 'flip':
-                v['flip'] = int(bool(torch.rand(1) < s[1]))
-            elif s[0] == 'jitter' and coin(s[1]):
-                fn_idx, *f = T.ColorJitter.get_params(*s[2:6])
-                v.update(jitter=1, order=fn_idx.tolist(), factors=[np.nan if x is None else x for x in f])
-            elif s[0] == 'gray':
-                v['gray'] = int(bool(torch.rand(1) < s[1]))
-            elif s[0] == 'blur' and coin(s[1]):
-                v.update(blur=1, sigma=T.GaussianBlur.get_params(*s[3]))
+        return p is None or not p < torch.rand(1, generator=g)
+    for s in steps:
+        if s[0] == 'resize':
+            v['size'] = cur = _resized_size(*cur, s[1], s[2])
+        elif s[0] == 'rrc':
+            v['box'] = list(_rrc_box(g, *cur, s[3], s[4]))
+            v['size'] = cur = [s[1], s[2]]
+        elif s[0] == 'crop':
+            v['window'] = [int(round((cur[0] - s[1]) / 2.0)), int(round((cur[1] - s[2]) / 2.0))]
+            if min(v['window']) < 0:
+                raise ValueError(f"a {cur[0]} x {cur[1]} image is smaller than the {s[1]} x {s[2]} crop")
+            cur = [s[1], s[2]]
+        elif s[0] == 'flip':
+            v['flip'] = int(bool(torch.rand(1, generator=g) < s[1]))
+        elif s[0] == 'jitter' and coin(s[1]):  # ColorJitter.get_params
+            order = torch.randperm(4, generator=g).tolist()
+            f = [np.nan if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=g)) for r in s[2:6]]
+            v.update(jitter=1, order=order, factors=f)
+        elif s[0] == 'gray':
+            v['gray'] = int(bool(torch.rand(1, generator=g) < s[1]))
+        elif s[0] == 'blur' and coin(s[1]):  # GaussianBlur.get_params
+            sigma = torch.empty(1).uniform_(s[3][0], s[3][1], generator=g).item()
+            v.update(blur=1, sigma=sigma, kernel=np.concatenate([blur_kernel(kx, sigma), blur_kernel(ky, sigma)]))
     return v
 
 
@@ -211,8 +257,8 @@ class DecodedImages:
     """torch Dataset of one extraction pass over images[indices]: item k -> (image, draws, k, ok),
     the image decoded once as a 3 x H x W uint8 tensor with the draws of its n_views views, made
     on the device later (path 'tensor'); or its n_views views, n_views x 3 x h x w uint8, draws None:
-    made here by the tensor path with Pillow's resize (path 'tensor', make_here: extraction on the
-    CPU, where the loader's workers share the device's cores) or by the PIL pipeline (path 'pil').
+    made here by the tensor path (path 'tensor', make_here: VIEWS_ON='workers'; Pillow's resize, whose
+    result the device's equals, then the same colour steps) or by the PIL pipeline (path 'pil').
     View v of image i draws from view_seed(seed, i, v); seed None: the plain view."""
 
     def __init__(self, images, indices, transform, n_views=1, seed=None, path='tensor', bad_images='stop',
@@ -248,66 +294,208 @@ class DecodedImages:
             return torch.stack(views), None, k, ok
         draws = draw_views(self.steps, img.height, img.width, self.seed, i, self.n_views)
         if self.make_here:
-            views = flip_jitter_gray_blur(resample_pil(img, draws, self.steps), draws, self.steps, 'cpu')
-            return views.to(torch.uint8), None, k, ok
+            return views_here(img, draws, self.steps), None, k, ok
         return torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1), draws, k, ok
 
 
 def collate_decoded(items):
-    """A loader batch: (x, draws, k, ok). Path 'tensor': x is the list of the B decoded images (3 x H x W
-    uint8, each its own size), draws {key: B x V x ...}; views made here or by the PIL path: x is
-    B x V x 3 x h x w uint8, draws None."""
+    """A loader batch: (x, draws, k, ok). Path 'tensor': x = dict(pixels: every image's 3 x H x W uint8
+    pixels, one flat tensor, in the order `order` (batch positions sorted by size, so images of one
+    size lie together), shapes: (H, W) of each), draws {key: B x V x ...}; views made in the workers or
+    by the PIL path: x is B x V x 3 x h x w uint8, draws None."""
     import torch
     xs, draws, ks, oks = zip(*items)
     k, ok = torch.tensor(ks), torch.tensor(oks)
     if draws[0] is None:
         return torch.stack(xs), None, k, ok
-    return list(xs), {key: torch.from_numpy(np.stack([d[key] for d in draws])) for key in VIEW_KEYS}, k, ok
+    shapes = [tuple(x.shape[1:]) for x in xs]
+    order = sorted(range(len(xs)), key=lambda b: shapes[b])
+    x = dict(pixels=torch.cat([xs[b].reshape(-1) for b in order]), shapes=shapes, order=order)
+    return x, {key: torch.from_numpy(np.stack([d[key] for d in draws])) for key in VIEW_KEYS}, k, ok
+
+
+# -----------------------------------------------------------------------------
+# the crop and resize, as Pillow computes it for 8-bit images (Resample.c): coefficients in double,
+# rounded to integers of 2^-22, a horizontal pass summed in integers and rounded to 0..255, then a
+# vertical one. Here each pass is one batched product whose operands are split into 8-bit parts
+# (pixels 0..255 times parts -255..255, at most EXACT_TAPS taps): every partial sum is an integer below
+# 2^24, exact in float32, TF32 or bf16, in any order. So the device makes Pillow's very pixels.
+PIL_BITS = 22      # Pillow's PRECISION_BITS for 8 bits a sample
+EXACT_TAPS = 258   # 255 * 255 * taps < 2^24: beyond (a downscale past 64x) the products run in float64
 
 
 def _pil_filter(x, interp):
-    """Pillow's bilinear (triangle, support 1) or bicubic (a = -0.5, support 2) filter."""
+    """Pillow's bilinear (triangle, support 1) or bicubic (a = -0.5, support 2) filter, in double."""
+    import torch
     from torchvision.transforms import InterpolationMode
     x = x.abs()
     if interp == InterpolationMode.BILINEAR:
-        return (1 - x).clamp(min=0)
+        return torch.where(x < 1.0, 1.0 - x, 0.0)
     a = -0.5
-    return (((a + 2) * x - (a + 3)) * x * x + 1) * (x < 1) + ((((x - 5) * x + 8) * x - 4) * a) * (x >= 1) * (x < 2)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, 0.0))
 
 
-def resample_weights(n_in, start, length, out_len, first, n_out, interp):
-    """(V, n_out, n_in) float32: Pillow's resampling weights (Resample.c, precompute_coeffs) for
-    resizing the span [start, start + length) of a row to out_len samples, rows first..first +
-    n_out of the result; the span's neighbours outside it get no weight (PIL crops, then resizes).
-    start, length, out_len, first: (V,) float64 tensors. Only the filter's taps are computed."""
-    import torch
+def _support(interp):
     from torchvision.transforms import InterpolationMode
-    support = 1.0 if interp == InterpolationMode.BILINEAR else 2.0
+    return 1.0 if interp == InterpolationMode.BILINEAR else 2.0
+
+
+def ksize(length, out_len, interp):
+    """Pillow's coefficients per output sample of resizing `length` to `out_len` (numpy, on the host):
+    (int)ceil(support * filterscale) * 2 + 1."""
+    return (np.ceil(_support(interp) * np.maximum(length / out_len, 1.0)) * 2 + 1).astype(np.int64)
+
+
+def pil_coeffs(n_in, start, length, out_len, first, n_out, taps, interp):
+    """Pillow's 8-bit coefficients (precompute_coeffs, normalize_coeffs_8bpc) of V resizes: the span
+    [start, start + length) of a row of n_in samples (PIL crops, then resizes) resized to out_len, its
+    samples first .. first + n_out (the centre crop's): (kk, col), (V, n_out, taps) int64, the integer
+    coefficients and the columns they weigh (a tap past the span weighs 0). start, length, out_len, first:
+    (V,) float64 tensors; taps >= every ksize. Pillow's double arithmetic in its order, its weight sum
+    `ww` summed tap by tap, so its integers."""
+    import torch
+    f64 = dict(dtype=torch.float64, device=start.device)
     scale = (length / out_len)[:, None]
     fs = scale.clamp(min=1.0)
-    center = (first[:, None] + torch.arange(n_out, dtype=torch.float64, device=start.device) + 0.5) * scale
-    lo = torch.floor(center - support * fs + 0.5).clamp(min=0)                   # first tap, in the span
-    hi = torch.minimum(torch.floor(center + support * fs + 0.5), length[:, None])  # one past the last
-    taps = int(np.ceil(support * float(fs.max()))) * 2 + 1
-    pos = lo[..., None] + torch.arange(taps, dtype=torch.float64, device=start.device)  # (V, n_out, taps)
-    w = _pil_filter((pos - center[..., None] + 0.5) / fs[..., None], interp) * (pos < hi[..., None])
-    w = (w / w.sum(-1, keepdim=True).clamp(min=1e-300)).float()
-    col = (pos + start[:, None, None]).clamp(max=n_in - 1).long()  # a tap past the row has weight 0
-    return torch.zeros(len(start), n_out, n_in, device=start.device).scatter_add_(2, col, w)
+    support = _support(interp) * fs
+    center = (first[:, None] + torch.arange(n_out, **f64) + 0.5) * scale
+    xmin = torch.trunc(center - support + 0.5).clamp_(min=0)
+    count = torch.minimum(torch.trunc(center + support + 0.5), length[:, None]) - xmin
+    x = torch.arange(taps, **f64)
+    w = _pil_filter((x + xmin[..., None] - center[..., None] + 0.5) * (1.0 / fs)[..., None], interp)
+    w = torch.where(x < count[..., None], w, 0.0)
+    ww = w[..., 0]
+    for t in range(1, taps):
+        ww = ww + w[..., t]
+    k = torch.where(ww[..., None] != 0, w / ww[..., None], w)
+    kk = torch.where(k < 0, -0.5 + k * 2.0 ** PIL_BITS, 0.5 + k * 2.0 ** PIL_BITS).trunc_().long()
+    col = (x + xmin[..., None] + start[:, None, None]).clamp_(max=n_in - 1).long()
+    return kk, col
 
 
-def _round8(x):
-    """Pillow's rounding of a resampling pass to uint8: half up, clipped to 0..255."""
-    return (x + 0.5).floor_().clamp_(0, 255)
+def _weight_parts(kk, col, n_in, dtype):
+    """The dense (V, n_out, n_in) matrices of the coefficients kk as (shift, matrix) parts, kk = sum of
+    part << shift: three signed 8-bit parts in float32, or kk whole in float64."""
+    import torch
+    shape = (*kk.shape[:2], n_in)
+    if dtype == torch.float64:
+        yield 0, torch.zeros(shape, dtype=dtype, device=kk.device).scatter_add_(2, col, kk.double())
+        return
+    sign, mag = kk.sign(), kk.abs()
+    for shift in (16, 8, 0):
+        part = (sign * ((mag >> shift) & 255)).to(dtype)
+        yield shift, torch.zeros(shape, dtype=dtype, device=kk.device).scatter_add_(2, col, part)
 
 
+def _add_part(acc, part, shift):
+    """acc + (part << shift) in int32 (Pillow's own int accumulator; its sums fit): part holds exact integers."""
+    import torch
+    p = part.to(torch.int32)
+    if shift:
+        p.mul_(1 << shift)
+    return p if acc is None else acc.add_(p)
+
+
+def _clip8(acc):
+    """Pillow's clip8 of an accumulated sum: (sum + 2^21) >> 22 (arithmetic shift), clipped to 0..255."""
+    return acc.add_(1 << (PIL_BITS - 1)).bitwise_right_shift_(PIL_BITS).clamp_(0, 255)
+
+
+def _pass(acc_in, x, kk, col, n_in, left):
+    """One resampling pass, Pillow's integer sum of each output sample, as batched products of x and the
+    dense parts of kk (left: weights @ x, else x @ weights^T), then clip8: int32 in 0..255."""
+    import torch
+    acc = None
+    for shift, w in _weight_parts(kk, col, n_in, x.dtype):
+        w = w.view(acc_in, -1, n_in)
+        acc = _add_part(acc, torch.bmm(w, x) if left else torch.bmm(x, w.transpose(1, 2)), shift)
+    return _clip8(acc)
+
+
+def resample_group(x, geo, out_hw, taps, interp, vertical_first=False):
+    """Pillow's crop, resize and centre crop of n views of each of G images x (G, 3, H, W, zero-padded,
+    float32 or float64 on the device, 0..255): (G n, 3, out_h, out_w) int32 in 0..255, the views of
+    image 0 first. geo (G n, 8) float64: box (top, left, height, width), size (h, w), window (top, left).
+    taps (vertical, horizontal) >= every view's ksize. Horizontally, rounded to 0..255 as Pillow's
+    intermediate image, then vertically; or vertically first (pillow_vertical_first). Each pass is one
+    batched product per 8-bit part."""
+    G, _, H, W = x.shape
+    n, (out_h, out_w) = len(geo) // G, out_hw
+    ky, cy = pil_coeffs(H, geo[:, 0], geo[:, 2], geo[:, 4], geo[:, 6], out_h, taps[0], interp)
+    kx, cx = pil_coeffs(W, geo[:, 1], geo[:, 3], geo[:, 5], geo[:, 7], out_w, taps[1], interp)
+    if vertical_first:  # (G, n out_h, 3 W), then (G n, 3 out_h, out_w)
+        t = _pass(G, x.permute(0, 2, 1, 3).reshape(G, H, 3 * W), ky, cy, H, left=True)
+        t = t.view(G, n, out_h, 3, W).permute(0, 1, 3, 2, 4).reshape(G * n, 3 * out_h, W).to(x.dtype)
+        return _pass(G * n, t, kx, cx, W, left=False).view(G * n, 3, out_h, out_w)
+    t = _pass(G, x.view(G, 3 * H, W), kx, cx, W, left=False)  # (G, 3 H, n out_w), then (G n, out_h, 3 out_w)
+    t = t.view(G, 3, H, n, out_w).permute(0, 3, 2, 1, 4).reshape(G * n, H, 3 * out_w).to(x.dtype)
+    return _pass(G * n, t, ky, cy, H, left=True).view(G * n, out_h, 3, out_w).permute(0, 2, 1, 3)
+
+
+_PILLOW = {}
+
+
+def pillow_vertical_first(box_h, box_w, out_h, out_w):
+    """Which views the installed Pillow resizes vertically first (numpy, on the host): Pillow 13 does when
+    the height shrinks by more than twice what the width does, earlier releases never. The rule is
+    probed once on a 40 x 40 image, whose two orders give different pixels."""
+    if 'vertical_first' not in _PILLOW:
+        from PIL import Image
+        im, bicubic = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)), 3
+        both = np.asarray(im.resize((39, 10), bicubic))
+        _PILLOW['vertical_first'] = bool((both == np.asarray(im.resize((40, 10), bicubic).resize((39, 10), bicubic)))
+                                         .all())
+    return _PILLOW['vertical_first'] & (out_h < box_h) & (box_h - out_h > 2 * (box_w - out_w))
+
+
+def resample_pil(img, draws, steps):
+    """The views' crop and resize of one PIL image made by Pillow itself (crop, resize, crop): what
+    resample_group makes, and the fastest on a CPU. V x 3 x h x w float on the 0..255 grid."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    mode = {InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+            InterpolationMode.BICUBIC: Image.Resampling.BICUBIC}[_interp(steps)]
+    out_h, out_w = _out_size(steps, draws['size'])
+    views = []
+    for (top, left, bh, bw), (rh, rw), (wt, wl) in zip(draws['box'].astype(int), draws['size'].astype(int),
+                                                       draws['window'].astype(int)):
+        v = img.crop((left, top, left + bw, top + bh))
+        if v.size != (rw, rh):
+            v = v.resize((rw, rh), mode)
+        views.append(np.asarray(v.crop((wl, wt, wl + out_w, wt + out_h))))
+    return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float()
+
+
+def _out_size(steps, sizes):
+    """The views' height and width: the centre crop's, else the one resampled size of every view."""
+    crop = next((s for s in steps if s[0] == 'crop'), None)
+    if crop:
+        return crop[1], crop[2]
+    if not (sizes == sizes[0]).all():
+        raise ValueError("the views of this pipeline differ in size from image to image: the tensor path needs one "
+                         "size (add a centre crop, or pass --view_path=pil)")
+    return int(sizes[0, 0]), int(sizes[0, 1])
+
+
+def _interp(steps):
+    from torchvision.transforms import InterpolationMode
+    geo = next((s for s in steps if s[0] in ('resize', 'rrc')), None)
+    return geo[-1] if geo else InterpolationMode.BILINEAR  # no resampling: identity weights
+
+
+# -----------------------------------------------------------------------------
+# the colour steps, as Pillow computes them on uint8 images (its arithmetic is exact on the grid)
 def _luma(x):
-    """Pillow's convert('L') of (N, 3, H, W) values in 0..255: (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
+    """Pillow's convert('L') of (N, 3, H, W) values in 0..255: (19595 R + 38470 G + 7471 B + 2^15) >> 16
+    (every partial sum an integer below 2^24: exact in float32)."""
     return ((x[:, 0] * 19595 + x[:, 1] * 38470 + x[:, 2] * 7471 + 32768) / 65536).floor_()[:, None]
 
 
 def _blend(d, x, f):
-    """Pillow's Image.blend(d, x, f) on uint8 values: d + f (x - d), clipped, truncated."""
+    """Pillow's Image.blend(d, x, f) on uint8 values, in C's float: d + f (x - d), clipped, truncated."""
     return (d + f * (x - d)).clamp_(0, 255).floor_()
 
 
@@ -361,9 +549,7 @@ def _hue(x, f):
     """Pillow's hue shift as torchvision's adjust_hue does it on a PIL image: RGB -> HSV (uint8, Convert.c
     rgb2hsv), H += int(255 f) modulo 256, HSV -> RGB (hsv2rgb); the conversions are looked up."""
     import torch
-    if x.device not in _HSV:
-        _HSV[x.device] = tuple(t.to(x.device) for t in hsv_tables())
-    to_hs, to_rgb = _HSV[x.device]
+    to_hs, to_rgb = _device_tables(x.device)
     n, _, hh, ww = x.shape
     c = x.int()
     hs = to_hs.index_select(0, ((c[:, 0] * 256 + c[:, 1]) * 256 + c[:, 2]).flatten()).view(n, hh, ww, 2).int()
@@ -374,139 +560,262 @@ def _hue(x, f):
 
 def _jitter(x, op, f):
     """One of ColorJitter's four operations (0 brightness, 1 contrast, 2 saturation, 3 hue) of every
-    view of x (N, 3, H, W, values in 0..255) with its own factor f (N,), as Pillow computes it."""
+    view of x (N, 3, H, W, values in 0..255) with its own factor f (N, float64), as Pillow computes it."""
     f4 = f.float().view(-1, 1, 1, 1)
     if op == 0:
         return _blend(0.0, x, f4)
-    if op == 1:  # ImageEnhance.Contrast: the mean grey level, rounded
-        return _blend((_luma(x).double().mean((1, 2, 3), keepdim=True) + 0.5).floor().float(), x, f4)
+    if op == 1:  # ImageEnhance.Contrast: int(mean grey level + 0.5); the sum of integers is exact in double
+        mean = _luma(x).double().sum((1, 2, 3), keepdim=True) / (x.shape[2] * x.shape[3])
+        return _blend((mean + 0.5).floor().float(), x, f4)
     if op == 2:
         return _blend(_luma(x), x, f4)
     return _hue(x, f)
 
 
-def _blur(x, sigma, kernel):
-    """torchvision's gaussian_blur (reflect padding, rounded to uint8) with each view's own sigma, as
-    two 1-d passes."""
+def _blur(x, k, kernel):
+    """torchvision's gaussian_blur (reflect padding, rounded to uint8) of views x (N, 3, H, W, integers),
+    each with its own 1-d kernels k (N, kx + ky: x, then y; multiples of 2^-22, blur_kernel), as two 1-d
+    passes in float64: every partial sum (a multiple of 2^-22, then 2^-44, below 2^8) is exact, so the
+    result is the same in any order; direct convolution (cuDNN off). kernel: (kx, ky)."""
     import torch
     import torch.nn.functional as F
     n, c, h, w = x.shape
-    kh, kw = kernel[1], kernel[0]
-    out = x
-    for size, shape in ((kw, (1, kw)), (kh, (kh, 1))):
-        half = (size - 1) * 0.5
-        t = torch.linspace(-half, half, size, device=x.device)
-        pdf = torch.exp(-0.5 * (t[None] / sigma.float()[:, None]) ** 2)
-        k1 = (pdf / pdf.sum(1, keepdim=True)).repeat_interleave(c, 0).view(n * c, 1, *shape)
-        pad = (size // 2, size // 2, 0, 0) if shape[0] == 1 else (0, 0, size // 2, size // 2)
-        out = F.conv2d(F.pad(out.reshape(1, n * c, h, w), pad, mode='reflect'), k1, groups=n * c).view(n, c, h, w)
-    return out.round_()
+    kx, ky = kernel
+    out = x.double()
+    with torch.backends.cudnn.flags(enabled=False):
+        for k1, size, shape in ((k[:, :kx], kx, (1, kx)), (k[:, kx:kx + ky], ky, (ky, 1))):
+            weight = k1.repeat_interleave(c, 0).view(n * c, 1, *shape)
+            pad = (size // 2, size // 2, 0, 0) if shape[0] == 1 else (0, 0, size // 2, size // 2)
+            out = F.conv2d(F.pad(out.reshape(1, n * c, h, w), pad, mode='reflect'), weight, groups=n * c)
+    return out.view(n, c, h, w).round_().float()
+
+
+def _colour_plan(d, steps):
+    """The colour steps of n views with draws d ({key: (n, ...) numpy}), on the host: [(kind, op, first,
+    count)] in the pipeline's order (ColorJitter's four in each view's own order), and the int64 indices
+    of the views each applies to, concatenated."""
+    ops, idx, first = [], [], 0
+
+    def add(kind, op, mask):
+        nonlocal first
+        i = np.flatnonzero(mask)
+        if len(i):
+            ops.append((kind, op, first, len(i)))
+            idx.append(i)
+            first += len(i)
+    for s in steps:
+        if s[0] == 'flip':
+            add('flip', 0, d['flip'] > 0)
+        elif s[0] == 'jitter':
+            for pos in range(4):
+                for op in range(4):
+                    add('jitter', op, (d['jitter'] > 0) & (d['order'][:, pos] == op) & ~np.isnan(d['factors'][:, op]))
+        elif s[0] in ('gray', 'blur'):
+            add(s[0], 0, d[s[0]] > 0)
+    return ops, (np.concatenate(idx) if idx else np.zeros(0, np.int64))
+
+
+PARAMS = ('box', 'size', 'window', 'factors', 'kernel')  # a view's float draws on the device, in this order
+
+
+def colour(y, ops, idx, par, kernel):
+    """The flip, jitter, grey and blur steps `ops` (_colour_plan; idx: their view indices on y's device)
+    of views y (n, 3, h, w float, 0..255 grid), each view with its own draws par (n, 8 + 4 + kx + ky
+    float64: PARAMS), batched over the views that take each operation."""
+    for kind, op, a, m in ops:
+        i = idx[a:a + m]
+        if kind == 'flip':
+            y[i] = y[i].flip(-1)
+        elif kind == 'jitter':
+            y[i] = _jitter(y[i], op, par[i, 8 + op])
+        elif kind == 'gray':
+            y[i] = _luma(y[i]).expand(-1, 3, -1, -1)
+        else:
+            y[i] = _blur(y[i], par[i, 12:], kernel)
+    return y
+
+
+def views_here(img, draws, steps):
+    """The views of one PIL image made in a loader worker (VIEWS_ON='workers'): Pillow's own resize, the
+    same pixels as the device's, then the same colour steps on the CPU. V x 3 x h x w uint8."""
+    import torch
+    ops, idx = _colour_plan(draws, steps)
+    par = torch.from_numpy(np.concatenate([draws[k].reshape(len(draws['flip']), -1) for k in PARAMS], 1))
+    y = colour(resample_pil(img, draws, steps), ops, torch.from_numpy(idx), par, _blur_sizes(steps))
+    return y.to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# a loader batch's views on the device: planned on the host, made without a synchronisation
+RESAMPLE_ELEMS = 1 << 26  # the largest tensor of one resampling group, in elements (x 4 bytes)
+
+
+def resample_groups(shapes, order, n_views, out_hw, budget=RESAMPLE_ELEMS):
+    """The resampling groups of a batch: [(positions, (first view, end view), H, W)], consecutive images of
+    `order` zero-padded to H x W, each group's largest tensor (the images, the weights (views x out x
+    in), a pass's result) within `budget` elements, padding at most a quarter more pixels; an image
+    whose views exceed it alone, in runs of views whose tensors are within it (the image itself may be
+    larger). The views are the same in any grouping: the budget bounds memory, nothing else."""
+    out_h, out_w = out_hw
+
+    def elems(g, n, H, W):  # per view: the weights and a pass's result, in either pass order
+        return max(g * 3 * H * W, g * n * max(out_w * max(W, 3 * H), out_h * max(H, 3 * W)))
+    groups, j = [], 0
+    while j < len(order):
+        H, W = shapes[order[j]]
+        if elems(1, n_views, H, W) > budget:
+            run = max(1, budget // max(out_w * max(W, 3 * H), out_h * max(H, 3 * W)))
+            groups += [([order[j]], (v, min(v + run, n_views)), H, W) for v in range(0, n_views, run)]
+            j += 1
+            continue
+        e, area = j + 1, H * W
+        while e < len(order):
+            (h, w), Hn, Wn = shapes[order[e]], max(H, shapes[order[e]][0]), max(W, shapes[order[e]][1])
+            if elems(e + 1 - j, n_views, Hn, Wn) > budget or (e + 1 - j) * Hn * Wn > 1.25 * (area + h * w):
+                break
+            H, W, e, area = Hn, Wn, e + 1, area + h * w
+        groups.append((order[j:e], (0, n_views), H, W))
+        j = e
+    return groups
+
+
+def _pass_plan(rows, order_mask, d, steps, put):
+    """One pass order's batch of a group (rows (G, n) of its views, order_mask their pass order): each
+    image's views of that order first, padded to the same count m with its other views (made, then
+    dropped): sel (G m rows made), keep (the made views kept), dest (their rows), taps, colour ops."""
+    m = int(order_mask.sum(1).max())
+    first = np.argsort(~order_mask, axis=1, kind='stable')[:, :m]
+    sel, real = np.take_along_axis(rows, first, 1).ravel(), np.take_along_axis(order_mask, first, 1).ravel()
+    keep = np.flatnonzero(real)
+    dest = sel[keep]
+    taps = [int(ksize(d['box'][sel, 2 + a], d['size'][sel, a], _interp(steps)).max()) for a in (0, 1)]
+    ops, idx = _colour_plan({k: v[dest] for k, v in d.items()}, steps)
+    at = put(idx)[0]
+    return dict(sel=put(sel), keep=None if real.all() else put(keep), dest=put(dest), taps=taps,
+                ops=[(k, o, a + at, c) for k, o, a, c in ops])
+
+
+def _plan(x, d, n_views, steps, budget):
+    """The host's plan of a batch's views (make_pixels): its groups (resample_groups), each with its runs
+    of same-size images in the pixels ([first, end, h, w, offset]) and its passes (_pass_plan), one per
+    pass order; every index array in one int64 array, each named by its (first, count) in it."""
+    import torch
+    out_hw = _out_size(steps, d['size'])
+    vfirst = pillow_vertical_first(d['box'][:, 2], d['box'][:, 3], d['size'][:, 0], d['size'][:, 1])
+    offsets = np.cumsum([0] + [3 * h * w for h, w in (x['shapes'][b] for b in x['order'])])
+    at = {b: int(offsets[j]) for j, b in enumerate(x['order'])}
+    ints, total = [], [0]
+
+    def put(a):
+        ints.append(np.asarray(a, np.int64))
+        total[0] += len(a)
+        return total[0] - len(a), len(a)
+    groups = []
+    for pos, (va, ve), H, W in resample_groups(x['shapes'], x['order'], n_views, out_hw, budget):
+        runs = []
+        for j, b in enumerate(pos):
+            if runs and x['shapes'][b] == x['shapes'][pos[runs[-1][0]]]:
+                runs[-1][1] = j + 1
+            else:
+                runs.append([j, j + 1, *x['shapes'][b], at[b]])
+        rows = np.asarray(pos)[:, None] * n_views + np.arange(va, ve)
+        passes = [dict(_pass_plan(rows, vfirst[rows] == o, d, steps, put), vertical_first=o)
+                  for o in (False, True) if (vfirst[rows] == o).any()]
+        exact = max(max(p['taps']) for p in passes) <= EXACT_TAPS
+        groups.append(dict(runs=runs, size=(len(pos), 3, H, W), passes=passes,
+                           dtype=torch.float32 if exact else torch.float64))
+    return out_hw, groups, np.concatenate(ints)
+
+
+def _upload(t, device):
+    """A host array on `device` without a synchronisation: from pinned memory, asynchronously."""
+    import torch
+    t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t
+    if device.type == 'cuda' and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+class _fast_exact_products:
+    """On a GPU, the resampling's float32 products in TF32 (its tensor cores): their operands and sums are
+    integers that TF32 holds exactly, so the same result, faster. The setting is restored after."""
+
+    def __init__(self, device):
+        self.cuda = device.type == 'cuda'
+
+    def __enter__(self):
+        import torch
+        if self.cuda:
+            self.old = torch.backends.cuda.matmul.fp32_precision
+            torch.backends.cuda.matmul.fp32_precision = 'tf32'
+
+    def __exit__(self, *exc):
+        import torch
+        if self.cuda:
+            torch.backends.cuda.matmul.fp32_precision = self.old
+
+
+def make_pixels(x, draws, steps, device, budget=RESAMPLE_ELEMS):
+    """The views of a loader batch (collate_decoded) on `device`, the backbone's input before normalising:
+    B x V views, each image's in view order, (B V) x 3 x h x w uint8. draws None: x holds the views. No
+    host-device synchronisation: every shape is known on the host, every upload is asynchronous from
+    pinned memory, nothing is read back. Autocast off; the same pixels under any TF32 setting."""
+    import torch
+    dev = torch.device(device)
+    if draws is None:
+        return _upload(x, dev).flatten(0, 1)
+    B, V = draws['flip'].shape
+    d = {k: v.reshape(B * V, *v.shape[2:]).numpy() for k, v in draws.items()}
+    out_hw, groups, ints = _plan(x, d, V, steps, budget)
+    par = np.concatenate([d[k].reshape(B * V, -1) for k in PARAMS], 1)
+    pix, par, ints = _upload(x['pixels'], dev), _upload(par, dev), _upload(ints, dev)
+    out = torch.empty((B * V, 3, *out_hw), dtype=torch.uint8, device=dev)
+    with torch.autocast(dev.type, enabled=False), _fast_exact_products(dev):
+        for g in groups:
+            x_g = torch.zeros(g['size'], dtype=g['dtype'], device=dev)
+            for j, e, h, w, at in g['runs']:
+                x_g[j:e, :, :h, :w] = pix[at:at + (e - j) * 3 * h * w].view(e - j, 3, h, w)
+            for p in g['passes']:
+                rows = ints[p['sel'][0]:sum(p['sel'])]
+                y = resample_group(x_g, par.index_select(0, rows), out_hw, p['taps'], _interp(steps),
+                                   p['vertical_first'])
+                if p['keep'] is not None:
+                    y = y.index_select(0, ints[p['keep'][0]:sum(p['keep'])])
+                dest = ints[p['dest'][0]:sum(p['dest'])]
+                y = colour(y.float(), p['ops'], ints, par.index_select(0, dest), _blur_sizes(steps))
+                out.index_copy_(0, dest, y.to(torch.uint8))
+    return out
+
+
+_CONST = {}
+
+
+def prepare(steps, device, tables=False):
+    """A pipeline's constants on `device`, uploaded once (before a pass, not between its forwards): its
+    normalisation's mean and std, and with `tables` Pillow's HSV tables when it jitters."""
+    import torch
+    dev = torch.device(device)
+    norm = next(s for s in steps if s[0] == 'normalize')
+    key = (norm[1], norm[2], str(dev))
+    if key not in _CONST:
+        _CONST[key] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(dev) for v in norm[1:])
+    if tables and any(s[0] == 'jitter' for s in steps):
+        _device_tables(dev)
+    return _CONST[key]
+
+
+def _device_tables(device):
+    if device not in _HSV:
+        _HSV[device] = tuple(t.to(device) for t in hsv_tables())
+    return _HSV[device]
+
+
+def normalize(pixels, steps):
+    """Views (N, 3, h, w uint8) as the backbone's input: float32, /255, minus the mean, over the std."""
+    mean, std = prepare(steps, pixels.device)
+    return (pixels.float().div_(255) - mean) / std
 
 
 def make_views(x, draws, steps, device):
-    """The views of a loader batch (collate_decoded) on `device`, as the backbone's input: B x V views,
-    each image's in view order, (B V) x 3 x h x w float32 normalised. draws None: x holds the views."""
-    import torch
-    norm = next(s for s in steps if s[0] == 'normalize')
-    mean = torch.tensor(norm[1], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(norm[2], device=device).view(1, 3, 1, 1)
-    if draws is None:
-        y = x.to(device, non_blocking=True).flatten(0, 1).float()
-    else:
-        flat = {k: v.reshape(-1, *v.shape[2:]).numpy() for k, v in draws.items()}  # on the CPU: no device sync
-        y = flip_jitter_gray_blur(resample(x, draws, steps, device), flat, steps, device)
-    return (y.div_(255) - mean) / std
-
-
-def _out_size(steps, sizes):
-    """The views' height and width: the centre crop's, else the one resampled size of every view."""
-    crop = next((s for s in steps if s[0] == 'crop'), None)
-    if crop:
-        return crop[1], crop[2]
-    if not (sizes == sizes[0]).all():
-        raise ValueError("the views of this pipeline differ in size from image to image: the tensor path needs one "
-                         "size (add a centre crop, or pass --view_path=pil)")
-    return int(sizes[0, 0]), int(sizes[0, 1])
-
-
-def _interp(steps):
-    from torchvision.transforms import InterpolationMode
-    geo = next((s for s in steps if s[0] in ('resize', 'rrc')), None)
-    return geo[-1] if geo else InterpolationMode.BILINEAR  # no resampling: identity weights
-
-
-RESAMPLE_PIXELS = 1 << 25  # the most pixels (images x padded height x width) one batched resize pass takes
-
-
-def resample(xs, draws, steps, device):
-    """The crop and resize of every view (box -> size -> window of its draws) of the decoded images xs
-    (a list of 3 x H x W uint8) on `device`: (B V) x 3 x h x w float on the 0..255 grid. As Pillow does
-    it: horizontally, rounded to uint8, then vertically, each pass one batched matrix product with
-    Pillow's antialiasing weights, over groups of images zero-padded to a common size (no view reads
-    the padding) of at most RESAMPLE_PIXELS."""
-    import torch
-    B, V = draws['flip'].shape
-    box, size, win = (draws[k].reshape(B * V, -1).to(device, non_blocking=True) for k in ('box', 'size', 'window'))
-    out_h, out_w = _out_size(steps, draws['size'].reshape(B * V, 2))
-    out, a = [], 0
-    while a < B:
-        e, H, W = a + 1, *xs[a].shape[1:]
-        while e < B and (e + 1 - a) * max(H, xs[e].shape[1]) * max(W, xs[e].shape[2]) <= RESAMPLE_PIXELS:
-            H, W, e = max(H, xs[e].shape[1]), max(W, xs[e].shape[2]), e + 1
-        x = torch.zeros((e - a, 3, H, W), dtype=torch.uint8, device=device)
-        for j, im in enumerate(xs[a:e]):
-            x[j, :, :im.shape[1], :im.shape[2]] = im.to(device, non_blocking=True)
-        r = slice(a * V, e * V)
-        wy = resample_weights(H, box[r, 0], box[r, 2], size[r, 0], win[r, 0], out_h, _interp(steps))
-        wx = resample_weights(W, box[r, 1], box[r, 3], size[r, 1], win[r, 1], out_w, _interp(steps))
-        t = torch.bmm(x.float().reshape(e - a, 3 * H, W), wx.view(e - a, V * out_w, W).transpose(1, 2))
-        t = _round8(t).view(e - a, 3, H, V, out_w).permute(0, 3, 2, 1, 4).reshape((e - a) * V, H, 3 * out_w)
-        out.append(_round8(torch.bmm(wy, t)).view((e - a) * V, out_h, 3, out_w).permute(0, 2, 1, 3))
-        a = e
-    return torch.cat(out).contiguous()
-
-
-def resample_pil(img, draws, steps):
-    """resample's views of one PIL image made by Pillow itself (crop, resize, crop): the fastest
-    antialiased resize on a CPU. V x 3 x h x w float on the 0..255 grid."""
-    import torch
-    from PIL import Image
-    from torchvision.transforms import InterpolationMode
-    mode = {InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-            InterpolationMode.BICUBIC: Image.Resampling.BICUBIC}[_interp(steps)]
-    out_h, out_w = _out_size(steps, draws['size'])
-    views = []
-    for (top, left, bh, bw), (rh, rw), (wt, wl) in zip(draws['box'].astype(int), draws['size'].astype(int),
-                                                       draws['window'].astype(int)):
-        v = img.crop((left, top, left + bw, top + bh))
-        if v.size != (rw, rh):
-            v = v.resize((rw, rh), mode)
-        views.append(np.asarray(v.crop((wl, wt, wl + out_w, wt + out_h))))
-    return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float()
-
-
-def flip_jitter_gray_blur(y, d, steps, device):
-    """The flip, colour jitter, grey and blur steps of views y (N x 3 x h x w, 0..255 grid, on `device`),
-    each view with its own draws d ({key: N x ... numpy}), batched over the views that take each
-    operation, as Pillow computes it."""
-    import torch
-
-    def subset(mask):  # the views where mask holds, as a device index (no device sync)
-        idx = torch.from_numpy(np.flatnonzero(mask))
-        return idx.to(device, non_blocking=True) if len(idx) else None
-    factors = torch.from_numpy(d['factors']).to(device, non_blocking=True)
-    sigma = torch.from_numpy(d['sigma']).to(device, non_blocking=True)
-    for s in steps:
-        if s[0] == 'flip' and (i := subset(d['flip'] > 0)) is not None:
-            y[i] = y[i].flip(-1)
-        elif s[0] == 'jitter':  # ColorJitter's four operations, in each view's own order
-            for pos in range(4):
-                for op in range(4):
-                    i = subset((d['jitter'] > 0) & (d['order'][:, pos] == op) & ~np.isnan(d['factors'][:, op]))
-                    if i is not None:
-                        y[i] = _jitter(y[i], op, factors[i, op])
-        elif s[0] == 'gray' and (i := subset(d['gray'] > 0)) is not None:
-            y[i] = _luma(y[i]).expand(-1, 3, -1, -1)
-        elif s[0] == 'blur' and (i := subset(d['blur'] > 0)) is not None:
-            y[i] = _blur(y[i], sigma[i], s[2])
-    return y
+    """The backbone's input of a loader batch: make_pixels, normalised. (B V) x 3 x h x w float32."""
+    return normalize(make_pixels(x, draws, steps, device), steps)

@@ -77,7 +77,8 @@ def test_saved_heads_give_the_saved_codes(competitor_runs):
         z = np.load(os.path.join(out[method][2], '16bits', 'codes.npz'))
         cfg, hv, he, _ = search_index.load_run(out[method][2], 16)
         assert he is None and type(hv).__module__ == f'methods.{method}'
-        np.testing.assert_array_equal(search_index.hash_features(x[retrieval], hv, cfg), eval_hash.pack(z['retrieval_h']))
+        codes = search_index.hash_features(x[retrieval], hv, cfg)
+        np.testing.assert_array_equal(codes, eval_hash.pack(z['retrieval_h']))
     z = np.load(os.path.join(out['mecoq'][2], '16bits', 'codes.npz'))
     assert z['retrieval_codes'].dtype == np.uint8 and z['codebooks'].shape == (2, 256, 16) and str(z['aqd']) == 'ip'
     aqd = eval_hash.map_aqd(z['query_h'], z['retrieval_codes'], z['codebooks'], z['query_labels'],

@@ -115,7 +115,7 @@ def test_released_tables_compare_the_authors_metric(monkeypatch, tmp_path):
             c.result, c.status = dict(map=hamming, map_continuous=cont, method='duheg'), 'trained'
         header = reproduce.measured_on(cells, {})
         lines = reproduce.markdown_table('Table 1', header, reproduce.table_rows('1'), ('cifar10',), (16,), cells, 1)
-        assert lines[-2] == f'| CLIP ViT-B/16, T2 = 0.97 | clip | CIFAR-10 | {want} |'
+        assert lines[-2] == f'| DUH-EG, CLIP ViT-B/16, T2 = 0.97 | clip | CIFAR-10 | {want} |'
         assert ("the authors' own metric, the continuous-output MAP@K" in header) == released
         assert cells[0].line().startswith(f"cell table=1 row=clip dataset=cifar10 bits=16 seed=0 "
                                           f"{'map_continuous' if released else 'map'}=")

@@ -48,6 +48,7 @@ def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('quickstart')
     for script in glob.glob(os.path.join(ROOT, '*.py')):
         shutil.copy(script, tmp)
+    shutil.copytree(os.path.join(ROOT, 'methods'), tmp / 'methods')  # the other methods' files train.py imports
     proc = shell(readme_quick_start(), tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, str(tmp / 'cache'), str(tmp / 'runs' / 'quickstart'), proc

@@ -3,6 +3,7 @@ CIFAR-10; MS-COCO is not downloaded): the dry run writes nothing; killed after i
 run again trains only the rest; REPORT.md holds every table and figure section, its numbers are the results
 file's, its provenance names the commit and settings, a dataset that is absent is said so in place; and
 --report_only gives the same document twice, the run's own."""
+import glob
 import json
 import os
 import re
@@ -28,9 +29,13 @@ def _nouns(tmp_path, cache):
     run_script('nouns_embed.py', f'--vocab={words}', '--clip_model=tiny-test', '--clip_pretrained=random',
                f'--cache_dir={cache}', '--n_k=8', '--t1=0.5')
     nouns = os.path.join(cache, 'nouns')
-    for vocab in ('wordnet', 'imagenet'):
-        shutil.copytree(os.path.join(nouns, 'file-words_tiny-test_random'), os.path.join(nouns, f'{vocab}_tiny-test_'
-                                                                                                'random'))
+    for vocab in ('wordnet', 'imagenet'):  # each copy's sidecars name the vocabulary it stands for
+        copy = os.path.join(nouns, f'{vocab}_tiny-test_random')
+        shutil.copytree(os.path.join(nouns, 'file-words_tiny-test_random'), copy)
+        for sidecar in glob.glob(os.path.join(copy, '**', '*.npy.json'), recursive=True):
+            meta = json.load(open(sidecar))
+            meta['settings']['vocab'] = vocab
+            json.dump(meta, open(sidecar, 'w'))
 
 
 def _lines(path):

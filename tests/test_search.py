@@ -113,7 +113,8 @@ def test_word_query_retrieves_its_class(tmp_path):
     assert precision > 0.6, precision  # chance: 0.125
     import search_index
     cfg = dict(CLIP_MODEL='tiny-test', CLIP_PRETRAINED='random', RELEASED=False)
-    np.testing.assert_allclose(search_index.text_features(names, cfg, 'cpu'), text, atol=1e-6)  # the words' own Eq. 2 features
+    words = search_index.text_features(names, cfg, 'cpu')
+    np.testing.assert_allclose(words, text, atol=1e-6)  # the words' own Eq. 2 features
     hits = [tuple(h['row'] for h in r['hits']) for r in res]
     assert hits[8] == hits[0]  # the same words, the same code and hits
     assert len(set(hits[:8])) == 8  # different words, different hits
