@@ -17,7 +17,6 @@ The authors' released code ranks by the continuous tanh outputs instead, without
 import glob
 import json
 import os
-import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -158,11 +157,21 @@ def _compiled_run(kernel, nq, args, scratch, desc, chunk=None):
     _blocks(block, nq, desc)
 
 
-def _wide(words, items=False):
-    """Words [W, N] of any width as uint64 words [W', N], or [N, W'] (items=True, one item's words together): the
-    compiled kernels' one type, so each kernel is compiled once."""
-    w = _words(np.ascontiguousarray(words.T).view(np.uint8), np.uint64)
-    return np.ascontiguousarray(w.T) if items else w
+def _wide(words):
+    """Words [W, N] of any width as uint64 words [W', N]: the compiled kernels' one type, so each is compiled once."""
+    return _words(np.ascontiguousarray(words.T).view(np.uint8), np.uint64)
+
+
+def _class_bits(qlw, rlw, items=65536):
+    """Label words as the compiled kernels read them: each query's classes (uint8 [nq, C], 0/1) and each class's
+    items as bits (uint64 [C, ceil(n / 64)], bit j % 64 of word j // 64): a query's relevant items are the OR of a
+    few rows that stay in the core's cache, instead of one label load an item. Built `items` items at a time."""
+    ql, rl = (np.ascontiguousarray(w.T).view(np.uint8) for w in (qlw, rlw))
+    cls = np.zeros((ql.shape[1] * 8, -(-rl.shape[0] // 64) * 8), np.uint8)
+    for s in range(0, rl.shape[0], items):
+        part = np.unpackbits(rl[s:s + items], axis=1).T
+        cls[:, s // 8:s // 8 + -(-part.shape[1] // 8)] = np.packbits(part, axis=1, bitorder='little')
+    return np.unpackbits(ql, axis=1), cls.view('<u8')
 
 
 # the reference: one query at a time, a stable argsort of its distances (DeepHash's CalcTopMap); the
@@ -382,7 +391,7 @@ def _rank_words(qw, rw, L, k, chunk=None):
     h = _compiled(qw.shape[1] * rw.shape[1])
     if h is not None:  # the same lists, compiled
         _compiled_run(h.rank, len(idx), (_wide(qw), _wide(rw), k, SUBSAMPLE, idx, dist),
-                      lambda: h.scratch(rw.shape[1], k, L)[:5], 'rank', chunk)
+                      lambda: h.scratch(rw.shape[1], k, L)[:4], 'rank', chunk)
         return idx, dist
 
     def block(lo, hi, bar):
@@ -423,8 +432,8 @@ def mean_average_precision(q_codes, r_codes, q_labels, r_labels, topk, device=No
     h = _compiled(qw.shape[1] * rw.shape[1]) if device is None else None
     if h is not None:  # the same AP@K of each query, compiled (hamming.average_precisions)
         k, ap = min(int(topk), rw.shape[1]), np.empty(qw.shape[1])
-        _compiled_run(h.average_precisions, len(ap), (_wide(qw), _wide(rw), k, SUBSAMPLE, _wide(qlw, True),
-                                                      _wide(rlw, True), ap), lambda: h.scratch(rw.shape[1], k, L), 'map')
+        _compiled_run(h.average_precisions, len(ap), (_wide(qw), _wide(rw), k, SUBSAMPLE, *_class_bits(qlw, rlw), ap),
+                      lambda: h.scratch(rw.shape[1], k, L), 'map')
         return float(ap.mean())
     if device is not None:
         return _map_of(lambda lo, hi, bar: _torch_ranked(np.asarray(q_codes)[lo:hi], r_codes, topk, device, bar=bar),
@@ -474,8 +483,8 @@ def precision_recall_at(q_codes, r_codes, q_labels, r_labels, ns):
 
     def hits_at(cut):  # the same hits at each N, compiled (hamming.hits_at)
         hits = np.zeros((qw.shape[1], len(cut)), np.int64)
-        _compiled_run(h.hits_at, len(hits), (_wide(qw), _wide(rw), cut, SUBSAMPLE, _wide(qlw, True), _wide(rlw, True),
-                                             hits), lambda: h.scratch(rw.shape[1], int(cut[-1]), L)[:7], 'p@n')
+        _compiled_run(h.hits_at, len(hits), (_wide(qw), _wide(rw), cut, SUBSAMPLE, *_class_bits(qlw, rlw), hits),
+                      lambda: h.scratch(rw.shape[1], int(cut[-1]), L)[:6], 'p@n')
         return hits
     return _precision_recall_of(lambda lo, hi, k, bar: _ranked_chunks(qw[:, lo:hi], rw, L, k, bar=bar, dist=False), qlw,
                                 rlw, ns, hits_at if h is not None else None)
@@ -524,8 +533,8 @@ def _radius_counts(q_codes, r_codes, q_labels, r_labels):
     total = np.zeros(nq, np.int64)
     h = _compiled(nq * rw.shape[1])
     if h is not None:  # the same counts, compiled
-        _compiled_run(h.radius_counts, nq, (_wide(qw), _wide(rw), _wide(qlw, True), _wide(rlw, True), within, rel_within,
-                                            total), lambda: h.scratch(rw.shape[1], 1, L)[:1], 'radius')
+        _compiled_run(h.radius_counts, nq, (_wide(qw), _wide(rw), *_class_bits(qlw, rlw), within, rel_within, total),
+                      lambda: h.scratch(rw.shape[1], 1, L)[0:5:4], 'radius')
         return within, rel_within, total
 
     def block(lo, hi, bar):

@@ -18,7 +18,18 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-_JIT = dict(nogil=True, cache=True, error_model='numpy')  # GIL released: eval_hash's threads run side by side
+_JIT = dict(nogil=True, error_model='numpy')  # GIL released: eval_hash's threads run side by side
+
+
+def _jit(fn=None, **options):
+    """numba.njit with _JIT, its machine code cached where numba finds a writable place (__pycache__ beside this file,
+    else NUMBA_CACHE_DIR or the user's cache); compiled on each first call where it finds none, rather than failing."""
+    if fn is None:
+        return lambda f: _jit(f, **options)
+    try:
+        return njit(cache=True, **_JIT, **options)(fn)
+    except RuntimeError:  # numba: 'cannot cache function ...: no locator available'
+        return njit(**_JIT, **options)(fn)
 
 
 # -----------------------------------------------------------------------------
@@ -59,7 +70,7 @@ def _lanes(op):
 _lt64, _le64, _eq64 = _lanes('<'), _lanes('<='), _lanes('==')
 
 
-@njit(inline='always', **_JIT)
+@_jit(inline='always')
 def _emit(bits, g, out, m):
     """out[m:] = g + the positions of the set bits of `bits`, lowest first; returns m + their count. Eight slots are
     written whatever the count (out has 64 spare): no branch to mispredict in the common case of a few bits."""
@@ -75,8 +86,8 @@ def _emit(bits, g, out, m):
 
 def scratch(n, k, L, kind='hamming'):
     """A thread's working arrays for n retrieval items and the top k: (row of distances padded to 64s with L + 1,
-    four histograms over 0..L + 1, candidates, their distances, their ranks, their relevance, relevance in rank order,
-    AP terms).
+    four histograms over 0..L + 1, candidates, their distances, the relevance of every item as bits, relevance in
+    rank order, AP terms).
     kind='aqd': (float64 distances padded with +inf, candidates, and the keys and indices of a radix sort, twice)."""
     n64 = -(-n // 64) * 64
     if kind == 'aqd':
@@ -85,12 +96,12 @@ def scratch(n, k, L, kind='hamming'):
     dtype = np.uint8 if L < 255 else np.uint16
     row = np.full(n64, L + 1, dtype)
     return (row, np.zeros((4, L + 2), np.int64), np.empty(n64 + 64, np.int32), np.empty(k, dtype),
-            np.empty(k, np.int32), np.empty(k, np.uint8), np.empty(k, np.uint8), np.empty(k))
+            np.empty(n64 // 64, np.uint64), np.empty(k, np.uint8), np.empty(k))
 
 
 # -----------------------------------------------------------------------------
 # Hamming distances and the nearest K of a row
-@njit(**_JIT)
+@_jit
 def _distance_row(qw, i, rw, row):
     """row[j] = popcount(b_i xor b_j), the Hamming distance of query i (words qw [W, nq]) to every item j of rw
     [W, n]: one vectorised pass a word."""
@@ -104,7 +115,7 @@ def _distance_row(qw, i, rw, row):
             row[j] += _popcount(q ^ rw[w, j])
 
 
-@njit(**_JIT)
+@_jit
 def distances(qw, rw, s, e, row):
     """The Hamming distances of each query s..e-1 to every item, into `row` one query after the other (as the
     ranking kernels compute them): the floor, and nothing else."""
@@ -112,7 +123,7 @@ def distances(qw, rw, s, e, row):
         _distance_row(qw, i, rw, row)
 
 
-@njit(**_JIT)
+@_jit
 def _below(row, v, w):
     """How many entries of row lie below v, and below w: 64 compares at a time."""
     a = b = 0
@@ -122,7 +133,7 @@ def _below(row, v, w):
     return a, b
 
 
-@njit(**_JIT)
+@_jit
 def _kth(row, n, k, sub, hist):
     """(d*, count below d*): the k-th smallest of row[:n] and how many entries lie below it. A guess t from every
     sub-th entry, the counts below t and t + 1, then below t + 2 and t + 3 or t - 2 and t - 1 when k is not between;
@@ -161,7 +172,7 @@ def _kth(row, n, k, sub, hist):
     return top, below
 
 
-@njit(**_JIT)
+@_jit
 def _nearest(row, n, k, sub, hist, cand, cd):
     """The k nearest items of row[:n] by (distance, index), in index order: cand[:k] their indices, cd[:k] their
     distances; returns d*, the k-th smallest distance. Every item below d*, and the first k - count(< d*) at d*: all
@@ -189,11 +200,11 @@ def _nearest(row, n, k, sub, hist, cand, cd):
     return dstar
 
 
-@njit(**_JIT)
-def _ranks(cd, k, dstar, h4, pos):
-    """pos[a] = the rank of candidate a among the k by distance, ties in candidate order (index order): a counting
-    sort over 0..d*, the candidates in four quarters counted and placed side by side (four chains of dependent
-    increments instead of one)."""
+@_jit
+def _starts(cd, k, dstar, h4):
+    """h4[u, d] = the rank of the first candidate at distance d in quarter u of cd[:k], ties in candidate order
+    (index order): the counts of a counting sort over 0..d*, the four quarters counted side by side (four chains of
+    dependent increments instead of one). A caller places candidate u * q + a at h4[u, d]++ (q = ceil(k / 4))."""
     q = -(-k // 4)
     h4[:, :dstar + 1] = 0
     for a in range(q):
@@ -206,60 +217,55 @@ def _ranks(cd, k, dstar, h4, pos):
             c = h4[u, d]
             h4[u, d] = s
             s += c
-    for a in range(q):
-        for u in range(4):
-            if u * q + a < k:
-                d = cd[u * q + a]
-                pos[u * q + a] = h4[u, d]
-                h4[u, d] += 1
+    return q
 
 
-@njit(**_JIT)
-def rank(qw, rw, s, e, k, sub, idx, dist, row, h4, cand, cd, pos):
-    """idx[i], dist[i] = the k nearest items of query i by (Hamming distance, index) and their distances, i in s..e-1."""
+@_jit
+def rank(qw, rw, s, e, k, sub, idx, dist, row, h4, cand, cd):
+    """idx[i], dist[i] = the k nearest items of query i by (Hamming distance, index), their distances; i in s..e-1."""
     n = rw.shape[1]
     for i in range(s, e):
         _distance_row(qw, i, rw, row)
-        _ranks(cd, k, _nearest(row, n, k, sub, h4[0], cand, cd), h4, pos)
-        for a in range(k):
-            idx[i, pos[a]] = cand[a]
-            dist[i, pos[a]] = cd[a]
+        q = _starts(cd, k, _nearest(row, n, k, sub, h4[0], cand, cd), h4)
+        for a in range(q):
+            for u in range(4):
+                b = u * q + a
+                if b < k:
+                    p = h4[u, cd[b]]
+                    h4[u, cd[b]] = p + 1
+                    idx[i, p], dist[i, p] = cand[b], cd[b]
 
 
 # -----------------------------------------------------------------------------
 # relevance and metrics (Section 4.2.1)
-@njit(**_JIT)
-def _relevant(i, ql, rl, k, cand, out):
-    """out[a] = 1 when item cand[a] shares a label with query i (label words ql [nq, Wl], rl [n, Wl]), a < k: one
-    gather a candidate, in index order (one or two words written out: the loads stay independent)."""
-    if rl.shape[1] == 1:
-        q = ql[i, 0]
-        for a in range(k):
-            out[a] = (rl[cand[a], 0] & q) != 0
-    elif rl.shape[1] == 2:
-        q0, q1 = ql[i, 0], ql[i, 1]
-        for a in range(k):
-            out[a] = ((rl[cand[a], 0] & q0) | (rl[cand[a], 1] & q1)) != 0
-    else:
-        for a in range(k):
-            r = rl[cand[a], 0] & ql[i, 0]
-            for w in range(1, rl.shape[1]):
-                r |= rl[cand[a], w] & ql[i, w]
-            out[a] = r != 0
+@_jit
+def _relevance_bits(i, qc, cls, bits):
+    """bits = the items sharing a label with query i, one bit an item (bit j % 64 of word j // 64): the OR of the
+    item sets of its classes (qc [nq, C] 0/1, cls [C, n64 / 64]), a few kilobytes that stay in the core's cache."""
+    bits[:] = 0
+    for c in range(qc.shape[1]):
+        if qc[i, c]:
+            for w in range(len(bits)):
+                bits[w] |= cls[c, w]
 
 
-@njit(**_JIT)
-def _ranked_relevance(qw, rw, i, k, sub, ql, rl, row, h4, cand, cd, pos, relc, rel):
+@_jit
+def _ranked_relevance(qw, rw, i, k, sub, qc, cls, row, h4, cand, cd, bits, rel):
     """rel[p] = 1 when the item at rank p < k of query i's Hamming ranking shares a label with it: the distances, the
-    k nearest, their ranks, their labels."""
+    k nearest, their relevance placed by a counting sort of their distances."""
     _distance_row(qw, i, rw, row)
-    _ranks(cd, k, _nearest(row, rw.shape[1], k, sub, h4[0], cand, cd), h4, pos)
-    _relevant(i, ql, rl, k, cand, relc)
-    for a in range(k):
-        rel[pos[a]] = relc[a]
+    q = _starts(cd, k, _nearest(row, rw.shape[1], k, sub, h4[0], cand, cd), h4)
+    _relevance_bits(i, qc, cls, bits)
+    for a in range(q):
+        for u in range(4):
+            b = u * q + a
+            if b < k:
+                p, j = h4[u, cd[b]], cand[b]
+                h4[u, cd[b]] = p + 1
+                rel[p] = (bits[j >> 6] >> np.uint64(j & 63)) & np.uint64(1)
 
 
-@njit(**_JIT)
+@_jit
 def _pairwise_sum(x, n):
     """x[0] + ... + x[n-1] added as numpy's np.sum adds them (its pairwise summation: blocks of at most 128 by eight
     interleaved sums, halves cut at a multiple of 8 added recursively), so the result is np.sum's to the last bit."""
@@ -294,7 +300,7 @@ def _pairwise_sum(x, n):
     return sums[0]
 
 
-@njit(**_JIT)
+@_jit
 def _average_precision(rel, k, x):
     """AP@k of a ranked relevance rel[:k], as eval_hash._average_precision: (1/R) sum_p hits(p) / p * rel(p), R the
     relevant items, 0 when R = 0; the same operations in the same order (x: scratch)."""
@@ -307,20 +313,20 @@ def _average_precision(rel, k, x):
     return _pairwise_sum(x, k) / h if h > 0 else 0.0
 
 
-@njit(**_JIT)
-def average_precisions(qw, rw, s, e, k, sub, ql, rl, ap, row, h4, cand, cd, pos, relc, rel, x):
+@_jit
+def average_precisions(qw, rw, s, e, k, sub, qc, cls, ap, row, h4, cand, cd, bits, rel, x):
     """ap[i] = AP@k of query i's Hamming ranking (ties by index), i in s..e-1."""
     for i in range(s, e):
-        _ranked_relevance(qw, rw, i, k, sub, ql, rl, row, h4, cand, cd, pos, relc, rel)
+        _ranked_relevance(qw, rw, i, k, sub, qc, cls, row, h4, cand, cd, bits, rel)
         ap[i] = _average_precision(rel, k, x)
 
 
-@njit(**_JIT)
-def hits_at(qw, rw, s, e, cuts, sub, ql, rl, hits, row, h4, cand, cd, pos, relc, rel):
+@_jit
+def hits_at(qw, rw, s, e, cuts, sub, qc, cls, hits, row, h4, cand, cd, bits, rel):
     """hits[i, u] = the relevant items among the first cuts[u] of query i's Hamming ranking (cuts ascending), i in
     s..e-1: precision@N and recall@N (Figure 4), the PR curve by rank (Figure 3)."""
     for i in range(s, e):
-        _ranked_relevance(qw, rw, i, cuts[-1], sub, ql, rl, row, h4, cand, cd, pos, relc, rel)
+        _ranked_relevance(qw, rw, i, cuts[-1], sub, qc, cls, row, h4, cand, cd, bits, rel)
         h, u = 0, 0
         for p in range(cuts[-1]):
             h += rel[p]
@@ -329,22 +335,21 @@ def hits_at(qw, rw, s, e, cuts, sub, ql, rl, hits, row, h4, cand, cd, pos, relc,
                 u += 1
 
 
-@njit(**_JIT)
-def radius_counts(qw, rw, s, e, ql, rl, within, rel_within, total, row):
+@_jit
+def radius_counts(qw, rw, s, e, qc, cls, within, rel_within, total, row, bits):
     """For query i in s..e-1 and radius r: items within Hamming distance r (within[i, r]), relevant ones among them
     (rel_within[i, r]), relevant items in the whole set (total[i]): the PR curve by radius (Figure 3)."""
     n = rw.shape[1]
     for i in range(s, e):
         _distance_row(qw, i, rw, row)
+        _relevance_bits(i, qc, cls, bits)
         tot = 0
         for j in range(n):
-            r = rl[j, 0] & ql[i, 0]
-            for w in range(1, rl.shape[1]):
-                r |= rl[j, w] & ql[i, w]
+            r = (bits[j >> 6] >> np.uint64(j & 63)) & np.uint64(1)
             d = row[j]
             within[i, d] += 1
-            rel_within[i, d] += r != 0
-            tot += r != 0
+            rel_within[i, d] += r
+            tot += r
         total[i] = tot
         for d in range(1, within.shape[1]):
             within[i, d] += within[i, d - 1]
@@ -353,7 +358,7 @@ def radius_counts(qw, rw, s, e, ql, rl, within, rel_within, total, row):
 
 # -----------------------------------------------------------------------------
 # product-quantized codes: asymmetric quantizer distance (DQN, DVSQ, DTQ, MeCoQ)
-@njit(**_JIT)
+@_jit
 def _sort_by_value(row, cand, m, keys, ids, keys2, ids2):
     """ids[:m] = cand[:m] ordered by row[cand] ascending, ties kept in their order: a stable LSD radix sort of the
     float64 values' bit patterns made monotone (-0.0 counted as 0.0, as a comparison counts it), a byte a pass,
@@ -381,7 +386,7 @@ def _sort_by_value(row, cand, m, keys, ids, keys2, ids2):
     return ids
 
 
-@njit(**_JIT)
+@_jit
 def aqd_rank(tables, codes, k, sub, idx, dist, row, cand, keys, ids, keys2, ids2):
     """idx[i], dist[i] = the k items of least AQD sum_m tables[i, m, codes[m, j]] (added in subspace order, as
     eval_hash's numpy path adds them) for each query i of the lookup tables [c, M, Kw], codes [M, n]; ties by

@@ -148,11 +148,8 @@ def timed_rounds(qb, rb, ql, rl, sub, h):
     return aps, t_loop, best, maps
 
 
-def main():
-    configure(globals())
-    eval_hash.WORKERS = WORKERS
-    rng = np.random.default_rng(SEED)
-    qb, rb, ql, rl = make_data(rng)
+def describe(qb, rb, rl):
+    """Print the data's shape and how much the distances tie at rank TOPK."""
     n_dist = len(np.unique(rb, axis=0))
     print(f'data: {NUM_QUERY} queries x {NUM_RETRIEVAL} items, {BITS} bits ({n_dist} distinct retrieval codes), '
           f'{CLASSES} labels ({rl.sum(1).mean():.2f} per image), MAP@{TOPK}; {os.cpu_count()} CPU cores')
@@ -160,12 +157,20 @@ def main():
     d_k = np.partition(D, min(TOPK, NUM_RETRIEVAL) - 1, axis=1)[:, min(TOPK, NUM_RETRIEVAL) - 1]
     print(f'ties: the distance at rank {TOPK} is shared by {np.mean((D == d_k[:, None]).sum(1)):.0f} items '
           f'on average (first 100 queries)')
+
+
+def main():
+    configure(globals())
+    eval_hash.WORKERS = WORKERS
+    rng = np.random.default_rng(SEED)
+    qb, rb, ql, rl = make_data(rng)
+    describe(qb, rb, rl)
     sub = min(BASELINE_QUERIES, NUM_QUERY)
     t_first, h = timed(lambda: eval_hash._compiled(NUM_QUERY * NUM_RETRIEVAL))
     kernel = 'numba' if h is not None else 'numpy'
-    t_first += timed(lambda: with_kernel(kernel, lambda: eval_hash.mean_average_precision(qb[:WORKERS], rb, ql[:WORKERS],
-                                                                                          rl, TOPK)))[0]
-    with_kernel('numpy', lambda: eval_hash.mean_average_precision(qb[:WORKERS], rb, ql[:WORKERS], rl, TOPK))
+    first = [timed(lambda: with_kernel(k, lambda: eval_hash.mean_average_precision(
+        qb[:WORKERS], rb, ql[:WORKERS], rl, TOPK)))[0] for k in (kernel, 'numpy')]
+    t_first += first[0]
     print(f'path in use: {kernel} (eval_hash.KERNEL={eval_hash.KERNEL!r}); its first call (loading or compiling '
           f'kernels, then 2 queries) {t_first:.2f} s')
 
@@ -177,7 +182,8 @@ def main():
           f'scaled to {NUM_QUERY} queries: {t_loop * scale:.1f} s')
     print(f'eval_hash.mean_average_precision ({kernel}): {t_fast:.3f} s for all {NUM_QUERY} queries '
           f'({t_fast / NUM_QUERY * 1e3:.3f} ms/query, {WORKERS} threads, fastest of {min(REPEATS, ROUNDS)}), '
-          f'MAP@{TOPK} = {map_fast:.4f}; the numpy path {best["numpy"]:.3f} s, MAP the same: {maps["numpy"] == map_fast}')
+          f'MAP@{TOPK} = {map_fast:.4f}; the numpy path {best["numpy"]:.3f} s, MAP the same: '
+          f'{maps["numpy"] == map_fast}')
     print(f'floor (Hamming distances of all pairs, nothing else), {kernel}: {t_floor:.3f} s, fast path / floor '
           f'{t_fast / t_floor:.2f}; numpy floor {best["numpy_floor"]:.3f} s, numpy path / numpy floor '
           f'{best["numpy"] / best["numpy_floor"]:.2f}, fast path / numpy floor {t_fast / best["numpy_floor"]:.2f}; '
@@ -207,7 +213,8 @@ def main():
           f'numpy_floor_ratio={best["numpy"] / best["numpy_floor"]:.2f} '
           f'fast_vs_numpy_floor={t_fast / best["numpy_floor"]:.2f} first_call_s={t_first:.2f} workers={WORKERS} '
           f'speedup={speedup:.1f} load={os.getloadavg()[0]:.1f} max_abs_diff={diff:.3e} peak_mib={peak_mb:.0f} '
-          f'numpy_peak_mib={numpy_peak_mb:.0f} maxrss_mib={rss_mb:.0f}' + (f' device={DEVICE} device_s={best["device"]:.3f}' if DEVICE else '')
+          f'numpy_peak_mib={numpy_peak_mb:.0f} maxrss_mib={rss_mb:.0f}'
+          + (f' device={DEVICE} device_s={best["device"]:.3f}' if DEVICE else '')
           + f' ok={ok} floor_ratio={t_fast / t_floor:.2f}')
     if not ok:
         raise SystemExit(1)

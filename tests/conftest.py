@@ -1,4 +1,5 @@
 """Shared test fixtures: a small generated image set with known classes."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,16 +27,8 @@ needs_wordnet = pytest.mark.skipif(not _wordnet_available(), reason='no WordNet:
                                    '/usr/share/wordnet is absent (apt-get install wordnet-base)')
 
 
-def _numba_available():
-    try:
-        import numba  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-needs_numba = pytest.mark.skipif(not _numba_available(), reason='no numba (pip install numba): the compiled ranking '
-                                 'kernels of hamming.py are not tested')
+needs_numba = pytest.mark.skipif(importlib.util.find_spec('numba') is None,
+                                 reason='no numba (pip install numba): hamming.py\'s compiled kernels go untested')
 
 
 @pytest.fixture(params=['numpy', pytest.param('numba', marks=needs_numba)])

@@ -271,6 +271,17 @@ def test_compiled_sum_is_numpys_to_the_bit():
         assert hamming._pairwise_sum(x, n) == x.sum(), n
 
 
+@needs_numba
+def test_compiled_kernels_run_where_nothing_can_be_cached():
+    # numba's cache=True needs a writable place (__pycache__, NUMBA_CACHE_DIR, the user's cache); where it finds none,
+    # hamming.py compiles on each first call instead of failing at import
+    code = ('import numba.core.caching as c; c.CacheImpl._locator_classes = []; import numpy as np, hamming; '
+            'w = np.zeros((1, 64), np.uint64); hamming.distances(w[:, :1], w, 0, 1, np.zeros(64, np.uint8)); '
+            'print(type(hamming.distances._cache).__name__)')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ['NullCache']
+
+
 @pytest.mark.parametrize('multi', [False, True])
 @pytest.mark.usefixtures('kernel')
 def test_torch_path_equals_numpy_path(multi):
