@@ -26,7 +26,7 @@ from tqdm import tqdm
 import cache
 import figures
 from cache import save_json
-from configurator import check_ranges, configure
+from configurator import check_choice, check_ranges, configure
 from runs import bits_dirs, code_lengths, mixed_runs, run_dataset
 
 # -----------------------------------------------------------------------------
@@ -49,9 +49,12 @@ CHUNK = 8                # most queries ranked at once (8 is the fastest on a 2-
 MEM_MB = 512             # memory one chunk of one worker may use: chunks shrink as the retrieval set grows
 WORKERS = 2              # threads, each ranking its own block of queries (numpy releases the GIL)
 SUBSAMPLE = 32           # every SUBSAMPLE-th item estimates a query's top-K threshold (results never depend on it)
+KERNEL = 'auto'          # ranking code: numba (hamming.py, compiled), numpy, or auto: numba when installed and the
+                         # evaluation has _COMPILED_PAIRS (query, item) pairs; both give the same results to the bit
 
 _RANGES = dict(BITS='[1, 1024]', TOPK='[0, inf)', P_AT_N='[1, inf)', PR_POINTS='[2, inf)', RADIUS='[0, inf)',
                EXAMPLES='[0, inf)', CHUNK='[1, inf)', MEM_MB='[1, inf)', WORKERS='[1, inf)', SUBSAMPLE='[1, inf)')
+_COMPILED_PAIRS = 50_000_000  # below this, loading the compiled kernels (~0.5 s) costs more than they save
 _CONTINUOUS_LABEL = ("continuous-output MAP (authors' released evaluation: ranks by the tanh outputs "
                     "without sign(); not the paper's binary-code MAP)")
 
@@ -91,11 +94,11 @@ def pack(h):
     return np.packbits(_sign_bits(h), axis=1)
 
 
-def _words(packed):
-    """Packed bits uint8 [N, B] as words [W, N] of uint8/16/32/64 (zero-padded: padding never
-    counts in a Hamming distance)."""
+def _words(packed, dtype=None):
+    """Packed bits uint8 [N, B] as words [W, N] of uint8/16/32/64, the narrowest that holds B bytes unless `dtype`
+    says (zero-padded: padding never counts in a Hamming distance, nor in a shared label)."""
     n, size = packed.shape
-    dtype = np.uint8 if size <= 1 else np.uint16 if size <= 2 else np.uint32 if size <= 4 else np.uint64
+    dtype = dtype or (np.uint8 if size <= 1 else np.uint16 if size <= 2 else np.uint32 if size <= 4 else np.uint64)
     width = np.dtype(dtype).itemsize
     pad = np.zeros((n, -(-size // width) * width), np.uint8)
     pad[:, :size] = packed
@@ -125,6 +128,50 @@ def _blocks(fn, nq, desc, workers=None):
     edges = np.linspace(0, nq, min(workers or WORKERS, nq) + 1).astype(int)
     with tqdm(total=nq, desc=desc, leave=False, disable=None) as bar, ThreadPoolExecutor(len(edges) - 1) as ex:
         return list(ex.map(lambda lo, hi: fn(lo, hi, bar), edges[:-1], edges[1:]))
+
+
+def _compiled(pairs):
+    """hamming.py's compiled kernels (numba) when KERNEL asks for them ('numba'), or allows them ('auto') and the
+    evaluation has at least _COMPILED_PAIRS (query, item) pairs and numba is installed; None: the numpy path."""
+    if KERNEL == 'numpy' or (KERNEL == 'auto' and pairs < _COMPILED_PAIRS):
+        return None
+    try:
+        import hamming
+    except ImportError as e:
+        if KERNEL == 'numba':
+            raise ImportError(f'KERNEL=numba needs numba ({e}): pip install numba, or use --kernel=auto') from None
+        return None
+    return hamming
+
+
+def _compiled_run(kernel, nq, args, scratch, desc, chunk=None):
+    """kernel(*args[:2], s, e, *args[2:], *scratch()) on chunks of 64 (or `chunk`) of the nq queries, in _blocks'
+    threads, each thread with its own scratch arrays (the kernels release the GIL)."""
+    c = chunk or 64
+
+    def block(lo, hi, bar):
+        work = scratch()
+        for s in range(lo, hi, c):
+            kernel(*args[:2], s, min(s + c, hi), *args[2:], *work)
+            bar.update(min(s + c, hi) - s)
+    _blocks(block, nq, desc)
+
+
+def _wide(words):
+    """Words [W, N] of any width as uint64 words [W', N]: the compiled kernels' one type, so each is compiled once."""
+    return _words(np.ascontiguousarray(words.T).view(np.uint8), np.uint64)
+
+
+def _class_bits(qlw, rlw, items=65536):
+    """Label words as the compiled kernels read them: each query's classes (uint8 [nq, C], 0/1) and each class's
+    items as bits (uint64 [C, ceil(n / 64)], bit j % 64 of word j // 64): a query's relevant items are the OR of a
+    few rows that stay in the core's cache, instead of one label load an item. Built `items` items at a time."""
+    ql, rl = (np.ascontiguousarray(w.T).view(np.uint8) for w in (qlw, rlw))
+    cls = np.zeros((ql.shape[1] * 8, -(-rl.shape[0] // 64) * 8), np.uint8)
+    for s in range(0, rl.shape[0], items):
+        part = np.unpackbits(rl[s:s + items], axis=1).T
+        cls[:, s // 8:s // 8 + -(-part.shape[1] // 8)] = np.packbits(part, axis=1, bitorder='little')
+    return np.unpackbits(ql, axis=1), cls.view('<u8')
 
 
 # the reference: one query at a time, a stable argsort of its distances (DeepHash's CalcTopMap); the
@@ -341,6 +388,11 @@ def hamming_rank_packed(q_packed, r_packed, k, chunk=None):
 def _rank_words(qw, rw, L, k, chunk=None):
     k = min(int(k), rw.shape[1])
     idx, dist = np.empty((qw.shape[1], k), np.int64), np.empty((qw.shape[1], k), np.int32)
+    h = _compiled(qw.shape[1] * rw.shape[1])
+    if h is not None:  # the same lists, compiled
+        _compiled_run(h.rank, len(idx), (_wide(qw), _wide(rw), k, SUBSAMPLE, idx, dist),
+                      lambda: h.scratch(rw.shape[1], k, L)[:4], 'rank', chunk)
+        return idx, dist
 
     def block(lo, hi, bar):
         for s, e, i, d in _ranked_chunks(qw[:, lo:hi], rw, L, k, chunk, bar):
@@ -377,6 +429,12 @@ def mean_average_precision(q_codes, r_codes, q_labels, r_labels, topk, device=No
     continuous outputs become codes by sign() first. device: a torch device (a GPU) ranks there (_torch_ranked)."""
     qw, rw, L = _code_words(q_codes, r_codes)
     qlw, rlw = _label_words(q_labels, r_labels, qw.shape[1], rw.shape[1])
+    h = _compiled(qw.shape[1] * rw.shape[1]) if device is None else None
+    if h is not None:  # the same AP@K of each query, compiled (hamming.average_precisions)
+        k, ap = min(int(topk), rw.shape[1]), np.empty(qw.shape[1])
+        _compiled_run(h.average_precisions, len(ap), (_wide(qw), _wide(rw), k, SUBSAMPLE, *_class_bits(qlw, rlw), ap),
+                      lambda: h.scratch(rw.shape[1], k, L), 'map')
+        return float(ap.mean())
     if device is not None:
         return _map_of(lambda lo, hi, bar: _torch_ranked(np.asarray(q_codes)[lo:hi], r_codes, topk, device, bar=bar),
                        qlw, rlw, 'map', workers=1)
@@ -421,8 +479,15 @@ def precision_recall_at(q_codes, r_codes, q_labels, r_labels, ns):
     precision counts, as 0). Returns dict(n, precision, recall, queries_without_relevant)."""
     qw, rw, L = _code_words(q_codes, r_codes)
     qlw, rlw = _label_words(q_labels, r_labels, qw.shape[1], rw.shape[1])
+    h = _compiled(qw.shape[1] * rw.shape[1])
+
+    def hits_at(cut):  # the same hits at each N, compiled (hamming.hits_at)
+        hits = np.zeros((qw.shape[1], len(cut)), np.int64)
+        _compiled_run(h.hits_at, len(hits), (_wide(qw), _wide(rw), cut, SUBSAMPLE, *_class_bits(qlw, rlw), hits),
+                      lambda: h.scratch(rw.shape[1], int(cut[-1]), L)[:6], 'p@n')
+        return hits
     return _precision_recall_of(lambda lo, hi, k, bar: _ranked_chunks(qw[:, lo:hi], rw, L, k, bar=bar, dist=False), qlw,
-                                rlw, ns)
+                                rlw, ns, hits_at if h is not None else None)
 
 
 def _relevant_totals(qlw, rlw):
@@ -434,19 +499,24 @@ def _relevant_totals(qlw, rlw):
     return np.concatenate([_relevance(qlw[:, s:s + c], sets) @ counts for s in range(0, qlw.shape[1], c)])
 
 
-def _precision_recall_of(ranked, qlw, rlw, ns):
-    """precision_recall_at of a ranking: ranked(lo, hi, k, bar) yields (s, e, idx, _) as in _map_of."""
+def _precision_recall_of(ranked, qlw, rlw, ns, hits_at=None):
+    """precision_recall_at of a ranking: ranked(lo, hi, k, bar) yields (s, e, idx, _) as in _map_of; or hits_at(cut),
+    the relevant items among the first cut[u] of each query [nq, len(cut)] (the compiled kernel)."""
     nq, n = qlw.shape[1], rlw.shape[1]
     ns = np.clip(np.asarray(ns, np.int64), 1, n)
     cut = np.unique(ns)  # hits at each N: relevant items in the segments between sorted N, added up
-    hits, total = np.zeros((nq, len(ns))), _relevant_totals(qlw, rlw).astype(np.float64)
+    hits, total = np.zeros((nq, len(cut)), np.int64), _relevant_totals(qlw, rlw).astype(np.float64)
 
     def block(lo, hi, bar):
-        for s, e, idx, _ in ranked(lo, hi, int(ns.max()), bar):
+        for s, e, idx, _ in ranked(lo, hi, int(cut[-1]), bar):
             rel = _relevance(qlw[:, lo + s:lo + e], rlw, idx).view(np.uint8)  # [c, k] in rank order
             seg = np.add.reduceat(rel, np.concatenate([[0], cut[:-1]]), axis=1, dtype=np.int64)
-            hits[lo + s:lo + e] = np.cumsum(seg, axis=1)[:, np.searchsorted(cut, ns)]
-    _blocks(block, nq, 'p@n')
+            hits[lo + s:lo + e] = np.cumsum(seg, axis=1)
+    if hits_at:
+        hits = hits_at(cut)
+    else:
+        _blocks(block, nq, 'p@n')
+    hits = hits[:, np.searchsorted(cut, ns)]
     has = total > 0
     recall = (hits[has] / total[has, None]).mean(0) if has.any() else np.zeros(len(ns))
     return dict(n=ns.tolist(), precision=(hits / ns).mean(0).tolist(), recall=recall.tolist(),
@@ -461,6 +531,11 @@ def _radius_counts(q_codes, r_codes, q_labels, r_labels):
     qlw, rlw = _label_words(q_labels, r_labels, nq, rw.shape[1])
     within, rel_within = np.zeros((nq, L + 1), np.int64), np.zeros((nq, L + 1), np.int64)
     total = np.zeros(nq, np.int64)
+    h = _compiled(nq * rw.shape[1])
+    if h is not None:  # the same counts, compiled
+        _compiled_run(h.radius_counts, nq, (_wide(qw), _wide(rw), *_class_bits(qlw, rlw), within, rel_within, total),
+                      lambda: h.scratch(rw.shape[1], 1, L)[0:5:4], 'radius')
+        return within, rel_within, total
 
     def block(lo, hi, bar):
         for s, e, D in _distance_chunks(qw[:, lo:hi], rw, L, bar=bar):
@@ -578,6 +653,10 @@ def _aqd_ranked(q_z, codes, codebooks, metric, k, chunk=None, bar=None):
     """Yield (s, e, idx, dist): the top-k items of queries s..e-1 by (AQD, index). The distance of query q to
     item r is sum_m T[q, m, code_rm] in subspace order, gathered as rows of T.T (a word's term for each query)."""
     n, (m, w) = len(codes), codebooks.shape[:2]
+    h = _compiled(len(q_z) * n)
+    if h is not None:  # the same lists, compiled
+        yield from _aqd_compiled(h, q_z, codes, codebooks, metric, k, chunk, bar)
+        return
     c = max(1, _chunk_size(n, chunk) // 2)  # float64 distances and the gathered term: 16 bytes per pair
     rows = np.ascontiguousarray((codes + w * np.arange(m)).T)  # [M, n]: rows of the tables [M * K, c]
     tile = 2048  # items gathered at once: their rows stay in cache
@@ -596,13 +675,33 @@ def _aqd_ranked(q_z, codes, codebooks, metric, k, chunk=None, bar=None):
             bar.update(e - s)
 
 
+def _aqd_compiled(h, q_z, codes, codebooks, metric, k, chunk=None, bar=None):
+    """_aqd_ranked by hamming.aqd_rank: the lookup tables of 64 queries (or `chunk`) at a time, a pass per query."""
+    n, k = len(codes), min(int(k), len(codes))
+    codes_t = np.ascontiguousarray(codes.T, np.uint8 if codebooks.shape[1] <= 256 else np.int32)  # [M, n]
+    work, c = h.scratch(n, k, 0, 'aqd'), chunk or 64
+    for s in range(0, len(q_z), c):
+        e = min(s + c, len(q_z))
+        idx, dist = np.empty((e - s, k), np.int64), np.empty((e - s, k))
+        h.aqd_rank(np.ascontiguousarray(aqd_tables(q_z[s:e], codebooks, metric)), codes_t, k, SUBSAMPLE, idx, dist,
+                   *work)
+        yield s, e, idx, dist
+        if bar is not None:
+            bar.update(e - s)
+
+
 def aqd_rank_topk(q_z, r_codes, codebooks, k, metric='ip'):
     """Top-k retrieval indices of every query by asymmetric quantizer distance, ties by retrieval
     index: (idx int64 [nq, k], dist float64 [nq, k])."""
     q, codes, c = _check_pq(q_z, r_codes, codebooks)
     k = min(int(k), len(codes))
-    parts = list(_aqd_ranked(q, codes, c, metric, k))
-    return np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+    idx, dist = np.empty((len(q), k), np.int64), np.empty((len(q), k))
+
+    def block(lo, hi, bar):
+        for s, e, i, d in _aqd_ranked(q[lo:hi], codes, c, metric, k, bar=bar):
+            idx[lo + s:lo + e], dist[lo + s:lo + e] = i, d
+    _blocks(block, len(q), 'rank (aqd)')
+    return idx, dist
 
 
 def map_aqd(q_z, r_codes, codebooks, q_labels, r_labels, topk, metric='ip'):
@@ -750,6 +849,7 @@ def eval_run(cfg):
 def main():
     cfg = configure(globals())
     check_ranges(globals(), _RANGES)
+    check_choice('kernel', KERNEL, ('auto', 'numba', 'numpy'))
     if not RUN and not RUNS:
         raise SystemExit('error: give --run=<run dir> or --runs=<dir>,<dir> (see the docstring)')
     if RUN:

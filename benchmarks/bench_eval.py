@@ -6,14 +6,18 @@ its floor, on random codes of the MS-COCO shape (5,000 queries, 117,218 retrieva
     python benchmarks/bench_eval.py --baseline_queries=5000   # time the loop on every query
     python benchmarks/bench_eval.py --num_query=2100 --num_retrieval=193734 --classes=21 --device=cuda  # NUS-WIDE
 
-The floor is the Hamming distance of every query-retrieval pair and nothing else (popcount of XOR,
-eval_hash's own tiled kernel, the same threads and chunks); floor_ratio is the fast path's time over
-the floor's, both the fastest of REPEATS full runs interleaved in one process (the machine is shared:
-only ratios measured side by side mean anything). The loop is timed on BASELINE_QUERIES queries and
-scaled to all of them (the output says so), in rounds interleaved with the rest; both are run on that
-subset and must agree exactly (the fast path does the loop's floating-point operations in its order).
---device=cuda also times the torch path on the GPU and checks it returns the same MAP. The last line
-is one parseable result.
+The fast path is eval_hash's as it runs here: the compiled kernels of hamming.py when numba is
+installed (KERNEL='auto' at this size), its numpy path otherwise; the numpy path is timed beside it
+in the same run. Each has its floor: the Hamming distance of every query-retrieval pair and nothing
+else, by the same path's own distance kernel (hamming.distances one query at a time, or eval_hash's
+tiled numpy kernel), the same threads and chunks. floor_ratio is the fast path's time over its floor's,
+numpy_floor_ratio the numpy path's over its own; every time is the fastest of REPEATS full runs
+interleaved in one process (the machine is shared: only ratios measured side by side mean anything).
+The loop is timed on BASELINE_QUERIES queries and scaled to all of them (the output says so), in
+rounds interleaved with the rest; both are run on that subset and must agree exactly (the fast path
+does the loop's floating-point operations in its order), and the two paths must agree exactly on
+every query. --device=cuda also times the torch path on the GPU and checks it returns the same MAP.
+The last line is one parseable result.
 """
 import os
 import resource
@@ -77,15 +81,37 @@ def loop_ap(qb, rb, ql, rl, topk):
     return aps
 
 
-def floor(qb, rb):
-    """The Hamming distances of every query-retrieval pair and nothing else: eval_hash's kernel, threads and
-    chunks (packing the codes is left out: it is not distance work)."""
+def floor(qb, rb, h):
+    """The Hamming distances of every query-retrieval pair and nothing else: the kernel, threads and chunks of
+    eval_hash's path (h: hamming.py's compiled kernels, or None: numpy). Packing the codes is left out."""
     qw, rw, L = eval_hash._code_words(qb, rb)
+    if h is not None:  # one query at a time into one row, as the compiled ranking computes them
+        qw, rw = eval_hash._wide(qw), eval_hash._wide(rw)
+        eval_hash._compiled_run(h.distances, qw.shape[1], (qw, rw), lambda: h.scratch(rw.shape[1], 1, L)[:1], 'floor')
+        return
 
     def block(lo, hi, bar):
         for _ in eval_hash._distance_chunks(qw[:, lo:hi], rw, L, bar=bar):
             pass
     eval_hash._blocks(block, qw.shape[1], 'floor')
+
+
+def with_kernel(kernel, fn):
+    """fn() with eval_hash.KERNEL set to `kernel`."""
+    keep, eval_hash.KERNEL = eval_hash.KERNEL, kernel
+    try:
+        return fn()
+    finally:
+        eval_hash.KERNEL = keep
+
+
+def peak_of(fn):
+    """MiB allocated at most while fn() runs (tracemalloc: numpy's arrays, the compiled kernels' scratch included)."""
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
+    tracemalloc.stop()
+    return peak
 
 
 def timed(fn):
@@ -94,37 +120,36 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def timed_rounds(qb, rb, ql, rl, sub):
-    """ROUNDS interleaved rounds, so that the loop, the fast path and the floor share whatever load the
+def timed_rounds(qb, rb, ql, rl, sub, h):
+    """ROUNDS interleaved rounds, so that the loop, the two paths and their floors share whatever load the
     machine has: each round times the loop on 1/ROUNDS of its `sub` queries; REPEATS of them also time
-    mean_average_precision on all queries (packing included), the floor on all queries (and the torch path).
-    Returns (loop APs, loop s, fast s, floor s, device s, MAP fast, MAP device), the fastest of each."""
+    mean_average_precision on all queries (packing included) by the path in use and by the numpy path, and each
+    one's floor (and the torch path), in an order that turns round. Returns (loop APs, loop s, {name: fastest s},
+    {name: MAP}) with names fast, numpy, floor, numpy_floor (device)."""
     rbf, rlf = rb.astype(np.float32), rl.astype(np.float32)
     loop_cut = np.linspace(0, sub, ROUNDS + 1).astype(int)
-    fast_rounds = set(np.linspace(0, ROUNDS - 1, min(REPEATS, ROUNDS)).round().astype(int).tolist())
-    t_loop, t_fast, t_floor, t_dev, aps, map_dev = 0.0, np.inf, np.inf, np.inf, [], None
+    fast_rounds = np.linspace(0, ROUNDS - 1, min(REPEATS, ROUNDS)).round().astype(int).tolist()
+    runs = dict(fast=lambda: eval_hash.mean_average_precision(qb, rb, ql, rl, TOPK),
+                numpy=lambda: with_kernel('numpy', lambda: eval_hash.mean_average_precision(qb, rb, ql, rl, TOPK)),
+                floor=lambda: floor(qb, rb, h), numpy_floor=lambda: floor(qb, rb, None))
+    if DEVICE:
+        runs['device'] = lambda: eval_hash.mean_average_precision(qb, rb, ql, rl, TOPK, device=DEVICE)
+    best, maps, t_loop, aps = {name: np.inf for name in runs}, {}, 0.0, []
     for i in range(ROUNDS):
         t = time.perf_counter()
         aps += loop_ap(qb[loop_cut[i]:loop_cut[i + 1]], rbf, ql[loop_cut[i]:loop_cut[i + 1]], rlf, TOPK)
         t_loop += time.perf_counter() - t
-        if i in fast_rounds:  # the fast path and the floor in alternating order
-            for name in (('fast', 'floor') if i % 2 else ('floor', 'fast')):
-                if name == 'fast':
-                    t, map_fast = timed(lambda: eval_hash.mean_average_precision(qb, rb, ql, rl, TOPK))
-                    t_fast = min(t_fast, t)
-                else:
-                    t_floor = min(t_floor, timed(lambda: floor(qb, rb))[0])
-            if DEVICE:
-                t, map_dev = timed(lambda: eval_hash.mean_average_precision(qb, rb, ql, rl, TOPK, device=DEVICE))
-                t_dev = min(t_dev, t)
-    return aps, t_loop, t_fast, t_floor, t_dev, map_fast, map_dev
+        if i in fast_rounds:
+            names = list(runs)
+            turn = fast_rounds.index(i) % len(names)
+            for name in names[turn:] + names[:turn]:
+                t, maps[name] = timed(runs[name])
+                best[name] = min(best[name], t)
+    return aps, t_loop, best, maps
 
 
-def main():
-    configure(globals())
-    eval_hash.WORKERS = WORKERS
-    rng = np.random.default_rng(SEED)
-    qb, rb, ql, rl = make_data(rng)
+def describe(qb, rb, rl):
+    """Print the data's shape and how much the distances tie at rank TOPK."""
     n_dist = len(np.unique(rb, axis=0))
     print(f'data: {NUM_QUERY} queries x {NUM_RETRIEVAL} items, {BITS} bits ({n_dist} distinct retrieval codes), '
           f'{CLASSES} labels ({rl.sum(1).mean():.2f} per image), MAP@{TOPK}; {os.cpu_count()} CPU cores')
@@ -132,43 +157,64 @@ def main():
     d_k = np.partition(D, min(TOPK, NUM_RETRIEVAL) - 1, axis=1)[:, min(TOPK, NUM_RETRIEVAL) - 1]
     print(f'ties: the distance at rank {TOPK} is shared by {np.mean((D == d_k[:, None]).sum(1)):.0f} items '
           f'on average (first 100 queries)')
-    sub = min(BASELINE_QUERIES, NUM_QUERY)
-    eval_hash.mean_average_precision(qb[:WORKERS], rb, ql[:WORKERS], rl, TOPK)  # warm-up: first-call costs
 
-    aps, t_loop, t_fast, t_floor, t_dev, map_fast, map_dev = timed_rounds(qb, rb, ql, rl, sub)
+
+def main():
+    configure(globals())
+    eval_hash.WORKERS = WORKERS
+    rng = np.random.default_rng(SEED)
+    qb, rb, ql, rl = make_data(rng)
+    describe(qb, rb, rl)
+    sub = min(BASELINE_QUERIES, NUM_QUERY)
+    t_first, h = timed(lambda: eval_hash._compiled(NUM_QUERY * NUM_RETRIEVAL))
+    kernel = 'numba' if h is not None else 'numpy'
+    first = [timed(lambda: with_kernel(k, lambda: eval_hash.mean_average_precision(
+        qb[:WORKERS], rb, ql[:WORKERS], rl, TOPK)))[0] for k in (kernel, 'numpy')]
+    t_first += first[0]
+    print(f'path in use: {kernel} (eval_hash.KERNEL={eval_hash.KERNEL!r}); its first call (loading or compiling '
+          f'kernels, then 2 queries) {t_first:.2f} s')
+
+    aps, t_loop, best, maps = timed_rounds(qb, rb, ql, rl, sub, h)
+    t_fast, t_floor, map_fast = best['fast'], best['floor'], maps['fast']
     scale = NUM_QUERY / sub
     speedup = t_loop * scale / t_fast
     print(f'loop (per-query stable argsort): {t_loop / sub * 1e3:.2f} ms/query timed on {sub} queries, '
           f'scaled to {NUM_QUERY} queries: {t_loop * scale:.1f} s')
-    print(f'eval_hash.mean_average_precision: {t_fast:.3f} s for all {NUM_QUERY} queries '
+    print(f'eval_hash.mean_average_precision ({kernel}): {t_fast:.3f} s for all {NUM_QUERY} queries '
           f'({t_fast / NUM_QUERY * 1e3:.3f} ms/query, {WORKERS} threads, fastest of {min(REPEATS, ROUNDS)}), '
-          f'MAP@{TOPK} = {map_fast:.4f}')
-    print(f'floor (Hamming distances of all pairs, nothing else): {t_floor:.3f} s; fast path / floor '
-          f'{t_fast / t_floor:.2f}; speedup over the loop x{speedup:.1f}; load average {os.getloadavg()[0]:.1f} on '
-          f'{os.cpu_count()} cores')
+          f'MAP@{TOPK} = {map_fast:.4f}; the numpy path {best["numpy"]:.3f} s, MAP the same: '
+          f'{maps["numpy"] == map_fast}')
+    print(f'floor (Hamming distances of all pairs, nothing else), {kernel}: {t_floor:.3f} s, fast path / floor '
+          f'{t_fast / t_floor:.2f}; numpy floor {best["numpy_floor"]:.3f} s, numpy path / numpy floor '
+          f'{best["numpy"] / best["numpy_floor"]:.2f}, fast path / numpy floor {t_fast / best["numpy_floor"]:.2f}; '
+          f'speedup over the loop x{speedup:.1f}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
     dev_ok = True
     if DEVICE:
-        dev_ok = map_dev == map_fast
-        print(f'torch path on {DEVICE}: {t_dev:.3f} s, MAP@{TOPK} = {map_dev:.4f}, the same as numpy: {dev_ok}')
+        dev_ok = maps['device'] == map_fast
+        print(f'torch path on {DEVICE}: {best["device"]:.3f} s, MAP@{TOPK} = {maps["device"]:.4f}, the same as the '
+              f'CPU path: {dev_ok}')
 
     map_loop = float(np.mean(aps))
-    map_fast_sub = eval_hash.mean_average_precision(qb[:sub], rb, ql[:sub], rl, TOPK)
+    map_fast_sub = with_kernel(kernel, lambda: eval_hash.mean_average_precision(qb[:sub], rb, ql[:sub], rl, TOPK))
     diff = abs(map_fast_sub - map_loop)
     print(f'agreement on the same {sub} queries: loop {map_loop:.12f} fast {map_fast_sub:.12f} |diff| {diff:.2e}')
 
-    tracemalloc.start()  # memory of one call (a separate, untimed run)
-    eval_hash.mean_average_precision(qb, rb, ql, rl, TOPK)
-    peak_mb = tracemalloc.get_traced_memory()[1] / 2 ** 20
-    tracemalloc.stop()
+    peak_mb, numpy_peak_mb = (peak_of(lambda: with_kernel(k, lambda: eval_hash.mean_average_precision(
+        qb, rb, ql, rl, TOPK))) for k in (eval_hash.KERNEL, 'numpy'))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f'memory: peak {peak_mb:.0f} MiB allocated during the call (tracemalloc; codes, labels and chunk buffers '
-          f'of {WORKERS} threads), process max RSS {rss_mb:.0f} MiB (data and loop included)')
+    print(f'memory: peak {peak_mb:.0f} MiB allocated during the call, {numpy_peak_mb:.0f} MiB by the numpy path '
+          f'(tracemalloc; codes, labels and the buffers of {WORKERS} threads), process max RSS {rss_mb:.0f} MiB '
+          f'(data and loop included)')
 
-    ok = diff <= TOLERANCE and dev_ok
-    print(f'bench_eval nq={NUM_QUERY} nr={NUM_RETRIEVAL} bits={BITS} topk={TOPK} loop_queries={sub} '
-          f'loop_ms_per_query={t_loop / sub * 1e3:.3f} fast_s={t_fast:.3f} floor_s={t_floor:.3f} workers={WORKERS} '
+    ok = diff <= TOLERANCE and dev_ok and maps['numpy'] == map_fast
+    print(f'bench_eval nq={NUM_QUERY} nr={NUM_RETRIEVAL} bits={BITS} topk={TOPK} kernel={kernel} loop_queries={sub} '
+          f'loop_ms_per_query={t_loop / sub * 1e3:.3f} fast_s={t_fast:.3f} floor_s={t_floor:.3f} '
+          f'numpy_s={best["numpy"]:.3f} numpy_floor_s={best["numpy_floor"]:.3f} '
+          f'numpy_floor_ratio={best["numpy"] / best["numpy_floor"]:.2f} '
+          f'fast_vs_numpy_floor={t_fast / best["numpy_floor"]:.2f} first_call_s={t_first:.2f} workers={WORKERS} '
           f'speedup={speedup:.1f} load={os.getloadavg()[0]:.1f} max_abs_diff={diff:.3e} peak_mib={peak_mb:.0f} '
-          f'maxrss_mib={rss_mb:.0f}' + (f' device={DEVICE} device_s={t_dev:.3f}' if DEVICE else '')
+          f'numpy_peak_mib={numpy_peak_mb:.0f} maxrss_mib={rss_mb:.0f}'
+          + (f' device={DEVICE} device_s={best["device"]:.3f}' if DEVICE else '')
           + f' ok={ok} floor_ratio={t_fast / t_floor:.2f}')
     if not ok:
         raise SystemExit(1)

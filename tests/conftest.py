@@ -1,4 +1,5 @@
 """Shared test fixtures: a small generated image set with known classes."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +25,19 @@ def _wordnet_available():
 
 needs_wordnet = pytest.mark.skipif(not _wordnet_available(), reason='no WordNet: nltk has no wordnet data and '
                                    '/usr/share/wordnet is absent (apt-get install wordnet-base)')
+
+
+needs_numba = pytest.mark.skipif(importlib.util.find_spec('numba') is None,
+                                 reason='no numba (pip install numba): hamming.py\'s compiled kernels go untested')
+
+
+@pytest.fixture(params=['numpy', pytest.param('numba', marks=needs_numba)])
+def kernel(request, monkeypatch):
+    """eval_hash's ranking code, each way: a test that takes this fixture runs on the numpy path and on the compiled
+    one (KERNEL='numba' whatever the size), and both must give the same results to the bit."""
+    import eval_hash
+    monkeypatch.setattr(eval_hash, 'KERNEL', request.param)
+    return request.param
 
 
 def make_image_folder(root, n_classes=10, per_class=40, size=32, seed=0):

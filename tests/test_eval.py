@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_hash as E  # noqa: E402
 import figures  # noqa: E402
+from conftest import needs_numba  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +101,7 @@ CASES = [  # (bits, classes, multi-label)
 
 
 @pytest.mark.parametrize('L,C,multi', CASES)
+@pytest.mark.usefixtures('kernel')
 def test_metrics_match_slow_loop(L, C, multi):
     rng = np.random.default_rng(L * 7 + C)
     nq, n = 30, 400
@@ -160,6 +162,7 @@ def test_topk_rows_fallback_when_sample_misleads():
 
 
 @pytest.mark.parametrize('L,C,multi', CASES + [(300, 6, False)])
+@pytest.mark.usefixtures('kernel')
 def test_fast_path_equals_reference(L, C, multi):
     # the counting path (k < n / 4), the sort path (k >= n / 4), short lists (k = 1), k = n and k > n, one
     # query per chunk and several: the same lists as the 20-line reference, and the same MAP to the last bit
@@ -179,6 +182,7 @@ def test_fast_path_equals_reference(L, C, multi):
     assert L % 8 or (packed[0] == E.hamming_rank_reference(qb, rb, 40)[0]).all()
 
 
+@pytest.mark.usefixtures('kernel')
 def test_counting_path_when_the_sample_misleads():
     # every SUBSAMPLE-th item is the query itself (distance 0), every other item is far: the sample sees
     # only distance 0, which holds fewer than k items, so the rows go again at their exact k-th distance
@@ -206,7 +210,80 @@ def test_counting_keys_wider_than_32_bits():
     assert ((top >> cb) & ((1 << db) - 1) == np.take_along_axis(D[:, :n], want, 1)).all()
 
 
+@pytest.mark.usefixtures('kernel')
+def test_ranking_when_the_sample_guesses_too_high():
+    # every SUBSAMPLE-th item is the query's opposite (distance L), every other item near it: the threshold guessed
+    # from the sample overshoots, so the counting starts again (the compiled path: from a full histogram)
+    rng = np.random.default_rng(11)
+    L, n, k = 64, 3200, 150
+    qb = rng.choice([-1, 1], size=(3, L)).astype(np.int8)
+    rb = np.repeat(qb[:1], n, 0) * np.where(rng.random((n, L)) < 0.03, -1, 1)
+    rb[::E.SUBSAMPLE] = -qb[0]
+    got, want = E.hamming_rank_topk(qb, rb, k), E.hamming_rank_reference(qb, rb, k)
+    assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+
+
+@needs_numba
+@pytest.mark.parametrize('L,C', [(8, 3), (16, 150), (64, 80), (300, 6)])
+def test_compiled_path_equals_numpy_path_and_reference(L, C, monkeypatch):
+    # hamming.py's kernels (forced on small sets) against the numpy path and the 20-line reference: ties, K = 1,
+    # K = n, K > n, a retrieval set that is no multiple of 64, 8- to 300-bit codes (300: distances held in 16 bits),
+    # one, two and three words of labels, multi-label; ranking, MAP, precision/recall@N, the radius curves, to the bit
+    rng = np.random.default_rng(L + C)
+    nq, n = 20, 701
+    qb, rb = tied_codes(rng, nq, n, L, protos=3)
+    ql, rl = labels(rng, nq, n, C, True)
+    ks, ns = (1, 2, 63, 64, 65, 175, 176, n, n + 9), [1, 3, 64, 65, 500, n, n + 5]
+
+    def every_metric(kernel):
+        monkeypatch.setattr(E, 'KERNEL', kernel)
+        return ([E.hamming_rank_topk(qb, rb, k) for k in ks], [E.mean_average_precision(qb, rb, ql, rl, k) for k in ks],
+                E.precision_recall_at(qb, rb, ql, rl, ns), E.pr_curve_radius(qb, rb, ql, rl))
+    compiled, numpy_path = every_metric('numba'), every_metric('numpy')
+    for k, (ci, cd), (ni, nd) in zip(ks, compiled[0], numpy_path[0]):
+        ri, rd = E.hamming_rank_reference(qb, rb, k)
+        assert (ci == ni).all() and (ci == ri).all() and (cd == nd).all() and (cd == rd).all(), k
+        assert ci.dtype == np.int64 and cd.dtype == np.int32
+    assert compiled[1] == numpy_path[1] == [E.mean_average_precision_reference(qb, rb, ql, rl, k) for k in ks]
+    assert compiled[2] == numpy_path[2] and compiled[3] == numpy_path[3]
+
+
+@needs_numba
+def test_compiled_rank_on_many_shapes(monkeypatch):
+    # 4- to 12-bit codes (a few distances, long ties), 1 to 400 items, k from 1 to n: the reference's lists
+    monkeypatch.setattr(E, 'KERNEL', 'numba')
+    rng = np.random.default_rng(13)
+    for _ in range(40):
+        L, n = int(rng.choice([4, 8, 12])), int(rng.integers(1, 400))
+        qb, rb = rng.choice([-1, 1], (3, L)), rng.choice([-1, 1], (n, L))
+        for k in {1, int(rng.integers(1, n + 1)), n}:
+            got, want = E.hamming_rank_topk(qb, rb, k), E.hamming_rank_reference(qb, rb, k)
+            assert (got[0] == want[0]).all() and (got[1] == want[1]).all(), (L, n, k)
+
+
+@needs_numba
+def test_compiled_sum_is_numpys_to_the_bit():
+    # AP@K's sum is numpy's pairwise summation, redone in hamming.py: the same value as np.sum for every length
+    import hamming
+    rng = np.random.default_rng(12)
+    for n in list(range(1, 300)) + rng.integers(300, 40000, 60).tolist():
+        x = rng.random(n) * (rng.random(n) < 0.7) / rng.integers(1, 5000, n)
+        assert hamming._pairwise_sum(x, n) == x.sum(), n
+
+
+@needs_numba
+def test_compiled_kernels_run_where_nothing_can_be_cached():
+    # numba's cache=True needs a writable place (__pycache__, NUMBA_CACHE_DIR, the user's cache); where it finds none,
+    # hamming.py compiles on each first call instead of failing at import
+    code = ('import numba.core.caching as c; c.CacheImpl._locator_classes = []; import numpy as np, hamming; '
+            'w = np.zeros((1, 64), np.uint64); hamming.distances(w[:, :1], w, 0, 1, np.zeros(64, np.uint8)); '
+            'print(type(hamming.distances._cache).__name__)')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ['NullCache']
+
+
 @pytest.mark.parametrize('multi', [False, True])
+@pytest.mark.usefixtures('kernel')
 def test_torch_path_equals_numpy_path(multi):
     # the GPU path (torch), run here on the CPU: the same lists, ties by index, and the same MAP
     pytest.importorskip('torch')
@@ -253,6 +330,7 @@ QL = np.eye(3, dtype=np.int8)[[0, 2]]
 RL = np.eye(3, dtype=np.int8)[[0, 0, 1, 1, 0]]
 
 
+@pytest.mark.usefixtures('kernel')
 def test_hand_ranking():
     idx, dist = E.hamming_rank_topk(QB, RB, 5)
     assert idx[0].tolist() == [1, 3, 0, 2, 4] and dist[0].tolist() == [0, 1, 2, 2, 3]
@@ -260,6 +338,7 @@ def test_hand_ranking():
     assert idx[1].tolist() == [4, 0, 2, 3, 1] and dist[1].tolist() == [1, 2, 2, 3, 4]
 
 
+@pytest.mark.usefixtures('kernel')
 def test_hand_map():
     # AP@5(q1) = (1/3)(1/1 + 2/3 + 3/5) = 34/45; AP(q2) = 0 (no relevant) -> MAP@5 = 17/45
     assert abs(E.mean_average_precision(QB, RB, QL, RL, 5) - float(F(17, 45))) < 1e-15
@@ -270,6 +349,7 @@ def test_hand_map():
     assert abs(E.mean_average_precision(QB, RB, QL, RL, 10) - float(F(17, 45))) < 1e-15
 
 
+@pytest.mark.usefixtures('kernel')
 def test_hand_precision_recall_at():
     # q1 top-N relevant: N=1 1, N=2 1, N=3 2, N=5 3 -> precision 1, 1/2, 2/3, 3/5; q2 all 0
     # mean precision: 1/2, 1/4, 1/3, 3/10; recall over q1 only (q2 has nothing to find): 1/3, 1/3, 2/3, 1
@@ -279,6 +359,7 @@ def test_hand_precision_recall_at():
     assert got['queries_without_relevant'] == 1
 
 
+@pytest.mark.usefixtures('kernel')
 def test_hand_radius():
     # q1 within radius 0..4: 1, 2, 4, 5, 5 items, 1, 1, 2, 3, 3 relevant
     #   precision 1, 1/2, 1/2, 3/5, 3/5; recall 1/3, 1/3, 2/3, 1, 1
@@ -290,6 +371,7 @@ def test_hand_radius():
     assert abs(E.precision_radius(QB, RB, QL, RL, 0) - 0.5) < 1e-15   # (1 + 0) / 2
 
 
+@pytest.mark.usefixtures('kernel')
 def test_hand_empty_ball_counts_zero():
     # both queries class 0; items r0 = ---+ (class 0), r1 = +--- (class 1)
     # qa = ++++: d(r0) = 3, d(r1) = 3 -> nothing within radius 2: precision 0 (not left out)
@@ -314,6 +396,7 @@ def test_hand_map_continuous():
     assert abs(E.map_continuous(qh, rh, ql, rl, 2) - 1.0) < 1e-15  # 1 0 -> R = 1
 
 
+@pytest.mark.usefixtures('kernel')
 def test_class_index_labels_and_shape_checks():
     rng = np.random.default_rng(4)
     qb, rb = tied_codes(rng, 10, 120, 16)
@@ -337,6 +420,7 @@ def test_to_codes_sign_zero_is_plus_one():
 
 
 # -----------------------------------------------------------------------------
+@pytest.mark.usefixtures('kernel')
 def test_map_equals_sklearn_average_precision_without_ties():
     from sklearn.metrics import average_precision_score
     rng = np.random.default_rng(5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import eval_hash
-from conftest import run_script, write_feature_set
+from conftest import needs_numba, run_script, write_feature_set
 from methods import cibhash, pq
 
 
@@ -156,6 +156,7 @@ def brute_force_map(q, codes, codebooks, q_labels, r_labels, k, metric):
 
 
 @pytest.mark.parametrize('metric', ['ip', 'l2'])
+@pytest.mark.usefixtures('kernel')
 def test_aqd_ranking_and_map_equal_brute_force_with_ties(metric, monkeypatch):
     rng = np.random.default_rng(0)
     m, k_words, d = 2, 4, 3
@@ -179,6 +180,7 @@ def test_aqd_ranking_and_map_equal_brute_force_with_ties(metric, monkeypatch):
 
 
 @pytest.mark.parametrize('metric', ['ip', 'l2'])
+@pytest.mark.usefixtures('kernel')
 def test_aqd_ranking_equals_faiss_index_pq(metric):
     # faiss's IndexPQ, given our codebooks, encodes the items to our codes and ranks by its own
     # lookup tables (asymmetric distance computation): the same lists and distances
@@ -197,6 +199,27 @@ def test_aqd_ranking_equals_faiss_index_pq(metric):
     idx, dist = eval_hash.aqd_rank_topk(q, codes, codebooks, 50, metric)
     np.testing.assert_allclose(dist, -d_f if metric == 'ip' else d_f, atol=1e-4)
     assert (idx == i_f).mean() > 0.99  # random float distances: near ties are rare
+
+
+@needs_numba
+@pytest.mark.parametrize('metric,words', [('ip', 4), ('l2', 300)])
+def test_aqd_compiled_path_equals_numpy_path(metric, words, monkeypatch):
+    # hamming.aqd_rank against the numpy path, to the bit: integer codebooks (exact sums, many ties, zeros of both
+    # signs), k = 1, k below and above the sampled threshold, k = n, k > n; 300 words a codebook: wider codes
+    rng = np.random.default_rng(2)
+    m, d, n = 3, 2, 777
+    codebooks = rng.integers(-2, 3, (m, words, d)).astype(np.float64)
+    codes = rng.integers(0, words, (n, m)).astype(np.uint8 if words <= 256 else np.int64)
+    q = rng.integers(-3, 4, (30, m * d)).astype(np.float32)
+    q_labels, r_labels = rng.integers(0, 2, (30, 4)), rng.integers(0, 2, (n, 4))
+
+    def ranked(kernel):
+        monkeypatch.setattr(eval_hash, 'KERNEL', kernel)
+        return [(*eval_hash.aqd_rank_topk(q, codes, codebooks, k, metric),
+                 eval_hash.map_aqd(q, codes, codebooks, q_labels, r_labels, k, metric)) for k in (1, 20, 300, n, n + 5)]
+    for (ci, cd, cm), (ni, nd, nm) in zip(ranked('numba'), ranked('numpy')):
+        assert np.array_equal(ci, ni) and np.array_equal(cd, nd) and np.array_equal(np.signbit(cd), np.signbit(nd))
+        assert cm == nm
 
 
 def test_aqd_refuses_codes_that_do_not_fit():

@@ -135,6 +135,7 @@ def test_approximate_search_finds_the_exact_hits(run, image_folder, tmp_path):
 
 
 @pytest.mark.parametrize('bits_per_code', [16, 72])
+@pytest.mark.usefixtures('kernel')
 def test_exact_search_ties_by_index_against_brute_force(bits_per_code):
     """The exact search (eval_hash's ranking of the packed codes) against a brute force written here,
     on codes with hundreds of ties, one word and two words long."""
