@@ -305,6 +305,16 @@ def peak(images, idx, preprocess, augment, encode, device, tmp):
           f'plain_s={plain_s:.1f} full_s={time.perf_counter() - t:.1f} peak_gpu_gb={peak_gb(device):.2f}')
 
 
+def whole_default(images, idx, augment, encode, device, tmp, bare_vps):
+    """The default's whole extraction, FULL_VIEWS views of FULL_IMAGES images: its fields of the result line."""
+    fidx = np.resize(idx, FULL_IMAGES)
+    _, s, fs, _ = pipeline(images, fidx, augment, FULL_VIEWS, 'tensor', encode, device, tmp, 'full')
+    fv = FULL_IMAGES * FULL_VIEWS / s
+    print(f'whole default: {FULL_VIEWS} views of {FULL_IMAGES} images in {s:.1f} s ({fv:.1f} views/s, '
+          f'{fv / bare_vps:.3f} of bare; forward share {fs / s:.3f})')
+    return f' full_views={FULL_VIEWS} full_images={FULL_IMAGES} full_s={s:.2f} full_ratio={fv / bare_vps:.3f}'
+
+
 def main():
     device = setup()
     tmp = tempfile.mkdtemp(prefix='bench_extract_')
@@ -337,15 +347,7 @@ def main():
         secs, fwd, startup, feats = timed_rounds(images, idx, passes, encode, ready, device, tmp)
         vps, steady = table(n, passes, secs, fwd, startup)
 
-        full = ''
-        if FULL_VIEWS:
-            fidx = np.resize(idx, FULL_IMAGES)
-            _, s, fs, _ = pipeline(images, fidx, augment, FULL_VIEWS, 'tensor', encode, device, tmp, 'full')
-            fv = FULL_IMAGES * FULL_VIEWS / s
-            print(f'whole default: {FULL_VIEWS} views of {FULL_IMAGES} images in {s:.1f} s ({fv:.1f} views/s, '
-                  f'{fv / vps["bare"]:.3f} of bare; forward share {fs / s:.3f})')
-            full = (f' full_views={FULL_VIEWS} full_images={FULL_IMAGES} full_s={s:.2f} '
-                    f'full_ratio={fv / vps["bare"]:.3f}')
+        full = whole_default(images, idx, augment, encode, device, tmp, vps['bare']) if FULL_VIEWS else ''
 
         # agreement: the plain views (either path) are the bare forward's input; augmented, the paths agree
         diff = max(float(np.abs(feats[k] - feats['bare']).max()) for k in feats if k.endswith('_plain'))

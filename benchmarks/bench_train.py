@@ -71,6 +71,89 @@ def make_labels(rng, n):
     return labels
 
 
+def time_training(counts, jobs, rounds, per_call, x_train, aug, e, device):
+    """Algorithm 2: train_heads itself, every (threads, bits) once a round, the order flipping. Returns each job's
+    epoch times, its setup times (before the first epoch) and its image head."""
+    stamps, lr_at = [], train.lr_at  # epoch boundaries: train_heads calls train.lr_at at the start of each epoch
+
+    def timed_lr_at(*args, **kw):
+        stamps.append(time.perf_counter())
+        return lr_at(*args, **kw)
+    train.lr_at = timed_lr_at
+    epochs, setup, heads = {j: [] for j in jobs}, {j: [] for j in jobs}, {}
+    for r in range(rounds):
+        for t, bits in (jobs if r % 2 == 0 else jobs[::-1]):
+            torch.set_num_threads(t)
+            stamps.clear()
+            t0 = time.perf_counter()
+            hv = train.train_heads(bits, x_train, aug, e, device, TAU2, T2)[0]
+            if device.startswith('cuda'):
+                torch.cuda.synchronize()
+            epochs[t, bits] += np.diff(stamps + [time.perf_counter()]).tolist()
+            setup[t, bits].append(stamps[0] - t0)
+            heads[t, bits] = hv
+        print(f'round {r + 1}/{rounds}: median epoch ' + ', '.join(
+            f'{b} bits {t} thread{"s" if t > 1 else ""} {np.median(epochs[t, b][-per_call:]):.3f} s' for t, b in jobs)
+            + f'; load {os.getloadavg()[0]:.1f}')
+    train.lr_at = lr_at
+    torch.set_num_threads(counts[0])
+    return epochs, setup, heads
+
+
+def epoch_stats(jobs, epochs, setup, full):
+    """Each job's (median epoch, whole schedule) in seconds: measured whole, or setup + EPOCHS x the median."""
+    stat = {}
+    for t, bits in jobs:
+        ep = np.array(epochs[t, bits])
+        med = float(np.median(ep))
+        total = float(np.sum(setup[t, bits]) + ep.sum()) if full else float(np.mean(setup[t, bits])) + EPOCHS * med
+        stat[t, bits] = med, total
+        print(f'{bits} bits, {t} thread{"s" if t > 1 else ""}: epoch median {med:.3f} s, min {ep.min():.3f} s, max '
+              f'{ep.max():.3f} s ({len(ep)} epochs); {EPOCHS} epochs {total:.1f} s{"" if full else " (extrapolated)"}')
+    return stat
+
+
+def step_overhead(rng, device, threads):
+    """The fixed cost of a step: the same ops on tiny tensors, where compute is ~nothing (seconds a step)."""
+    torch.set_num_threads(1)
+    train.EPOCHS, train.WARMUP, train.BATCH_SIZE = 1, 0, 4
+    xs = rng.standard_normal((4 * OVERHEAD_STEPS, 8), np.float32)
+    augs = (xs[:, None] + 0.3 * rng.standard_normal((len(xs), VIEWS, 8), np.float32)).astype(np.float32)
+    es = F.normalize(torch.randn(len(xs), 8), dim=1).numpy()
+    best = []
+    for _ in range(3):  # the least disturbed of three
+        t = time.perf_counter()
+        train.train_heads(BITS[0], xs, augs, es, device, TAU2, T2)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        best.append((time.perf_counter() - t) / OVERHEAD_STEPS)
+    train.BATCH_SIZE = BATCH_SIZE
+    torch.set_num_threads(threads)
+    print(f'step overhead: {min(best) * 1e3:.2f} ms a step on tiny tensors (batch 4, 8-d, 1 thread; best of 3 '
+          f'x {OVERHEAD_STEPS} steps); a {EPOCHS}-epoch schedule of {-(-N_TRAIN // BATCH_SIZE)} steps an epoch '
+          f'costs at least {min(best) * EPOCHS * -(-N_TRAIN // BATCH_SIZE):.1f} s of it on any device')
+    return min(best)
+
+
+def time_evaluation(hv, data, device, threads, bits):
+    """As train.py's main after training: encode the query and retrieval sets, binary MAP@K and the released code's
+    continuous-output MAP@K (NUS-WIDE's full evaluation shape). Returns the three times in seconds."""
+    q_feats, r_feats, q_labels, r_labels = data
+    t = time.perf_counter()
+    h_q, h_r = train.encode(hv, q_feats, device), train.encode(hv, r_feats, device)
+    enc_s = time.perf_counter() - t
+    t = time.perf_counter()
+    m = eval_hash.mean_average_precision(eval_hash.to_codes(h_q), eval_hash.to_codes(h_r), q_labels, r_labels, TOPK)
+    map_s = time.perf_counter() - t
+    t = time.perf_counter()
+    eval_hash.map_continuous(h_q, h_r, q_labels, r_labels, TOPK)
+    cont_s = time.perf_counter() - t
+    print(f'{bits} bits: encode {NUM_QUERY} + {NUM_RETRIEVAL} features {enc_s:.2f} s, binary MAP@{TOPK} '
+          f'{map_s:.2f} s (value {m:.4f}, random data), continuous-output MAP@{TOPK} {cont_s:.2f} s '
+          f'({threads} threads); load {os.getloadavg()[0]:.1f}')
+    return enc_s, map_s, cont_s
+
+
 def main():
     configure(globals())
     if not BITS or N_TRAIN < 2 or BATCH_SIZE < 2 or EPOCHS < 1 or not 0 <= TIMED_EPOCHS <= EPOCHS or VIEWS < 2:
@@ -89,14 +172,6 @@ def main():
     train.WARMUP = min(train.WARMUP, per_call - 1)  # the learning rate does not change the cost
     train.METHOD, train.SIM, train.RELEASED = 'duheg', True, False
 
-    # epoch boundaries: train_heads calls train.lr_at once at the start of each epoch
-    stamps, lr_at = [], train.lr_at
-
-    def timed_lr_at(*args, **kw):
-        stamps.append(time.perf_counter())
-        return lr_at(*args, **kw)
-    train.lr_at = timed_lr_at
-
     rng = np.random.default_rng(SEED)
     x_train = rng.standard_normal((N_TRAIN, DIM), np.float32)
     aug = (x_train[:, None] + 0.3 * rng.standard_normal((N_TRAIN, VIEWS, DIM), np.float32)).astype(np.float32)
@@ -109,83 +184,19 @@ def main():
         print(f'note: {rounds * per_call} of {EPOCHS} epochs run per code length and thread count ({rounds} calls of '
               f'{per_call}); the {EPOCHS}-epoch time is setup + {EPOCHS} x the median epoch, extrapolated')
 
-    # Algorithm 2: train_heads itself, every (threads, bits) once a round, the order flipping
     jobs = [(t, b) for t in counts for b in BITS]
-    epochs = {j: [] for j in jobs}
-    setup = {j: [] for j in jobs}
-    heads = {}
-    for r in range(rounds):
-        for t, bits in (jobs if r % 2 == 0 else jobs[::-1]):
-            torch.set_num_threads(t)
-            stamps.clear()
-            t0 = time.perf_counter()
-            hv = train.train_heads(bits, x_train, aug, e, device, TAU2, T2)[0]
-            if device.startswith('cuda'):
-                torch.cuda.synchronize()
-            epochs[t, bits] += np.diff(stamps + [time.perf_counter()]).tolist()
-            setup[t, bits].append(stamps[0] - t0)
-            heads[t, bits] = hv
-        print(f'round {r + 1}/{rounds}: median epoch ' + ', '.join(
-            f'{b} bits {t} thread{"s" if t > 1 else ""} {np.median(epochs[t, b][-per_call:]):.3f} s' for t, b in jobs)
-            + f'; load {os.getloadavg()[0]:.1f}')
-    train.lr_at = lr_at
-    torch.set_num_threads(counts[0])
-
-    stat = {}
-    for t, bits in jobs:
-        ep = np.array(epochs[t, bits])
-        med = float(np.median(ep))
-        total = float(np.sum(setup[t, bits]) + ep.sum()) if full else float(np.mean(setup[t, bits])) + EPOCHS * med
-        stat[t, bits] = med, total
-        print(f'{bits} bits, {t} thread{"s" if t > 1 else ""}: epoch median {med:.3f} s, min {ep.min():.3f} s, max '
-              f'{ep.max():.3f} s ({len(ep)} epochs); {EPOCHS} epochs {total:.1f} s{"" if full else " (extrapolated)"}')
-
-    # the fixed cost of a step: the same ops on tiny tensors, where compute is ~nothing
-    step_overhead = float('nan')
-    if OVERHEAD_STEPS:
-        torch.set_num_threads(1)
-        train.EPOCHS, train.WARMUP, train.BATCH_SIZE = 1, 0, 4
-        xs = rng.standard_normal((4 * OVERHEAD_STEPS, 8), np.float32)
-        augs = (xs[:, None] + 0.3 * rng.standard_normal((len(xs), VIEWS, 8), np.float32)).astype(np.float32)
-        es = F.normalize(torch.randn(len(xs), 8), dim=1).numpy()
-        best = []
-        for _ in range(3):  # the least disturbed of three
-            t = time.perf_counter()
-            train.train_heads(BITS[0], xs, augs, es, device, TAU2, T2)
-            if device.startswith('cuda'):
-                torch.cuda.synchronize()
-            best.append((time.perf_counter() - t) / OVERHEAD_STEPS)
-        step_overhead = min(best)
-        train.BATCH_SIZE = BATCH_SIZE
-        torch.set_num_threads(counts[0])
-        print(f'step overhead: {step_overhead * 1e3:.2f} ms a step on tiny tensors (batch 4, 8-d, 1 thread; best of 3 '
-              f'x {OVERHEAD_STEPS} steps); a {EPOCHS}-epoch schedule of {-(-N_TRAIN // BATCH_SIZE)} steps an epoch '
-              f'costs at least {step_overhead * EPOCHS * -(-N_TRAIN // BATCH_SIZE):.1f} s of it on any device')
-
-    # after training, as train.py's main: encode query and retrieval sets, binary MAP@K and the
-    # released code's continuous-output MAP@K, at NUS-WIDE's full evaluation shape
+    epochs, setup, heads = time_training(counts, jobs, rounds, per_call, x_train, aug, e, device)
+    stat = epoch_stats(jobs, epochs, setup, full)
+    overhead = step_overhead(rng, device, counts[0]) if OVERHEAD_STEPS else float('nan')
     if EVAL:
-        q_feats = rng.standard_normal((NUM_QUERY, DIM), np.float32)
-        r_feats = rng.standard_normal((NUM_RETRIEVAL, DIM), np.float32)
-        q_labels, r_labels = make_labels(rng, NUM_QUERY), make_labels(rng, NUM_RETRIEVAL)
+        data = (rng.standard_normal((NUM_QUERY, DIM), np.float32),
+                rng.standard_normal((NUM_RETRIEVAL, DIM), np.float32),
+                make_labels(rng, NUM_QUERY), make_labels(rng, NUM_RETRIEVAL))
     lines = []
     for bits in BITS:
-        enc_s = map_s = cont_s = float('nan')
-        if EVAL:
-            hv = heads[counts[0], bits]
-            t = time.perf_counter()
-            h_q, h_r = train.encode(hv, q_feats, device), train.encode(hv, r_feats, device)
-            enc_s = time.perf_counter() - t
-            t = time.perf_counter()
-            m = eval_hash.mean_average_precision(eval_hash.to_codes(h_q), eval_hash.to_codes(h_r), q_labels, r_labels,
-                                                 TOPK)
-            map_s = time.perf_counter() - t
-            t = time.perf_counter()
-            eval_hash.map_continuous(h_q, h_r, q_labels, r_labels, TOPK)
-            cont_s = time.perf_counter() - t
-            print(f'{bits} bits: encode {NUM_QUERY} + {NUM_RETRIEVAL} features {enc_s:.2f} s, binary MAP@{TOPK} '
-                  f'{map_s:.2f} s (value {m:.4f}, random data), continuous-output MAP@{TOPK} {cont_s:.2f} s '
-                  f'({counts[0]} threads); load {os.getloadavg()[0]:.1f}')
+        nan = float('nan')
+        enc_s, map_s, cont_s = time_evaluation(heads[counts[0], bits], data, device, counts[0], bits) if EVAL else (
+            nan, nan, nan)
         med, total = stat[counts[0], bits]
         others = ''.join(f' s_per_epoch_threads{t}={stat[t, bits][0]:.3f} train_s_threads{t}={stat[t, bits][1]:.1f}'
                          for t in counts[1:])
@@ -193,7 +204,7 @@ def main():
                      f'batch={BATCH_SIZE} device={device} threads={counts[0]} deterministic={DETERMINISTIC} '
                      f'epochs={EPOCHS} timed_epochs={len(epochs[counts[0], bits])} extrapolated={not full} '
                      f's_per_epoch={med:.3f} train_s={total:.1f}{others} nq={NUM_QUERY} nr={NUM_RETRIEVAL} '
-                     f'topk={TOPK} step_overhead_ms={step_overhead * 1e3:.2f} encode_s={enc_s:.2f} map_s={map_s:.2f} '
+                     f'topk={TOPK} step_overhead_ms={overhead * 1e3:.2f} encode_s={enc_s:.2f} map_s={map_s:.2f} '
                      f'map_cont_s={cont_s:.2f} '
                      f'total_s={total + (enc_s + map_s + cont_s if EVAL else 0):.1f} load={os.getloadavg()[0]:.1f}')
     print('\n'.join(lines))
