@@ -266,6 +266,18 @@ class Browser:
     def text(self, element):
         return self.call('GET', self.s(f'/element/{element}/text'))
 
+    def text_or_none(self, css):
+        """The text of the first element matching `css`, or None while the page is being redrawn (the element
+        found is gone before its text is read: WebDriver's 404, a stale element)."""
+        import urllib.error
+        try:
+            found = self.find(css)
+            return self.text(found[0]) if found else None
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise
+            return None
+
     def type(self, element, text):  # also sets a file input's path
         self.call('POST', self.s(f'/element/{element}/value'), {'text': text})
 
@@ -439,7 +451,7 @@ def test_search_page_shows_why_and_lets_results_be_taken_away(run, image_folder,
         """, base64.b64encode(png).decode())
         browser.wait_for('#preview')
         deadline = time.time() + 60
-        while browser.text(browser.find('#query')[0]) != 'dropped.png' and time.time() < deadline:
+        while browser.text_or_none('#query') != 'dropped.png' and time.time() < deadline:
             time.sleep(0.2)
         browser.screenshot(shots / '3_dropped.png')
         assert browser.text(browser.find('#query')[0]) == 'dropped.png'
