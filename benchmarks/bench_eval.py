@@ -30,6 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_hash  # noqa: E402
 from configurator import configure  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_aqd import timed, with_kernel  # noqa: E402  (the benchmarks' timer and kernel switch)
 
 # -----------------------------------------------------------------------------
 NUM_QUERY = 5000          # MS-COCO query set
@@ -96,15 +98,6 @@ def floor(qb, rb, h):
     eval_hash._blocks(block, qw.shape[1], 'floor')
 
 
-def with_kernel(kernel, fn):
-    """fn() with eval_hash.KERNEL set to `kernel`."""
-    keep, eval_hash.KERNEL = eval_hash.KERNEL, kernel
-    try:
-        return fn()
-    finally:
-        eval_hash.KERNEL = keep
-
-
 def peak_of(fn):
     """MiB allocated at most while fn() runs (tracemalloc: numpy's arrays, the compiled kernels' scratch included)."""
     tracemalloc.start()
@@ -112,12 +105,6 @@ def peak_of(fn):
     peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
     tracemalloc.stop()
     return peak
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 def timed_rounds(qb, rb, ql, rl, sub, h):
