@@ -100,6 +100,8 @@ def _warm_run(script, args, timeout):
         warm.send(proc.stdin, dict(script=os.path.join(ROOT, script), args=list(args), cwd=ROOT, env=dict(os.environ),
                                    stdout=out, stderr=err))
         pid = warm.receive(proc.stdout)
+        if pid is None:  # it could not start: its imports failed
+            raise RuntimeError('tests/warm.py stopped: python tests/warm.py < /dev/null shows why')
         if not select.select([proc.stdout], [], [], timeout)[0]:
             os.kill(pid, signal.SIGKILL)
             warm.receive(proc.stdout)
