@@ -92,12 +92,12 @@ def test_pick_views_distinct_pairs():
 def test_a_run_starts_without_the_compiler_or_open_clip():
     # deterministic() sets torch's flag as use_deterministic_algorithms does, without importing torch._inductor;
     # random CLIP weights need no open_clip to name their build (each import cost seconds of every run)
-    import os
     import subprocess
     import sys
+    from conftest import ROOT
     code = ("import sys, torch, train, models; train.deterministic(True); a = torch.are_deterministic_algorithms_"
             "enabled(); train.deterministic(False); b = torch.are_deterministic_algorithms_enabled(); "
             "build = models.clip_build('tiny-test', 'random'); print(a, b, build['activation'], "
             "'torch._inductor.config' in sys.modules, 'open_clip' in sys.modules)")
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ['True', 'False', 'GELU', 'False', 'False'], out.stderr[-2000:]
